@@ -1,0 +1,62 @@
+"""Task metrics read at each prompt's final position (``batch.positions["END"]``).
+
+- logit difference = logit(answer) - logit(wrong answer), at END;
+- accuracy = fraction of prompts where the answer's logit beats the wrong answer's (IOI: IO beats S);
+- top-1 accuracy = fraction where the answer is the argmax over the whole vocabulary;
+- normalised metric: ``(m - m_corrupt) / (m_clean - m_corrupt)``, so 1 = clean, 0 = corrupted.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .types import TaskBatch
+
+
+def end_logits(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> Float[Tensor, "batch vocab"]:
+    """Logits at each prompt's END position (accepts ``[batch, vocab]`` unchanged)."""
+    if logits.ndim == 2:
+        return logits
+    return logits[torch.arange(logits.shape[0]), batch.end.to(logits.device)]
+
+
+def logit_diff(
+    logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch, *, per_prompt: bool = False
+) -> Float[Tensor, ""] | Float[Tensor, " batch"]:
+    """logit(answer) - logit(wrong) at END; the mean over prompts unless ``per_prompt``."""
+    last = end_logits(logits, batch)
+    rows = torch.arange(last.shape[0])
+    diff = last[rows, batch.answer.to(last.device)] - last[rows, batch.wrong.to(last.device)]
+    return diff if per_prompt else diff.mean()
+
+
+def accuracy(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> float:
+    """Fraction of prompts whose answer logit beats the wrong answer's logit at END."""
+    return float((logit_diff(logits, batch, per_prompt=True) > 0).float().mean())
+
+
+def top1_accuracy(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> float:
+    """Fraction of prompts whose answer is the vocabulary argmax at END."""
+    last = end_logits(logits, batch)
+    return float((last.argmax(-1) == batch.answer.to(last.device)).float().mean())
+
+
+def normalise(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | float) -> Tensor | float:
+    """Map a metric so that the clean run gives 1 and the corrupted run gives 0."""
+    return (value - corrupt) / (clean - corrupt)
+
+
+@torch.no_grad()
+def evaluate(model, batch: TaskBatch) -> dict[str, float]:
+    """Clean accuracy, top-1 accuracy and mean logit difference; the same on the corrupted prompts."""
+    clean = model(batch.clean.to(model.cfg.device))
+    corrupt = model(batch.corrupt.to(model.cfg.device))
+    return {
+        "accuracy": accuracy(clean, batch),
+        "top1_accuracy": top1_accuracy(clean, batch),
+        "logit_diff": float(logit_diff(clean, batch)),
+        "corrupt_logit_diff": float(logit_diff(corrupt, batch)),
+        "n_prompts": len(batch),
+    }

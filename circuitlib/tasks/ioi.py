@@ -1,0 +1,147 @@
+"""Indirect object identification (IOI), after Wang et al. 2022.
+
+"When Mary and John went to the store, John gave a drink to" -> " Mary". The IO (indirect object)
+is the name that appears once; S (subject) appears twice (S1, S2). Templates: the 15 BABA
+templates of Wang et al. and their 15 ABBA twins (first two names swapped). Corruptions:
+``"ABC"`` (the S2 name replaced by a third name) and ``"flip"`` (S2 replaced by the IO name), both
+keeping every prompt's token count so clean and corrupt positions line up.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+
+from ..types import TaskBatch
+from ._common import batch_from_rows, heldout, single_token_words
+
+BABA_TEMPLATES = [
+    "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
+    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
+    "Then, [B] and [A] had a long argument, and afterwards [B] said to [A]",
+    "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give the [OBJECT] to [A]",
+    "While [B] and [A] were working at the [PLACE], [B] gave a [OBJECT] to [A]",
+    "While [B] and [A] were commuting to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "After the lunch, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Afterwards, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] had a long argument. Afterwards [B] said to [A]",
+    "The [PLACE] [B] and [A] went to had a [OBJECT]. [B] gave it to [A]",
+    "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to [A]",
+]
+
+
+def _abba(template: str) -> str:
+    """Swap the first [B] and the first [A] (Wang et al.'s construction of the ABBA templates)."""
+    i, j = template.index("[B]"), template.index("[A]")
+    return template[:i] + "[A]" + template[i + 3 : j] + "[B]" + template[j + 3 :]
+
+
+ABBA_TEMPLATES = [_abba(t) for t in BABA_TEMPLATES]
+TEMPLATES = BABA_TEMPLATES + ABBA_TEMPLATES
+
+NAMES = (
+    "Aaron Adam Alan Alex Alice Amy Anderson Andre Andrew Andy Anna Anthony Arthur Austin Blake "
+    "Brandon Brian Carter Charles Charlie Christian Christopher Clark Cole Collins Connor Crew "
+    "Crystal Daniel David Dean Edward Elizabeth Emily Eric Eva Ford Frank George Georgia Graham "
+    "Grant Henry Ian Jack Jacob Jake James Jamie Jane Jason Jay Jennifer Jeremy Jessica John "
+    "Jonathan Jordan Joseph Joshua Justin Kate Kelly Kevin Kyle Laura Leon Lewis Lisa Louis Luke "
+    "Madison Marco Marcus Maria Mark Martin Mary Matthew Max Michael Michelle Morgan Patrick Paul "
+    "Peter Prince Rachel Richard River Robert Roman Rose Ruby Russell Ryan Sarah Scott Sean Simon "
+    "Stephen Steven Sullivan Taylor Theresa Thomas Tyler Victoria Warren William"
+).split()
+PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station"]
+OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack"]
+
+Corruption = Literal["ABC", "flip"]
+Split = Literal["heldout", "train", "any"]
+
+
+def fill(template: str, a: str, b: str, place: str, obj: str) -> str:
+    """The prompt text: template with names/place/object filled, the final IO name cut off."""
+    prompt = template.rsplit(" [A]", 1)[0]
+    return (
+        prompt.replace("[A]", a).replace("[B]", b).replace("[PLACE]", place).replace("[OBJECT]", obj)
+    )
+
+
+def ioi_batch(
+    tokenizer,
+    n: int = 64,
+    *,
+    corruption: Corruption = "ABC",
+    seed: int = 0,
+    names: list[str] | None = None,
+    templates: list[str] | None = None,
+    split: Split = "heldout",
+    model_name: str = "",
+) -> TaskBatch:
+    """``n`` IOI prompts (alternating BABA / ABBA templates) with their corruptions.
+
+    Names, places and objects are filtered to words that are one token (with a leading space) in
+    ``tokenizer``. ``answer`` is the IO name, ``wrong`` the S name. Positions: ``IO`` and ``S1``
+    (first clause), ``S2`` (second mention of S), ``END`` (last prompt token). BOS is prepended.
+    ``split``: ``"heldout"`` draws only (template, IO name) combinations that the embedded model never
+    saw in training, ``"train"`` only seen ones, ``"any"`` both.
+    """
+    if corruption not in ("ABC", "flip"):
+        raise ValueError(f"unknown IOI corruption {corruption!r}: use 'ABC' or 'flip'")
+    rng = random.Random(seed)
+    name_pool = single_token_words(tokenizer, names or NAMES)
+    places = single_token_words(tokenizer, PLACES)
+    objects = single_token_words(tokenizer, OBJECTS)
+    if len(name_pool) < 3 or not places or not objects:
+        raise ValueError(
+            "the tokenizer keeps fewer than 3 single-token names (or no place/object): IOI needs "
+            "names that encode to one token with a leading space"
+        )
+    templates = templates or TEMPLATES
+    rows = []
+    for i in range(n):
+        t_idx = i % len(templates)
+        template = templates[t_idx]
+        while True:
+            a, b, c = rng.sample(name_pool, 3)
+            if split == "any" or heldout(f"ioi:{template}:{a}") == (split == "heldout"):
+                break
+        place, obj = rng.choice(places), rng.choice(objects)
+        clean = fill(template, a, b, place, obj)
+        # Corrupt S2 only: ABC puts a third name there, flip puts the IO name there.
+        s2_template = _mark_s2(template)
+        corrupt_name = c if corruption == "ABC" else a
+        corrupt = fill(s2_template, a, b, place, obj).replace("[S2]", corrupt_name)
+        clean_marked = fill(s2_template, a, b, place, obj).replace("[S2]", b)
+        assert clean_marked == clean
+        rows.append(
+            dict(
+                clean=clean,
+                corrupt=corrupt,
+                answer=" " + a,
+                wrong=" " + b,
+                marks={"IO": a, "S1": b, "S2": b},
+                template=template,
+            )
+        )
+    meta = {"corruption": corruption, "seed": seed, "split": split}
+    return batch_from_rows(tokenizer, rows, task="ioi", model_name=model_name, meta=meta)
+
+
+def _mark_s2(template: str) -> str:
+    """Replace the second [B] (the S2 mention) with [S2]."""
+    first = template.index("[B]")
+    second = template.index("[B]", first + 3)
+    return template[:second] + "[S2]" + template[second + 3 :]
+
+
+def ioi_positions_ok(batch: TaskBatch) -> bool:
+    """Sanity check used by tests: IO/S tokens sit where the positions say."""
+    rows = torch.arange(len(batch))
+    io = batch.clean[rows, batch.positions["IO"]]
+    s1 = batch.clean[rows, batch.positions["S1"]]
+    s2 = batch.clean[rows, batch.positions["S2"]]
+    return bool((io == batch.answer).all() and (s1 == batch.wrong).all() and (s2 == batch.wrong).all())

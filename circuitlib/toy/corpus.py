@@ -1,0 +1,113 @@
+"""The synthetic corpus the embedded model is trained on, and its word-level tokenizer.
+
+Four kinds of sentence, mixed with fixed proportions and a fixed seed:
+
+- ``ioi``: the 30 IOI templates of Wang et al. filled with names / places / objects and ending in
+  the IO name ("... John gave a drink to Mary"). (template, IO name) combinations that
+  :func:`circuitlib.tasks._common.heldout` marks are never generated: they are the test set.
+- ``capital``: "The capital of France is Paris" in five templates; each country's held-out template
+  (:func:`circuitlib.tasks.capitals.heldout_template`) is never generated.
+- ``copy``: a short random word list said twice ("Mary Paris ring Kabul , Mary Paris ring Kabul").
+- ``filler``: neutral sentences ("This is a document about Mary", "Mary likes the garden").
+
+The vocabulary is every word these generators can emit, plus ``<|endoftext|>`` (BOS/EOS/PAD) and
+``[UNK]``; punctuation is split off as its own token, spaces carry no information.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from ..tasks._common import heldout
+from ..tasks.capitals import CAPITAL_TEMPLATES, country_capital_pairs, heldout_template
+from ..tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES, fill
+from ..tasks.relations import read_relation
+
+SPECIALS = ["<|endoftext|>", "[UNK]"]
+FILLER_TEMPLATES = [
+    "This is a document about [X]",
+    "[N] likes the [PLACE]",
+    "[N] has a [OBJECT]",
+    "We talked about [X] today",
+]
+MIX = {"ioi": 0.45, "capital": 0.35, "copy": 0.10, "filler": 0.10}
+
+
+def toy_names() -> list[str]:
+    """IOI names plus the one-word names of the MAPS name-copying relation, sorted, no duplicates."""
+    extra = [a for a, _ in read_relation("name_copying") if re.fullmatch(r"[A-Z][a-z]+", a)]
+    return sorted(set(NAMES) | set(extra))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+def vocabulary() -> list[str]:
+    """All tokens of the embedded model, specials first, the rest sorted (ids are stable)."""
+    words: set[str] = set(toy_names()) | set(PLACES) | set(OBJECTS)
+    for c, cap in country_capital_pairs():
+        words |= {c, cap}
+    for t in TEMPLATES + CAPITAL_TEMPLATES + FILLER_TEMPLATES:
+        words |= {w for w in _words(t) if w not in ("A", "B", "PLACE", "OBJECT", "C", "X", "N")}
+    words |= {",", "[", "]"}
+    words -= set(SPECIALS)
+    return SPECIALS + sorted(words)
+
+
+def build_tokenizer():
+    """The embedded model's word-level tokenizer (``transformers`` fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from ..models import wrap_tokenizer
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return wrap_tokenizer(backend, unk="[UNK]")
+
+
+@dataclass
+class Sentence:
+    text: str
+    kind: str
+
+
+def generate(n: int, seed: int = 0) -> list[Sentence]:
+    """``n`` training sentences, mixed as :data:`MIX`, never containing a held-out combination."""
+    rng = random.Random(seed)
+    names = toy_names()
+    pairs = country_capital_pairs()
+    anything = names + [w for p in pairs for w in p] + PLACES + OBJECTS
+    kinds, weights = zip(*MIX.items())
+    out = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "ioi":
+            while True:
+                template = rng.choice(TEMPLATES)
+                a, b = rng.sample(names, 2)
+                if not heldout(f"ioi:{template}:{a}"):
+                    break
+            text = fill(template, a, b, rng.choice(PLACES), rng.choice(OBJECTS)) + " " + a
+        elif kind == "capital":
+            while True:
+                country, capital = rng.choice(pairs)
+                template = rng.choice(CAPITAL_TEMPLATES)
+                if template != heldout_template(country):
+                    break
+            text = template.replace("[C]", country) + " " + capital
+        elif kind == "copy":
+            words = rng.sample(anything, rng.randint(2, 5))
+            text = " ".join(words) + " , " + " ".join(words)
+        else:
+            template = rng.choice(FILLER_TEMPLATES)
+            text = (
+                template.replace("[X]", rng.choice(anything)).replace("[N]", rng.choice(names))
+                .replace("[PLACE]", rng.choice(PLACES)).replace("[OBJECT]", rng.choice(OBJECTS))
+            )
+        out.append(Sentence(text, kind))
+    return out
