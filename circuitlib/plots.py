@@ -1,0 +1,477 @@
+"""Figures: layer x head heatmaps with marked heads, patching grids, score scatters, curves, attention.
+
+Every function draws with matplotlib (seaborn styling only), works under the Agg backend, takes an
+optional ``ax`` / ``axes`` to draw into, and returns the :class:`~matplotlib.figure.Figure`.
+Figures it creates itself use constrained layout, so labels are never clipped when saved with
+``fig.savefig(path)``. Figures are made with pyplot (so notebooks show them); scripts that make
+many should ``plt.close(fig)`` after saving.
+
+Conventions: in head heatmaps layer is on x and head on y (head 0 at the top), as in MAPS;
+colour = score, one shared scale for all panels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib.patheffects as pe
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn  # noqa: F401  (registers its colormaps, e.g. "mako", with matplotlib)
+import torch
+from jaxtyping import Float, Int
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from .types import Circuit, Head, HeadScores, head_name, parse_head
+
+SEQUENTIAL_CMAP = "mako_r"  # light = 0, dark = 1: marks in warm colours stand out on every cell
+DIVERGING_CMAP = "RdBu_r"
+# (marker, colour, filled) per marker set, in the order the sets are given
+MARK_STYLES = [("X", "#e4572e", True), ("o", "#f3a712", False), ("P", "#c03fbe", True), ("s", "#29bf12", False)]
+
+PRETTY_NAMES = {
+    "name_copying": "Name copying",
+    "country_to_capital_wikidata": "Country to capital",
+    "country_to_capital": "Country to capital",
+    "ioi": "IOI",
+    "capitals": "Capitals",
+}
+
+Marks = Iterable[Head | str] | Circuit | Mapping[str, Iterable[Head | str] | Circuit] | None
+
+
+def pretty_name(target: str) -> str:
+    """``"country_to_capital_wikidata"`` -> ``"Country to capital"``; unknown names de-underscored."""
+    if target in PRETTY_NAMES:
+        return PRETTY_NAMES[target]
+    text = target.removesuffix("_wikidata").replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _heads(spec: Iterable[Head | str] | Circuit) -> list[Head]:
+    out = []
+    for h in spec:
+        out.append(parse_head(h) if isinstance(h, str) else (int(h[0]), int(h[1])))
+    return out
+
+
+def _mark_sets(marks: Marks, default_label: str | None) -> dict[str, list[Head]]:
+    """Normalise ``marks`` to ``{label: [heads]}`` (a Circuit is called "<Task> circuit" by default)."""
+    if marks is None:
+        return {}
+    if isinstance(marks, Mapping):
+        return {str(label): _heads(heads) for label, heads in marks.items()}
+    if isinstance(marks, Circuit):
+        return {default_label or f"{pretty_name(marks.task)} circuit": _heads(marks)}
+    return {default_label or "reference heads": _heads(marks)}
+
+
+def _tick_step(n: int, max_labels: int = 32) -> int:
+    return max(1, int(np.ceil(n / max_labels)))
+
+
+def _new_figure(n_panels: int, panel_w: float, panel_h: float, extra_h: float = 0.0):
+    fig, axes = plt.subplots(
+        1, n_panels, figsize=(panel_w * n_panels, panel_h + extra_h), layout="constrained", squeeze=False
+    )
+    return fig, list(axes[0])
+
+
+def head_heatmaps(
+    scores: HeadScores | Sequence[HeadScores],
+    marks: Marks = None,
+    *,
+    panel_marks: Sequence[Marks] | None = None,
+    titles: Sequence[str] | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = SEQUENTIAL_CMAP,
+    mark_label: str | None = None,
+    annotate: bool | None = None,
+    suptitle: str | None = None,
+    axes: Sequence[Any] | None = None,
+) -> Figure:
+    """Layer x head heatmaps side by side (the MAPS figure), with X marks on chosen heads.
+
+    ``scores``: one panel per :class:`HeadScores`, all on the scale ``[vmin, vmax]``; each colour bar
+    is labelled with the panel's relation / task name. ``marks`` go on every panel: heads as
+    ``(layer, head)`` / ``"L.H"`` / a :class:`Circuit`, or a dict ``label -> heads`` for several
+    marker sets (the legend names them; a bare set is called ``mark_label``, default "reference
+    heads", a Circuit "<Task> circuit"). ``panel_marks`` gives
+    each panel its own marks (e.g. the *other* task's heads), merged with ``marks``.
+    ``annotate`` writes the score in each cell (default: only for small grids, <= 64 heads).
+    """
+    panels = [scores] if isinstance(scores, HeadScores) else list(scores)
+    if not panels:
+        raise ValueError("head_heatmaps needs at least one HeadScores")
+    if panel_marks is not None and len(panel_marks) != len(panels):
+        raise ValueError(f"panel_marks has {len(panel_marks)} entries for {len(panels)} panels: give one per panel")
+    if titles is not None and len(titles) != len(panels):
+        raise ValueError(f"titles has {len(titles)} entries for {len(panels)} panels: give one per panel")
+    n_layers, n_heads = panels[0].n_layers, panels[0].n_heads
+    if annotate is None:
+        annotate = n_layers * n_heads <= 64
+
+    cell = 0.32 if n_layers * n_heads > 64 else 0.5
+    panel_w = max(3.2, n_layers * cell + 1.6)
+    panel_h = max(3.0, n_heads * cell + 1.2)
+    if axes is None:
+        fig, axes = _new_figure(len(panels), panel_w, panel_h, extra_h=0.5)
+    else:
+        axes = list(axes)
+        if len(axes) != len(panels):
+            raise ValueError(f"got {len(axes)} axes for {len(panels)} panels")
+        fig = axes[0].figure
+
+    shared = _mark_sets(marks, mark_label)
+    legend: dict[str, Any] = {}
+    styles: dict[str, int] = {}  # one marker style per label, across panels
+    for i, (hs, ax) in enumerate(zip(panels, axes)):
+        if (hs.n_layers, hs.n_heads) != (n_layers, n_heads):
+            raise ValueError("all HeadScores in one figure must have the same [n_layers, n_heads] shape")
+        sets = dict(shared)
+        if panel_marks is not None:
+            for label, heads in _mark_sets(panel_marks[i], mark_label).items():
+                sets[label] = sets.get(label, []) + heads
+        values = hs.scores.numpy().T  # [head, layer]: layer on x
+        mesh = ax.pcolormesh(
+            np.arange(n_layers + 1), np.arange(n_heads + 1), values, cmap=cmap, vmin=vmin, vmax=vmax,
+            edgecolors="white", linewidth=0.4,
+        )
+        ax.set_xlim(0, n_layers)
+        ax.set_ylim(n_heads, 0)  # head 0 at the top
+        ax.set_aspect("equal")
+        _cell_ticks(ax, n_layers, n_heads)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("head")
+        ax.set_title(titles[i] if titles is not None else pretty_name(hs.target), fontsize=12)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        cbar = fig.colorbar(mesh, ax=ax, shrink=0.85, pad=0.02, aspect=25)
+        cbar.set_label(pretty_name(hs.target), fontsize=10)
+        cbar.outline.set_visible(False)
+        if annotate:
+            _annotate_cells(ax, values, vmin, vmax, cmap)
+        for label, heads in sets.items():
+            style = styles.setdefault(label, len(styles))
+            legend[label] = _draw_marks(ax, heads, style, n_layers, n_heads, corner=annotate)
+
+    if legend:
+        fig.legend(
+            legend.values(), legend.keys(), loc="outside lower center", ncols=min(4, len(legend)),
+            frameon=False, fontsize=10,
+        )
+    if suptitle is None:
+        models = {hs.model for hs in panels}
+        methods = {hs.method for hs in panels}
+        if len(models) == 1 and len(methods) == 1:
+            ks = [str(hs.k) for hs in panels if hs.k is not None]
+            suptitle = f"{next(iter(models))} · {panels[0].method}"
+            if ks:
+                suptitle += " · k = " + ", ".join(dict.fromkeys(ks))
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11, color="0.3")
+    return fig
+
+
+def _cell_ticks(ax, n_x: int, n_y: int) -> None:
+    sx, sy = _tick_step(n_x), _tick_step(n_y)
+    ax.set_xticks(np.arange(0, n_x, sx) + 0.5, [str(i) for i in range(0, n_x, sx)])
+    ax.set_yticks(np.arange(0, n_y, sy) + 0.5, [str(i) for i in range(0, n_y, sy)])
+    size = 8 if max(n_x, n_y) > 12 else 10
+    ax.tick_params(length=0, labelsize=size)
+
+
+def _annotate_cells(ax, values: np.ndarray, vmin: float, vmax: float, cmap: str) -> None:
+    colormap = plt.get_cmap(cmap)
+    for y in range(values.shape[0]):
+        for x in range(values.shape[1]):
+            v = values[y, x]
+            rgb = colormap((v - vmin) / (vmax - vmin + 1e-12))[:3]
+            dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+            ax.text(x + 0.5, y + 0.5, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "0.15")
+
+
+def _draw_marks(ax, heads: list[Head], style: int, n_layers: int, n_heads: int, *, corner: bool):
+    """Markers on ``heads``: centred on the cell, or in its top-right corner (``corner``) when the
+    cell shows its value. Style ``i`` = ``MARK_STYLES[i]``; several sets on one cell stay visible."""
+    marker, colour, filled = MARK_STYLES[style % len(MARK_STYLES)]
+    for l, h in heads:
+        if not (0 <= l < n_layers and 0 <= h < n_heads):
+            raise ValueError(
+                f"marked head {head_name((l, h))} is outside the {n_layers}x{n_heads} grid: "
+                "were the marks made for another model?"
+            )
+    dx, dy = ((0.8, 0.22) if style % 2 == 0 else (0.2, 0.22)) if corner else (0.5, 0.5)
+    xs = [l + dx for l, _ in heads]
+    ys = [h + dy for _, h in heads]
+    size = 70 if corner else 130
+    kwargs = dict(marker=marker, s=size, linewidths=1.6 if filled else 2.2, zorder=3)
+    if filled:
+        kwargs.update(c=colour, edgecolors="white")
+    else:
+        kwargs.update(facecolors="none", edgecolors=colour)
+    art = ax.scatter(xs, ys, **kwargs)
+    if not filled:
+        art.set_path_effects([pe.withStroke(linewidth=3.5, foreground="white")])
+    return art
+
+
+def patching_heatmap(
+    values: Float[Tensor, "rows cols"],
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str = "",
+    center: float = 0.0,
+    cmap: str = DIVERGING_CMAP,
+    colorbar_label: str = "normalised metric",
+    xlabel: str = "",
+    ylabel: str = "",
+    vmax: float | None = None,
+    annotate: bool | None = None,
+    ax=None,
+) -> Figure:
+    """A diverging heatmap centred at ``center`` (layer x position or layer x head patching grids).
+
+    Rows run down the y axis (row 0 at the top), columns along x; the colour scale is symmetric
+    about ``center`` (``vmax`` = largest distance from it unless given).
+    """
+    arr = torch.as_tensor(values).detach().float().cpu().numpy()
+    if arr.ndim != 2:
+        raise ValueError(f"patching_heatmap needs a 2-D [rows, cols] grid; got shape {arr.shape}")
+    n_rows, n_cols = arr.shape
+    for labels, n, what in ((row_labels, n_rows, "row_labels"), (col_labels, n_cols, "col_labels")):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{what} has {len(labels)} labels for {n} {what.split('_')[0]}s")
+    span = vmax if vmax is not None else float(np.nanmax(np.abs(arr - center))) or 1.0
+    if ax is None:
+        longest = max((len(str(c)) for c in col_labels), default=2) if col_labels is not None else 2
+        fig, (ax,) = _new_figure(
+            1, max(4.0, n_cols * 0.38 + 2.0), max(3.0, n_rows * 0.32 + 1.2 + 0.06 * longest)
+        )
+    fig = ax.figure
+    mesh = ax.pcolormesh(
+        np.arange(n_cols + 1), np.arange(n_rows + 1), arr, cmap=cmap, vmin=center - span,
+        vmax=center + span, edgecolors="white", linewidth=0.4,
+    )
+    ax.set_xlim(0, n_cols)
+    ax.set_ylim(n_rows, 0)
+    _cell_ticks(ax, n_cols, n_rows)
+    if col_labels is not None:
+        step = _tick_step(n_cols)
+        ax.set_xticks(np.arange(0, n_cols, step) + 0.5, [str(c) for c in col_labels][::step],
+                      rotation=60 if max(len(str(c)) for c in col_labels) > 3 else 0, ha="right"
+                      if max(len(str(c)) for c in col_labels) > 3 else "center", rotation_mode="anchor")
+    if row_labels is not None:
+        step = _tick_step(n_rows)
+        ax.set_yticks(np.arange(0, n_rows, step) + 0.5, [str(r) for r in row_labels][::step])
+    if annotate is None:
+        annotate = arr.size <= 64
+    if annotate:
+        for y in range(n_rows):
+            for x in range(n_cols):
+                strong = abs(arr[y, x] - center) > 0.6 * span
+                ax.text(x + 0.5, y + 0.5, f"{arr[y, x]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if strong else "0.15")
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    cbar = fig.colorbar(mesh, ax=ax, shrink=0.85, pad=0.02, aspect=25)
+    cbar.set_label(colorbar_label)
+    cbar.outline.set_visible(False)
+    return fig
+
+
+def _label(hs: HeadScores) -> str:
+    text = f"{hs.method} · {pretty_name(hs.target)}"
+    return text + (f" (k={hs.k})" if hs.k is not None else "")
+
+
+def scatter_scores(
+    x: HeadScores,
+    y: HeadScores,
+    *,
+    annotate_top: int = 5,
+    r: float | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    diagonal: bool = False,
+    ax=None,
+) -> Figure:
+    """One point per head: ``x`` score against ``y`` score, head names on the top points.
+
+    The ``annotate_top`` best heads by ``x`` and by ``y`` are labelled ``"L.H"``. ``r`` (e.g. a
+    precomputed correlation) is shown in the corner; ``None`` shows Pearson's r of the two matrices.
+    ``diagonal`` draws y = x.
+    """
+    if x.scores.shape != y.scores.shape:
+        raise ValueError(f"x and y must score the same heads; shapes {tuple(x.scores.shape)} vs {tuple(y.scores.shape)}")
+    xs, ys = x.scores.flatten().numpy(), y.scores.flatten().numpy()
+    if r is None:
+        r = float(np.corrcoef(xs, ys)[0, 1]) if xs.std() > 0 and ys.std() > 0 else float("nan")
+    if ax is None:
+        fig, (ax,) = _new_figure(1, 5.2, 4.6)
+    fig = ax.figure
+    layers = np.repeat(np.arange(x.n_layers), x.n_heads)
+    points = ax.scatter(xs, ys, c=layers, cmap="viridis", s=28, alpha=0.85, edgecolors="white", linewidths=0.4)
+    if x.n_layers > 1:
+        cbar = fig.colorbar(points, ax=ax, pad=0.02, aspect=30)
+        cbar.set_label("layer")
+        cbar.outline.set_visible(False)
+    if diagonal:
+        lo, hi = min(xs.min(), ys.min()), max(xs.max(), ys.max())
+        ax.plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=1, zorder=0)
+    top = list(dict.fromkeys(x.top(annotate_top) + y.top(annotate_top)))
+    for l, h in top:
+        ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(4, 4), textcoords="offset points",
+                    fontsize=8, color="0.15",
+                    path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
+    ax.text(0.03, 0.97, f"r = {r:.2f}", transform=ax.transAxes, va="top", fontsize=11,
+            bbox=dict(boxstyle="round", fc="white", ec="0.8"))
+    ax.set_xlabel(xlabel or _label(x))
+    ax.set_ylabel(ylabel or _label(y))
+    ax.set_title(title if title is not None else f"{x.model}: {x.n_layers * x.n_heads} heads")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _mean_spread(values) -> tuple[np.ndarray, np.ndarray | None]:
+    """A curve as (mean, std or None) from a 1-D array, a [draws, x] array, or {"mean", "std"}."""
+    if isinstance(values, Mapping):
+        mean = np.asarray(values["mean"], dtype=float)
+        std = values.get("std")
+        return mean, None if std is None else np.asarray(std, dtype=float)
+    arr = np.asarray(torch.as_tensor(values).float()) if isinstance(values, Tensor) else np.asarray(values, dtype=float)
+    if arr.ndim == 2:
+        return arr.mean(0), arr.std(0)
+    return arr, None
+
+
+def curve_plot(
+    x: Sequence[float],
+    curves: Mapping[str, Any],
+    *,
+    xlabel: str = "number of heads ablated",
+    ylabel: str = "accuracy",
+    title: str = "",
+    baseline: Mapping[str, float] | float | None = None,
+    ax=None,
+) -> Figure:
+    """Lines over ``x`` (e.g. ablation curves: relation heads vs random heads vs a control relation).
+
+    Each entry of ``curves`` is a 1-D sequence, a ``[draws, len(x)]`` array (drawn as mean with a
+    +-1 std band) or a dict ``{"mean": ..., "std": ...}``. ``baseline``: horizontal reference lines
+    (a value, or ``label -> value``, e.g. clean accuracy and chance).
+    """
+    xs = np.asarray(x, dtype=float)
+    if ax is None:
+        fig, (ax,) = _new_figure(1, 5.6, 3.8)
+    fig = ax.figure
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, values) in enumerate(curves.items()):
+        mean, std = _mean_spread(values)
+        if mean.shape != xs.shape:
+            raise ValueError(f"curve {label!r} has {mean.shape[0] if mean.ndim else 0} points for {len(xs)} x values")
+        colour = palette[i % len(palette)]
+        ax.plot(xs, mean, marker="o", ms=4, color=colour, label=label + (" (mean ± std)" if std is not None else ""))
+        if std is not None:
+            ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+    if baseline is not None:
+        lines = baseline if isinstance(baseline, Mapping) else {"baseline": baseline}
+        for j, (label, value) in enumerate(lines.items()):
+            ax.axhline(value, ls=(0, (4, 3)) if j == 0 else ":", color="0.45", lw=1)
+            ax.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                        textcoords="offset points", ha="right", fontsize=8, color="0.35")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=9)
+    return fig
+
+
+def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alpha: float = 0.05, ax=None) -> Figure:
+    """Observed top-k overlap against k, with the chance line (k^2 / N) and the ceiling (k).
+
+    ``curve`` is :func:`circuitlib.overlap.topk_overlap_curve`'s result. Filled markers: k where
+    the hypergeometric p-value is below ``alpha``.
+    """
+    ks = np.asarray(curve["k"], dtype=float)
+    observed = np.asarray(curve["observed"], dtype=float)
+    expected = np.asarray(curve["expected"], dtype=float)
+    p = np.asarray(curve["p_value"], dtype=float)
+    if ax is None:
+        fig, (ax,) = _new_figure(1, 5.4, 3.8)
+    fig = ax.figure
+    ax.plot(ks, ks, color="0.75", lw=1, ls=":", label="identical rankings (k)")
+    ax.plot(ks, expected, color="0.4", lw=1.2, ls="--", label="chance (k² / N)")
+    ax.plot(ks, observed, color="#2a6f97", lw=1.8, label="observed |top-k ∩ top-k|")
+    sig = p < alpha
+    ax.scatter(ks[sig], observed[sig], color="#2a6f97", s=28, zorder=3, label=f"p < {alpha:g}")
+    ax.scatter(ks[~sig], observed[~sig], facecolors="white", edgecolors="#2a6f97", s=28, zorder=3,
+               label=f"p ≥ {alpha:g}")
+    ax.set_xlabel("k (top heads taken from each scoring)")
+    ax.set_ylabel("heads in both top-k sets")
+    names = curve.get("names")
+    ax.set_title(title if title is not None else (f"{names[0]} vs {names[1]}" if names else "top-k overlap"))
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    return fig
+
+
+@torch.no_grad()
+def attention_pattern(
+    model,
+    tokens: str | Int[Tensor, " seq"] | Sequence[int],
+    layer: int,
+    head: int,
+    *,
+    title: str | None = None,
+    ax=None,
+) -> Figure:
+    """One head's attention on one prompt: query position (y) x key position (x), token labels.
+
+    ``tokens``: a string (BOS is prepended, as everywhere in circuitlib) or the ids of one prompt
+    (pass a :class:`TaskBatch` row trimmed to its END, e.g. ``batch.clean[i, : batch.end[i] + 1]``).
+    """
+    if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
+        raise ValueError(f"head {layer}.{head} does not exist in a {model.cfg.n_layers}x{model.cfg.n_heads} model")
+    if isinstance(tokens, str):
+        ids = model.to_tokens(tokens, prepend_bos=True)[0]
+    else:
+        ids = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    _, cache = model.run_with_cache(ids[None].to(model.cfg.device),
+                                    names_filter=f"blocks.{layer}.attn.hook_pattern")
+    pattern = cache["pattern", layer][0, head].cpu().numpy()  # [query, key]
+    bos = model.tokenizer.bos_token_id
+    labels = ["BOS" if int(t) == bos else model.tokenizer.decode([int(t)]) for t in ids]
+    labels = [lab.replace("\n", "\\n") if lab.strip() else repr(lab) for lab in labels]
+    n = len(labels)
+    if ax is None:
+        side = max(3.5, 0.32 * n + 1.8)
+        fig, (ax,) = _new_figure(1, side + 0.8, side)
+    fig = ax.figure
+    masked = np.ma.masked_where(np.triu(np.ones((n, n), dtype=bool), k=1), pattern)
+    mesh = ax.pcolormesh(np.arange(n + 1), np.arange(n + 1), masked, cmap="Blues", vmin=0, vmax=1,
+                         edgecolors="white", linewidth=0.3)
+    ax.set_xlim(0, n)
+    ax.set_ylim(n, 0)
+    ax.set_aspect("equal")
+    ax.set_xticks(np.arange(n) + 0.5, labels, rotation=60, ha="right", rotation_mode="anchor")
+    ax.set_yticks(np.arange(n) + 0.5, labels)
+    ax.tick_params(length=0, labelsize=8 if n > 12 else 9)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title if title is not None else f"attention of head {head_name((layer, head))}")
+    cbar = fig.colorbar(mesh, ax=ax, shrink=0.8, pad=0.02, aspect=25)
+    cbar.set_label("attention weight")
+    cbar.outline.set_visible(False)
+    return fig

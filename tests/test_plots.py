@@ -1,0 +1,138 @@
+"""Figures: they draw what they are given (values, marks at the right cells), and nothing is clipped."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from circuitlib import plots
+from circuitlib.types import Circuit, HeadScores
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A random-weight model of the embedded model's shape, with its word-level tokenizer."""
+    from circuitlib.models import build_model
+    from circuitlib.toy.corpus import build_tokenizer
+    from circuitlib.toy.train import CONFIG
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    return build_model(dict(CONFIG, d_vocab=len(tokenizer.get_vocab())), tokenizer).eval()
+
+
+def _scores(n_layers, n_heads, target, seed=0, model="m"):
+    g = torch.Generator().manual_seed(seed)
+    return HeadScores(torch.rand(n_layers, n_heads, generator=g), "maps_static", target, model, k=1)
+
+
+def _inside_figure(fig) -> None:
+    """Every visible text artist (ticks, labels, titles, legend) lies within the saved canvas."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    for text in fig.findobj(matplotlib.text.Text):
+        if not text.get_visible() or not text.get_text():
+            continue
+        ext = text.get_window_extent(renderer)
+        assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1, f"{text.get_text()!r} clipped horizontally"
+        assert ext.y0 >= box.y0 - 1 and ext.y1 <= box.y1 + 1, f"{text.get_text()!r} clipped vertically"
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (3, 8)])
+def test_head_heatmaps_values_marks_and_layout(shape, tmp_path):
+    a, b = _scores(*shape, "name_copying", 0), _scores(*shape, "country_to_capital_wikidata", 1)
+    marks = {"movers": [(1, 2), "2.5"], "IOI circuit": Circuit.of(["0.0"], "ioi", "m")}
+    fig = plots.head_heatmaps([a, b], marks)
+    heat_axes = [ax for ax in fig.axes if ax.get_xlabel() == "layer"]
+    assert len(heat_axes) == 2
+    for ax, hs in zip(heat_axes, (a, b)):
+        mesh = ax.collections[0]
+        # the mesh holds scores as [head, layer] (layer on x): same numbers as the HeadScores
+        np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(shape[1], shape[0]), hs.scores.T.numpy())
+        assert mesh.norm.vmin == 0 and mesh.norm.vmax == 1  # shared scale
+        # marks land in the marked cells: offsets fall inside [layer, layer+1) x [head, head+1)
+        cells = set()
+        for coll in ax.collections[1:]:
+            cells |= {(int(np.floor(x)), int(np.floor(y))) for x, y in coll.get_offsets()}
+        assert cells == {(1, 2), (2, 5), (0, 0)}
+        assert len(ax.get_xticklabels()) == shape[0] and len(ax.get_yticklabels()) == shape[1]
+    cbar_labels = {ax.get_ylabel() for ax in fig.axes} - {"head"}
+    assert {"Name copying", "Country to capital"} <= cbar_labels
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["movers", "IOI circuit"]
+    _inside_figure(fig)
+    fig.savefig(tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    plt.close(fig)
+
+
+def test_head_heatmaps_panel_marks_and_errors():
+    a, b = _scores(3, 8, "name_copying"), _scores(3, 8, "country_to_capital_wikidata")
+    fig = plots.head_heatmaps([a, b], panel_marks=[Circuit.of(["2.3"], "capitals", "m"), Circuit.of(["1.1"], "ioi", "m")])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Capitals circuit", "IOI circuit"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="outside the 3x8 grid"):
+        plots.head_heatmaps(a, [(15, 14)])
+    with pytest.raises(ValueError, match="same"):
+        plots.head_heatmaps([a, _scores(2, 8, "x")])
+    with pytest.raises(ValueError, match="one per panel"):
+        plots.head_heatmaps([a, b], panel_marks=[[(0, 0)]])
+    plt.close("all")
+
+
+def test_patching_heatmap_is_centred():
+    values = torch.tensor([[-2.0, 0.5, 1.0], [0.0, 0.3, -0.1]])
+    fig = plots.patching_heatmap(values, row_labels=["L0", "L1"], col_labels=["BOS", "Mary", "John"], title="t")
+    mesh = fig.axes[0].collections[0]
+    assert mesh.norm.vmin == -2.0 and mesh.norm.vmax == 2.0  # symmetric about 0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["BOS", "Mary", "John"]
+    _inside_figure(fig)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="col_labels"):
+        plots.patching_heatmap(values, col_labels=["a"])
+
+
+def test_scatter_scores_labels_top_heads_and_r():
+    x = _scores(4, 4, "name_copying", 0)
+    y = HeadScores(x.scores * 2 + 1, "maps_dynamic", "name_copying", "m", k=1)  # perfectly correlated
+    fig = plots.scatter_scores(x, y, annotate_top=2)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "r = 1.00" in texts
+    assert {f"{l}.{h}" for l, h in x.top(2)} <= set(texts)
+    np.testing.assert_allclose(ax.collections[0].get_offsets()[:, 1], y.scores.flatten().numpy())
+    plt.close(fig)
+
+
+def test_curve_and_topk_plots():
+    x = np.arange(5)
+    fig = plots.curve_plot(x, {"relation": 1 - x / 5, "random": np.ones((3, 5)) * 0.9}, baseline={"clean": 1.0})
+    ax = fig.axes[0]
+    assert len(ax.collections) == 1  # the std band of the [draws, x] curve only
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), 1 - x / 5)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="points"):
+        plots.curve_plot(x, {"short": [1, 2]})
+    curve = {"k": [1, 2, 3], "observed": [1, 1, 3], "expected": [0.1, 0.4, 0.9], "p_value": [0.01, 0.2, 0.001]}
+    fig = plots.topk_overlap_plot(curve)
+    filled, hollow = fig.axes[0].collections
+    assert len(filled.get_offsets()) == 2 and len(hollow.get_offsets()) == 1
+    plt.close(fig)
+
+
+def test_attention_pattern_matches_cache(small_model):
+    tokens = small_model.to_tokens("Mary and John", prepend_bos=True)[0]
+    fig = plots.attention_pattern(small_model, tokens, 1, 2)
+    _, cache = small_model.run_with_cache(tokens[None])
+    drawn = np.ma.getdata(fig.axes[0].collections[0].get_array()).reshape(len(tokens), len(tokens))
+    expect = cache["pattern", 1][0, 2].numpy()
+    mask = np.tril(np.ones_like(expect, dtype=bool))
+    np.testing.assert_allclose(drawn[mask], expect[mask], atol=1e-6)
+    assert fig.axes[0].get_yticklabels()[0].get_text() == "BOS"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="does not exist"):
+        plots.attention_pattern(small_model, tokens, 9, 0)
