@@ -31,6 +31,32 @@ def cli_relations(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_scores(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .scoring import static_scores
+
+    model = load_model(args.model)
+    try:
+        hs = static_scores(model, args.relation, k=args.k, suppression=args.suppression)
+    except ValueError as exc:  # bad k, empty relation (RelationError is handled by main)
+        if type(exc).__name__ == "RelationError":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": args.model, "relation": args.relation, "method": hs.method, "k": hs.k,
+                          "pairs_used": hs.meta["pairs_used"], "pairs_total": hs.meta["pairs_total"],
+                          "scores": hs.to_dict()["scores"]}, indent=2))
+        return 0
+    kind = "suppression" if args.suppression else "static"
+    print(f"MAPS {kind} scores, {args.relation}, k={hs.k}, {hs.meta['pairs_used']}/{hs.meta['pairs_total']} "
+          f"pairs, {args.model} (rows: layers, columns: heads)")
+    print("layer " + " ".join(f"{h:>5}" for h in range(hs.n_heads)))
+    for layer, row in enumerate(hs.scores.tolist()):
+        print(f"{layer:>5} " + " ".join(f"{v:5.2f}" for v in row))
+    return 0
+
+
 def cli_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
@@ -47,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pairs", type=int, default=30, help="validity threshold (MAPS: 30)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cli_relations)
+
+    p = sub.add_parser("scores", help="MAPS static (or suppression) scores of every head for one relation")
+    p.add_argument("--model", default="toy", help="'toy', a TransformerLens name, or a local HF directory")
+    p.add_argument("--relation", required=True, help="a relation name (see the relations command)")
+    p.add_argument("--k", type=int, default=None, help="top-k (default: 1 for copying relations, else 10)")
+    p.add_argument("--suppression", action="store_true", help="suppression scores (top-k of -m_s)")
+    p.add_argument("--json", action="store_true", help="print JSON (matrix, k, pairs used)")
+    p.set_defaults(func=cli_scores)
 
     p = sub.add_parser("report", help="run the whole pipeline and write a report directory")
     p.add_argument("--model", default="toy", help="'toy', a TransformerLens name, or a local HF directory")

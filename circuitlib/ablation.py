@@ -104,3 +104,58 @@ def run_ablated(
         means = head_means(model, ref, ref_end, at=at)
     with ablate_heads(model, list(heads), kind=kind, means=means, end=batch.end if at == "end" else None):
         return model(batch.clean.to(model.cfg.device))
+
+
+@torch.no_grad()
+def ablation_curves(
+    model,
+    batch: TaskBatch,
+    head_sets: list[list[Head]],
+    *,
+    kind: AblationKind = "zero",
+    max_rows: int = 512,
+) -> dict[str, list[float]]:
+    """Task accuracy with each of ``head_sets`` ablated at each prompt's END position, in one go.
+
+    The batch is repeated once per head set (in groups of at most ``max_rows`` rows) and each copy
+    gets its own head mask, so many ablation sets share one forward pass. ``kind="mean"`` replaces
+    z by its mean over ``batch.corrupt`` at END. Returns ``{"accuracy": [...], "top1_accuracy":
+    [...], "logit_diff": [...]}``, one entry per head set (accuracy: answer logit beats wrong).
+    """
+    from .metrics import accuracy, logit_diff, top1_accuracy
+
+    if kind not in ("zero", "mean"):
+        raise ValueError(f"unknown ablation kind {kind!r}: use 'zero' or 'mean'")
+    L, H, n = model.cfg.n_layers, model.cfg.n_heads, len(batch)
+    masks = torch.zeros(len(head_sets), L, H, dtype=torch.bool)
+    for i, heads in enumerate(head_sets):
+        for l, h in heads:
+            if not (0 <= l < L and 0 <= h < H):
+                raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
+            masks[i, l, h] = True
+    means = head_means(model, batch.corrupt, batch.end) if kind == "mean" else None
+    per_group = max(1, max_rows // n)
+    out: dict[str, list[float]] = {"accuracy": [], "top1_accuracy": [], "logit_diff": []}
+    for lo in range(0, len(head_sets), per_group):
+        group = masks[lo : lo + per_group]
+        g = group.shape[0]
+        row_mask = group.repeat_interleave(n, dim=0)  # [g * n, L, H]
+        end = batch.end.repeat(g).to(model.cfg.device)
+        rows = torch.arange(g * n)
+
+        def hook(z, hook):
+            keep = ~row_mask[:, hook.layer()].to(z.device)[:, :, None]  # [rows, H, 1]
+            value = torch.zeros_like(z[rows, end]) if means is None else means[hook.layer()].to(z)
+            z[rows, end] = torch.where(keep, z[rows, end], value)
+            return z
+
+        names = [(f"blocks.{l}.attn.hook_z", hook) for l in range(L) if row_mask[:, l].any()]
+        with model.hooks(fwd_hooks=names):
+            resid = model(batch.clean.repeat(g, 1).to(model.cfg.device), stop_at_layer=L)
+        last = model.unembed(model.ln_final(resid[rows, end][:, None]))[:, 0]  # END logits only
+        for j in range(g):
+            sub = last[j * n : (j + 1) * n]
+            out["accuracy"].append(accuracy(sub, batch))
+            out["top1_accuracy"].append(top1_accuracy(sub, batch))
+            out["logit_diff"].append(float(logit_diff(sub, batch)))
+    return out
