@@ -1,0 +1,294 @@
+"""An ipywidgets explorer over head scores: pick a relation and a head, see what the head does.
+
+``Explorer(model, scores, batches).widget`` (or just ``explorer`` as the last line of a cell) shows
+
+- the head's place on the relation's layer x head heatmap (marked);
+- its OV view: for a few sample sources of the relation, the top tokens of
+  ``m_s = x_s W_V W_O W_U`` (MAPS, :func:`circuitlib.scoring.top_mapped_tokens`), target highlighted;
+- its suppression view (the same on ``-m_s``);
+- its attention pattern on a chosen task prompt (clean prompt, BOS first, up to END).
+
+Every view is a plain method returning its data (:meth:`Explorer.select`, :meth:`Explorer.attention`)
+or a Figure (:meth:`Explorer.heatmap`, :meth:`Explorer.attention_figure`), so they can be called and
+tested without a browser; the widgets only wire them together.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from . import plots
+from .types import Head, HeadScores, RelationPairs, TaskBatch, head_name, parse_head
+
+
+class Explorer:
+    """Browse heads of ``model`` by their ``scores`` (name -> HeadScores, e.g. MAPS static per relation).
+
+    ``batches``: task name -> TaskBatch for the attention view (optional). ``n_sources`` sample
+    sources (spread evenly over the relation's pairs) and ``n_tokens`` top tokens per source in the
+    OV / suppression views. A scoring whose ``target`` is not a relation name has no OV samples.
+    """
+
+    def __init__(
+        self,
+        model,
+        scores: dict[str, HeadScores],
+        batches: dict[str, TaskBatch] | None = None,
+        *,
+        n_sources: int = 5,
+        n_tokens: int = 10,
+    ) -> None:
+        if not scores:
+            raise ValueError("Explorer needs at least one HeadScores (e.g. {'name_copying': static_scores(...)})")
+        grid = (model.cfg.n_layers, model.cfg.n_heads)
+        for name, hs in scores.items():
+            if tuple(hs.scores.shape) != grid:
+                raise ValueError(
+                    f"scores[{name!r}] has shape {tuple(hs.scores.shape)} but the model has {grid[0]}x{grid[1]} "
+                    "heads: pass scores computed on this model"
+                )
+        self.model = model
+        self.scores = dict(scores)
+        self.batches = dict(batches or {})
+        self.n_sources = n_sources
+        self.n_tokens = n_tokens
+        self._pairs: dict[str, RelationPairs | None] = {}
+        self._widget = None
+        self._hold = False  # True while one change updates several widgets: redraw once at the end
+
+    # -- data -------------------------------------------------------------------------------
+
+    def heads(self, relation: str) -> list[str]:
+        """All heads as ``"L.H"``, best score first for ``relation``."""
+        hs = self._scores(relation)
+        return [head_name(h) for h in hs.top(hs.scores.numel())]
+
+    def pairs(self, relation: str) -> RelationPairs | None:
+        """The relation's single-token pairs for this model's tokenizer (``None``: not a relation)."""
+        target = self._scores(relation).target
+        if target not in self._pairs:
+            from .tasks import relation_names
+            from .tasks.relations import load_relation
+
+            self._pairs[target] = (
+                load_relation(target, self.model.tokenizer, check=False) if target in relation_names() else None
+            )
+        return self._pairs[target]
+
+    def sample_sources(self, relation: str) -> list[tuple[str, str]]:
+        """``n_sources`` (source, target) word pairs spread evenly over the relation's pairs."""
+        pairs = self.pairs(relation)
+        if pairs is None or len(pairs) == 0:
+            return []
+        idx = np.unique(np.linspace(0, len(pairs) - 1, min(self.n_sources, len(pairs))).round().astype(int))
+        return [(pairs.src_words[i], pairs.tgt_words[i]) for i in idx]
+
+    def select(self, relation: str, head: Head | str, sources: Sequence[str] | None = None) -> dict[str, Any]:
+        """Everything the explorer shows for ``head`` under ``relation`` (JSON-able).
+
+        ``ov`` / ``suppression``: per source, the top ``n_tokens`` mapped tokens with logits and the
+        1-based rank of the target among them (``None`` if not shown). ``sources`` (words) replace
+        the sample sources; their targets are looked up in the relation when present.
+        """
+        from .scoring import top_mapped_tokens
+
+        hs = self._scores(relation)
+        head = self._head(head)
+        samples = self.sample_sources(relation)
+        if sources is not None:
+            lookup = dict(zip(self.pairs(relation).src_words, self.pairs(relation).tgt_words)) if self.pairs(relation) else {}
+            samples = [(s, lookup.get(s)) for s in sources]
+        views: dict[str, list[dict[str, Any]]] = {"ov": [], "suppression": []}
+        for key, suppression in (("ov", False), ("suppression", True)):
+            for src, tgt in samples:
+                top = top_mapped_tokens(self.model, head, src, n=self.n_tokens, suppression=suppression)
+                shown = [t.strip() for t, _ in top]
+                rank = shown.index(tgt) + 1 if tgt is not None and tgt in shown else None
+                views[key].append({"source": src, "target": tgt, "top": top, "target_rank": rank})
+        order = hs.top(hs.scores.numel())
+        return {
+            "relation": relation,
+            "target": hs.target,
+            "method": hs.method,
+            "k": hs.k,
+            "head": head_name(head),
+            "score": round(hs[head], 4),
+            "rank": order.index(head) + 1,
+            "n_heads": len(order),
+            **views,
+        }
+
+    @torch.no_grad()
+    def attention(self, task: str, index: int, head: Head | str) -> dict[str, Any]:
+        """The head's attention from the END position of prompt ``index`` of ``task`` to every token."""
+        batch = self._batch(task)
+        layer, h = self._head(head)
+        if not 0 <= index < len(batch):
+            raise ValueError(f"prompt index {index} out of range: the {task!r} batch has {len(batch)} prompts")
+        end = int(batch.end[index])
+        tokens = batch.clean[index, : end + 1]
+        _, cache = self.model.run_with_cache(tokens[None].to(self.model.cfg.device),
+                                             names_filter=f"blocks.{layer}.attn.hook_pattern")
+        row = cache["pattern", layer][0, h, end].cpu()
+        labels = [self.model.tokenizer.decode([int(t)]) for t in tokens]
+        top = torch.argsort(row, descending=True, stable=True)[:3]
+        return {
+            "task": task,
+            "index": index,
+            "head": head_name((layer, h)),
+            "prompt": batch.prompts[index],
+            "tokens": labels,
+            "end_attention": [round(float(v), 4) for v in row],
+            "top_keys": [(int(i), labels[int(i)], round(float(row[i]), 4)) for i in top],
+            "positions": {k: int(v[index]) for k, v in batch.positions.items()},
+        }
+
+    # -- figures ----------------------------------------------------------------------------
+
+    def heatmap(self, relation: str, head: Head | str) -> Figure:
+        """The relation's heatmap with ``head`` marked."""
+        return plots.head_heatmaps(self._scores(relation), {f"head {head_name(self._head(head))}": [self._head(head)]})
+
+    def attention_figure(self, task: str, index: int, head: Head | str) -> Figure:
+        """:func:`circuitlib.plots.attention_pattern` of ``head`` on prompt ``index`` of ``task``."""
+        batch = self._batch(task)
+        layer, h = self._head(head)
+        tokens = batch.clean[index, : int(batch.end[index]) + 1]
+        return plots.attention_pattern(self.model, tokens, layer, h,
+                                       title=f"head {layer}.{h} on {task} prompt {index}")
+
+    # -- widget -----------------------------------------------------------------------------
+
+    @property
+    def widget(self):
+        """The ipywidgets UI (built once)."""
+        if self._widget is None:
+            self._widget = self._build()
+        return self._widget
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _build(self):
+        import ipywidgets as w
+
+        relations = list(self.scores)
+        self.relation_w = w.Dropdown(options=relations, value=relations[0], description="relation")
+        self.head_w = w.Dropdown(options=self._head_options(relations[0]), description="head")
+        self.source_w = w.Text(value="", placeholder="source words, comma-separated (optional)",
+                               description="sources")
+        tasks = list(self.batches)
+        self.task_w = w.Dropdown(options=tasks, value=tasks[0] if tasks else None, description="task",
+                                 disabled=not tasks)
+        n = len(self.batches[tasks[0]]) if tasks else 1
+        self.prompt_w = w.IntSlider(value=0, min=0, max=max(0, n - 1), description="prompt", disabled=not tasks)
+        self.heatmap_out, self.attention_out = w.Output(), w.Output()
+        self.views_html = w.HTML()
+        self.relation_w.observe(self._on_relation, names="value")
+        for control in (self.head_w, self.source_w):
+            control.observe(lambda _: None if self._hold else self.refresh(), names="value")
+        self.task_w.observe(self._on_task, names="value")
+        self.prompt_w.observe(lambda _: self._draw_attention(), names="value")
+        ui = w.VBox([
+            w.HBox([self.relation_w, self.head_w, self.source_w]),
+            w.HBox([self.heatmap_out, self.views_html]),
+            w.HBox([self.task_w, self.prompt_w]),
+            self.attention_out,
+        ])
+        self.refresh()
+        return ui
+
+    def _head_options(self, relation: str) -> list[tuple[str, str]]:
+        hs = self._scores(relation)
+        return [(f"{name}  ({hs[parse_head(name)]:.2f})", name) for name in self.heads(relation)]
+
+    def _on_relation(self, change) -> None:
+        current = self.head_w.value
+        self._hold = True
+        try:
+            self.head_w.options = self._head_options(change["new"])
+            self.head_w.value = current  # keep the chosen head across relations
+        finally:
+            self._hold = False
+        self.refresh()
+
+    def _on_task(self, change) -> None:
+        self.prompt_w.max = max(0, len(self.batches[change["new"]]) - 1)
+        self._draw_attention()
+
+    def refresh(self) -> dict[str, Any]:
+        """Redraw every view for the widgets' current choice; returns :meth:`select`'s data."""
+        from IPython.display import display
+
+        relation, head = self.relation_w.value, self.head_w.value
+        words = [s.strip() for s in self.source_w.value.split(",") if s.strip()] or None
+        try:
+            data = self.select(relation, head, words)
+            self.views_html.value = _views_html(data)
+        except ValueError as exc:  # e.g. a typed source word that is not one token
+            data = {}
+            self.views_html.value = f"<p style='color:#b00'>{html.escape(str(exc))}</p>"
+        with self.heatmap_out:
+            self.heatmap_out.clear_output(wait=True)
+            fig = self.heatmap(relation, head)
+            display(fig)
+            plt.close(fig)
+        self._draw_attention()
+        return data
+
+    def _draw_attention(self) -> None:
+        from IPython.display import display
+
+        if not self.batches:
+            return
+        with self.attention_out:
+            self.attention_out.clear_output(wait=True)
+            fig = self.attention_figure(self.task_w.value, self.prompt_w.value, self.head_w.value)
+            display(fig)
+            plt.close(fig)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _scores(self, relation: str) -> HeadScores:
+        if relation not in self.scores:
+            raise ValueError(f"unknown relation {relation!r}: the explorer has scores for {sorted(self.scores)}")
+        return self.scores[relation]
+
+    def _batch(self, task: str) -> TaskBatch:
+        if task not in self.batches:
+            raise ValueError(f"no prompts for task {task!r}: the explorer has batches for {sorted(self.batches)}")
+        return self.batches[task]
+
+    def _head(self, head: Head | str) -> Head:
+        l, h = parse_head(head) if isinstance(head, str) else (int(head[0]), int(head[1]))
+        if not (0 <= l < self.model.cfg.n_layers and 0 <= h < self.model.cfg.n_heads):
+            raise ValueError(f"head {l}.{h} does not exist in a {self.model.cfg.n_layers}x{self.model.cfg.n_heads} model")
+        return l, h
+
+
+def _views_html(data: dict[str, Any]) -> str:
+    """The OV and suppression views as two small HTML tables (target in bold green)."""
+    head = (f"<b>{html.escape(data['relation'])}</b> · head <b>{data['head']}</b>: score {data['score']:.2f} "
+            f"(rank {data['rank']} of {data['n_heads']}, k={data['k']})")
+    parts = [f"<p>{head}</p>"]
+    for key, title in (("ov", "OV view: top mapped tokens"), ("suppression", "suppression view: most suppressed")):
+        rows = []
+        for item in data[key]:
+            cells = []
+            for tok, _ in item["top"]:
+                text = html.escape(tok.strip() or repr(tok))
+                hit = item["target"] is not None and tok.strip() == item["target"]
+                cells.append(f"<b style='color:#1a7f37'>{text}</b>" if hit else text)
+            tgt = html.escape(str(item["target"])) if item["target"] is not None else "–"
+            rows.append(f"<tr><td><b>{html.escape(item['source'])}</b> → {tgt}</td><td>{', '.join(cells)}</td></tr>")
+        body = "".join(rows) or "<tr><td colspan=2>(no sample sources for this scoring)</td></tr>"
+        parts.append(f"<p style='margin-bottom:2px'><i>{title}</i></p><table>{body}</table>")
+    return "<div style='font-size:12px;max-width:520px'>" + "".join(parts) + "</div>"
