@@ -79,15 +79,7 @@ def load_model(
 
 def _load_hub(name: str, *, processed: bool, device: str, dtype: torch.dtype):
     HookedTransformer, _ = _quiet_transformer_lens()
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    try:
-        get_official_model_name(name)
-    except ValueError:
-        raise ModelUnavailableError(
-            f"Unknown model {name!r}: use 'toy', a TransformerLens model name such as "
-            "'gpt2-medium', or the path of a local Hugging Face model directory."
-        ) from None
+    _check_known(name)
     loader = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
     try:
         with warnings.catch_warnings():
@@ -102,6 +94,20 @@ def _load_hub(name: str, *, processed: bool, device: str, dtype: torch.dtype):
     return model
 
 
+def _check_known(name: str) -> None:
+    """Raise one clear error for a name that is neither 'toy', a local directory nor a TransformerLens model."""
+    _quiet_transformer_lens()
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ModelUnavailableError(
+            f"Unknown model {name!r}: use 'toy', a TransformerLens model name such as "
+            "'gpt2-medium', or the path of a local Hugging Face model directory."
+        ) from None
+
+
 def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dtype):
     """A local Hugging Face directory: weights converted by TransformerLens, no hub access."""
     HookedTransformer, _ = _quiet_transformer_lens()
@@ -112,12 +118,21 @@ def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dty
             f"{str(path)!r} has no config.json: a local model must be a Hugging Face model "
             "directory (save_pretrained output)."
         )
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
+
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    loader = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = loader(str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+        cfg = get_pretrained_model_config(str(path), fold_ln=processed, device=device, dtype=dtype)
+        state = get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
+        model = HookedTransformer(cfg, move_to_device=False)
+        model.load_and_process_state_dict(
+            state, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+            fold_value_biases=processed,
+        )
+    attach_tokenizer(model, tokenizer)
+    model.to(device)
     model.cfg.model_name = str(path)
     return model
 
@@ -263,6 +278,8 @@ def load_tokenizer(name: str = "toy"):
     from transformers import AutoTokenizer
 
     path = Path(name).expanduser()
+    if not path.is_dir():
+        _check_known(name)
     try:
         return AutoTokenizer.from_pretrained(path if path.is_dir() else name)
     except (OSError, ValueError) as exc:

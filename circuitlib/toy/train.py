@@ -46,6 +46,19 @@ def encode_corpus(tokenizer, sentences, n_ctx: int):
     return ids, weights
 
 
+def heldout_accuracy(model, n: int = 64) -> dict[str, float]:
+    """Accuracy (answer beats wrong answer) on held-out IOI and capital prompts."""
+    from ..metrics import accuracy
+    from ..tasks import capital_batch, ioi_batch
+
+    with torch.no_grad():
+        out = {}
+        for name, batch in (("ioi", ioi_batch(model.tokenizer, n, seed=1)),
+                            ("capitals", capital_batch(model.tokenizer, n, seed=1))):
+            out[name] = accuracy(model(batch.clean), batch)
+    return out
+
+
 def train(
     steps: int = 6000,
     batch_size: int = 128,
@@ -55,7 +68,10 @@ def train(
     log_every: int = 500,
     progress: bool = True,
 ):
-    """Train a fresh embedded model; returns ``(model, losses)``. Deterministic for a given seed."""
+    """Train a fresh embedded model; returns ``(model, losses)``. Deterministic for a given seed.
+
+    Every ``log_every`` steps prints the loss and the held-out task accuracies (when ``progress``).
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     cfg = dict(CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
@@ -81,7 +97,11 @@ def train(
         sched.step()
         losses.append(loss.item())
         if progress and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {loss:.3f}  {time.time() - t0:.0f}s", flush=True)
+            model.eval()
+            acc = heldout_accuracy(model)
+            model.train()
+            print(f"step {step:5d}  loss {loss:.3f}  held-out accuracy ioi {acc['ioi']:.2f} "
+                  f"capitals {acc['capitals']:.2f}  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     return model, losses
 
@@ -91,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TOY_DIR)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     model, losses = train(steps=args.steps, seed=args.seed)
     recipe = {"steps": args.steps, "seed": args.seed, "final_loss": round(losses[-1], 4),
