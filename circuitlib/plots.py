@@ -262,9 +262,9 @@ def patching_heatmap(
     _cell_ticks(ax, n_cols, n_rows)
     if col_labels is not None:
         step = _tick_step(n_cols)
+        slanted = max(len(str(c)) for c in col_labels) > 3
         ax.set_xticks(np.arange(0, n_cols, step) + 0.5, [str(c) for c in col_labels][::step],
-                      rotation=60 if max(len(str(c)) for c in col_labels) > 3 else 0, ha="right"
-                      if max(len(str(c)) for c in col_labels) > 3 else "center", rotation_mode="anchor")
+                      rotation=60 if slanted else 0, ha="right" if slanted else "center", rotation_mode="anchor")
     if row_labels is not None:
         step = _tick_step(n_rows)
         ax.set_yticks(np.arange(0, n_rows, step) + 0.5, [str(r) for r in row_labels][::step])
