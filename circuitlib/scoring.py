@@ -45,8 +45,9 @@ from .types import Head, HeadScores, RelationPairs
 
 DYNAMIC_TEMPLATE = "This is a document about [X]"
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
-_FIRST_CHUNK = 1024
+_FIRST_CHUNK = 256
 _MAX_CHUNK = 16384
+_MAX_ELEMENTS = 2**26  # logits per vocabulary chunk (256 MiB in float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def _check_k(k: int, d_vocab: int) -> int:
 @torch.no_grad()
 def topk_hits(
     rows: Float[Tensor, "n_rows d_model"],
-    W_U: Float[Tensor, "d_model d_vocab"],
+    W_U_T: Float[Tensor, "d_vocab d_model"],
     row_of_pair: Int[Tensor, " n_pairs"],
     targets: Int[Tensor, " n_pairs"],
     k: Int[Tensor, " n_pairs"] | int,
@@ -90,20 +91,23 @@ def topk_hits(
     """Whether each pair's target is in the top-k of ``rows[row_of_pair] @ W_U`` (of its negation
     with ``suppression``): fewer than ``k`` other entries strictly higher.
 
-    Exact early-exit count over vocabulary chunks (first 1024 columns, then doubling): a pair stops
-    once ``k`` entries beat its target. Never forms more than ``live rows x chunk`` logits.
+    ``W_U_T`` is the unembedding transposed and contiguous (``W_U.T.contiguous()``, one row per
+    vocabulary entry), so each vocabulary chunk is a contiguous block. Exact early-exit count over
+    chunks (first 256 entries, then doubling): a pair stops once ``k`` entries beat its target.
+    Never forms more than ``live rows x chunk`` logits.
     """
     sign = -1.0 if suppression else 1.0
-    n_pairs, d_vocab = row_of_pair.shape[0], W_U.shape[1]
+    n_pairs, d_vocab = row_of_pair.shape[0], W_U_T.shape[0]
     k = torch.as_tensor(k).expand(n_pairs) if not isinstance(k, Tensor) or k.ndim == 0 else k
-    thr = sign * torch.einsum("pd,dp->p", rows[row_of_pair], W_U[:, targets])
+    uniq_t, t_index = torch.unique(targets, return_inverse=True)
+    thr = sign * (rows @ W_U_T[uniq_t].T)[row_of_pair, t_index]
     count = torch.zeros(n_pairs, dtype=torch.long)
     live = torch.arange(n_pairs)
     start, size = 0, _FIRST_CHUNK
     while start < d_vocab and live.numel():
-        end = min(start + size, d_vocab)
         used, inv = torch.unique(row_of_pair[live], return_inverse=True)
-        logits = sign * (rows[used] @ W_U[:, start:end])
+        end = min(start + max(_FIRST_CHUNK, min(size, _MAX_ELEMENTS // live.numel())), d_vocab)
+        logits = sign * (rows[used] @ W_U_T[start:end].T)
         above = logits[inv] > thr[live, None]
         own = (targets[live] >= start) & (targets[live] < end)  # never count the target itself
         above[own.nonzero()[:, 0], targets[live][own] - start] = False
@@ -148,11 +152,13 @@ def static_scores_many(
     *,
     k: int | None = None,
     suppression: bool = False,
+    max_rows: int = 8192,
 ) -> dict[str, HeadScores]:
     """:func:`static_scores` for several relations at once, keyed by relation name.
 
-    All relations' unique source tokens go through one pass per layer (all heads of the layer
-    together); ``k`` overrides every relation's default when given.
+    All relations' unique source tokens and all heads of a block of layers (about ``max_rows``
+    (head, source) rows) go through one early-exit top-k count; ``k`` overrides every relation's
+    default when given.
     """
     rels = [_as_pairs(model, r) for r in relations]
     d_vocab, L, H = model.cfg.d_vocab, model.cfg.n_layers, model.cfg.n_heads
@@ -164,15 +170,23 @@ def static_scores_many(
     x = maps_inputs(model, sources)  # [L, n_src, d]
     targets = torch.cat([r.tgt for r in rels])
     k_pair = torch.cat([torch.full((len(r),), kk) for r, kk in zip(rels, ks)])
-    # every (head, pair): row h * n_src + src_index
-    row_of_pair = (torch.arange(H)[:, None] * n_src + src_index[None, :]).flatten()
     hits = torch.empty(L, H, targets.shape[0], dtype=torch.bool)
-    for layer in range(L):
-        v = torch.einsum("sd,hde->hse", x[layer], model.W_V[layer])
-        rows = torch.einsum("hse,hem->hsm", v, model.W_O[layer]).reshape(H * n_src, -1)
-        hit = topk_hits(rows, model.W_U, row_of_pair, targets.repeat(H), k_pair.repeat(H),
+    W_U_T = model.W_U.T.contiguous()
+    step = max(1, max_rows // (H * n_src))  # layers per block: bounds rows x chunk in topk_hits
+    for lo in range(0, L, step):
+        layers = range(lo, min(lo + step, L))
+        # (model.W_V etc. stack every layer on each access: read each block's weights instead)
+        rows = torch.cat([
+            torch.einsum("sd,hde,hem->hsm", x[l], model.blocks[l].attn.W_V, model.blocks[l].attn.W_O)
+            .reshape(H * n_src, -1) for l in layers
+        ])
+        # (layer block, head, pair) -> row (block * H + head) * n_src + source index
+        heads = torch.arange(len(layers) * H)
+        row_of_pair = (heads[:, None] * n_src + src_index[None, :]).flatten()
+        n = heads.shape[0]
+        hit = topk_hits(rows, W_U_T, row_of_pair, targets.repeat(n), k_pair.repeat(n),
                         suppression=suppression)
-        hits[layer] = hit.view(H, -1)
+        hits[lo : lo + len(layers)] = hit.view(len(layers), H, -1)
     out, offset = {}, 0
     for r, kk in zip(rels, ks):
         score = hits[:, :, offset : offset + len(r)].float().mean(-1)
@@ -212,7 +226,8 @@ def top_mapped_tokens(
             raise ValueError(f"{source!r} is not a single token (with a leading space) for this tokenizer")
         source = tok
     x = maps_inputs(model, torch.tensor([int(source)]))[layer, 0]
-    m = x @ model.W_V[layer, h] @ model.W_O[layer, h] @ model.W_U
+    attn = model.blocks[layer].attn
+    m = x @ attn.W_V[h] @ attn.W_O[h] @ model.W_U
     m = -m if suppression else m
     vals, idx = torch.topk(m, min(n, m.shape[0]))
     return [(model.tokenizer.decode([int(i)]), round(float(v), 4)) for v, i in zip(vals, idx)]
@@ -269,6 +284,7 @@ def dynamic_scores(
     tokens, src_pos, end = dynamic_prompts(model, pairs, template)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hook = "hook_z" if context else "hook_v"
+    W_O, W_U_T = model.W_O, model.W_U.T.contiguous()
     hits = []
     for lo in range(0, tokens.shape[0], batch_size):
         sl = slice(lo, lo + batch_size)
@@ -278,11 +294,11 @@ def dynamic_scores(
         rows_idx = torch.arange(tokens[sl].shape[0])
         pos = end[sl] if context else src_pos[sl]
         z = torch.stack([cache[f"blocks.{l}.attn.{hook}"][rows_idx, pos] for l in range(L)])  # [L,b,H,e]
-        out = torch.einsum("lbhe,lhem->lhbm", z, model.W_O)  # [L, H, b, d]
+        out = torch.einsum("lbhe,lhem->lhbm", z, W_O)  # [L, H, b, d]
         b = z.shape[1]
         rows = out.reshape(L * H * b, -1)
         tgt = pairs.tgt[sl].repeat(L * H)
-        hits.append(topk_hits(rows, model.W_U, torch.arange(L * H * b), tgt, k,
+        hits.append(topk_hits(rows, W_U_T, torch.arange(L * H * b), tgt, k,
                               suppression=suppression).view(L, H, b))
     score = torch.cat(hits, dim=-1).float().mean(-1)
     return HeadScores(
