@@ -32,6 +32,7 @@ top-k membership to ``torch.topk`` on the full logits, up to floating-point ties
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -437,3 +438,57 @@ def causal_check(
         "control_accuracy": {c: result["controls"][c]["accuracy"][-1] for c in controls},
     }
     return result
+
+
+def causal_curves(result: dict, metric: str = "accuracy") -> dict:
+    """The curves of a :func:`causal_check` result for :func:`circuitlib.plots.curve_plot`:
+    ``{"top-m heads": [...], "random heads": [[draw] ...], "<control> heads": [...]}``."""
+    curves = {f"top {_short(result['relation'])} heads": result["top"][metric]}
+    curves["random heads"] = [d[metric] for d in result["random"]["draws"]]
+    for name, c in result["controls"].items():
+        curves[f"top {_short(name)} heads (control)"] = c[metric]
+    return curves
+
+
+def _short(relation: str) -> str:
+    return {"country_to_capital_wikidata": "country->capital", "name_copying": "name-copying"}.get(relation, relation)
+
+
+def relation_summary(
+    model,
+    relations: Sequence[str] = ("name_copying", "country_to_capital_wikidata"),
+    *,
+    n_top: int = 10,
+    causal: bool = True,
+    causal_kwargs: dict | None = None,
+) -> dict[str, dict]:
+    """Everything the report stores per relation, JSON-able: k, pairs used, the static and
+    suppression score matrices (:meth:`HeadScores.to_dict`), the top heads with scores, dynamic scores
+    with and without context and their Pearson r with the static scores, and (``causal``) the
+    :func:`causal_check` result (relations without a task get ``None``)."""
+    static = static_scores_many(model, list(relations))
+    suppression = static_scores_many(model, list(relations), suppression=True)
+    out = {}
+    for name in relations:
+        hs = static[name]
+        dyn = {ctx: dynamic_scores(model, name, context=ctx) for ctx in (True, False)}
+        out[name] = {
+            "k": hs.k,
+            "pairs_used": hs.meta["pairs_used"],
+            "pairs_total": hs.meta["pairs_total"],
+            "static": hs.to_dict(),
+            "suppression": suppression[name].to_dict(),
+            "top_heads": [{"head": f"{l}.{h}", "score": round(hs[(l, h)], 4)} for l, h in hs.top(n_top)],
+            "top_suppression_heads": [{"head": f"{l}.{h}", "score": round(suppression[name][(l, h)], 4)}
+                                      for l, h in suppression[name].top(n_top)],
+            "dynamic_with_context": dyn[True].to_dict(),
+            "dynamic_without_context": dyn[False].to_dict(),
+            "r_static_dynamic": {  # None when a map is constant (r undefined)
+                key: None if math.isnan(r) else round(r, 4)
+                for key, r in (("with_context", static_dynamic_correlation(hs, dyn[True])),
+                               ("without_context", static_dynamic_correlation(hs, dyn[False])))
+            },
+            "ablation": (causal_check(model, name, scores=static, **(causal_kwargs or {}))
+                         if causal and name in TASK_OF_RELATION else None),
+        }
+    return out
