@@ -46,6 +46,11 @@ def encode_corpus(tokenizer, sentences, n_ctx: int):
     return ids, weights
 
 
+def head_norms(model) -> torch.Tensor:
+    """Per-head ||W_V||_F + ||W_O||_F, [n_layers, n_heads]: the group-lasso penalty that switches heads off."""
+    return model.W_V.flatten(-2).norm(dim=-1) + model.W_O.flatten(-2).norm(dim=-1)
+
+
 def heldout_accuracy(model, n: int = 64) -> dict[str, float]:
     """Accuracy (answer beats wrong answer) on held-out IOI and capital prompts."""
     from ..metrics import accuracy
@@ -67,6 +72,9 @@ def train(
     n_sentences: int = 200_000,
     log_every: int = 500,
     progress: bool = True,
+    weight_decay: float = 0.01,
+    head_l1: float = 0.0,
+    config: dict | None = None,
 ):
     """Train a fresh embedded model; returns ``(model, losses)``. Deterministic for a given seed.
 
@@ -74,11 +82,11 @@ def train(
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    cfg = dict(CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
+    cfg = dict(config or CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
     model = build_model(cfg, tokenizer)
     model.cfg.model_name = "toy"
     ids, weights = encode_corpus(tokenizer, generate(n_sentences, seed), cfg["n_ctx"])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -90,6 +98,8 @@ def train(
         logits = model(x)[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         loss = (ce * w.reshape(-1)).sum() / w.sum()
+        if head_l1:
+            loss = loss + head_l1 * head_norms(model).sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,10 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TOY_DIR)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--head-l1", type=float, default=0.0)
+    parser.add_argument("--n-heads", type=int, default=CONFIG["n_heads"])
+    parser.add_argument("--d-head", type=int, default=CONFIG["d_head"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, losses = train(steps=args.steps, seed=args.seed)
+    config = dict(CONFIG, n_heads=args.n_heads, d_head=args.d_head)
+    model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay,
+                          head_l1=args.head_l1, config=config)
     recipe = {"steps": args.steps, "seed": args.seed, "final_loss": round(losses[-1], 4),
               "train_seconds": round(time.time() - t0), "command": "python -m circuitlib.toy.train"}
     save_checkpoint(model, args.out, extra={"training": recipe})
