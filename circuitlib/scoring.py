@@ -375,7 +375,8 @@ def causal_check(
     Task: :data:`TASK_OF_RELATION` (country_to_capital_wikidata -> capitals, name_copying -> IOI),
     held-out prompts, or ``batch``. ``kind``: ``"zero"`` (MAPS) or ``"mean"`` (mean z over the
     task's corrupted prompts at END). Accuracy = answer logit beats the wrong answer's (IOI: IO vs S;
-    capitals: the capital vs the corrupt country's capital); top-1 accuracy is reported too.
+    capitals: the capital vs the corrupt country's capital); top-1 accuracy and the mean logit
+    difference are reported too; ``summary`` holds the values at ``m = m_max``.
     ``scores``: precomputed static scores by relation name (must include ``relation``; other
     entries are control candidates). Returns a JSON-able dict.
     """
@@ -430,13 +431,14 @@ def causal_check(
         "controls": {c: {"heads": [head_name(h) for h in scores[c].top(m_max)], **part(1 + len(draws) + i)}
                      for i, c in enumerate(controls)},
     }
-    result["summary"] = {
-        "m": m_max,
-        "clean_accuracy": top["accuracy"][0],
-        "top_accuracy": top["accuracy"][-1],
-        "random_accuracy": rand_mean["accuracy"][-1],
-        "control_accuracy": {c: result["controls"][c]["accuracy"][-1] for c in controls},
-    }
+    result["summary"] = {"m": m_max}
+    for metric in ("accuracy", "logit_diff"):
+        result["summary"].update({
+            f"clean_{metric}": top[metric][0],
+            f"top_{metric}": top[metric][-1],
+            f"random_{metric}": rand_mean[metric][-1],
+            f"control_{metric}": {c: result["controls"][c][metric][-1] for c in controls},
+        })
     return result
 
 
