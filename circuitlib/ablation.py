@@ -114,8 +114,10 @@ def ablation_curves(
     *,
     kind: AblationKind = "zero",
     max_rows: int = 512,
+    at: Where = "end",
 ) -> dict[str, list[float]]:
-    """Task accuracy with each of ``head_sets`` ablated at each prompt's END position, in one go.
+    """Task accuracy with each of ``head_sets`` ablated at each prompt's END position (``at="all"``:
+    at every position, means over all real tokens of ``batch.corrupt``), in one go.
 
     The batch is repeated once per head set (in groups of at most ``max_rows`` rows) and each copy
     gets its own head mask, so many ablation sets share one forward pass. ``kind="mean"`` replaces
@@ -126,6 +128,8 @@ def ablation_curves(
 
     if kind not in ("zero", "mean"):
         raise ValueError(f"unknown ablation kind {kind!r}: use 'zero' or 'mean'")
+    if at not in ("end", "all"):
+        raise ValueError(f"unknown ablation position {at!r}: use 'end' or 'all'")
     L, H, n = model.cfg.n_layers, model.cfg.n_heads, len(batch)
     masks = torch.zeros(len(head_sets), L, H, dtype=torch.bool)
     for i, heads in enumerate(head_sets):
@@ -133,7 +137,7 @@ def ablation_curves(
             if not (0 <= l < L and 0 <= h < H):
                 raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
             masks[i, l, h] = True
-    means = head_means(model, batch.corrupt, batch.end) if kind == "mean" else None
+    means = head_means(model, batch.corrupt, batch.end, at=at) if kind == "mean" else None
     per_group = max(1, max_rows // n)
     out: dict[str, list[float]] = {"accuracy": [], "top1_accuracy": [], "logit_diff": []}
     for lo in range(0, len(head_sets), per_group):
@@ -146,6 +150,8 @@ def ablation_curves(
         def hook(z, hook):
             keep = ~row_mask[:, hook.layer()].to(z.device)[:, :, None]  # [rows, H, 1]
             value = torch.zeros_like(z[rows, end]) if means is None else means[hook.layer()].to(z)
+            if at == "all":
+                return torch.where(keep[:, None], z, value)
             z[rows, end] = torch.where(keep, z[rows, end], value)
             return z
 

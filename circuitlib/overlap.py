@@ -265,13 +265,14 @@ def cross_task_ablation(
 
     Ablation: ``kind`` ("mean" = each head's mean z over ``batch.corrupt``, "zero") at ``at``
     ("all" positions by default, since circuit heads of another task may act before END; "end" =
-    END only), via :mod:`circuitlib.ablation`. Random sets have the circuit's size and are drawn
-    (seeded) from the heads *outside* the circuit. Metrics at END: accuracy (answer beats wrong),
-    logit difference, and normalised logit difference (1 = clean, 0 = corrupted).
+    END only), all sets in batched forward passes (:func:`circuitlib.ablation.ablation_curves`).
+    Random sets have the circuit's size and are drawn (seeded) from the heads *outside* the circuit.
+    Metrics at END: accuracy (answer beats wrong), logit difference, and normalised logit
+    difference (1 = clean, 0 = corrupted).
     ``empirical_p`` = (1 + #{random draws at least as harmful}) / (1 + n_random).
     """
-    from .ablation import run_ablated
-    from .metrics import accuracy, logit_diff, normalise
+    from .ablation import ablation_curves
+    from .metrics import logit_diff, normalise
 
     heads = sorted(as_head_set(circuit))
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -281,24 +282,21 @@ def cross_task_ablation(
             f"the circuit holds {len(heads)} of {n_layers * n_heads} heads: too few heads outside it to "
             "draw random sets of the same size"
         )
-    clean_logits = model(batch.clean.to(model.cfg.device))
-    corrupt_logits = model(batch.corrupt.to(model.cfg.device))
-    ld_clean, ld_corrupt = float(logit_diff(clean_logits, batch)), float(logit_diff(corrupt_logits, batch))
+    rng = np.random.default_rng(seed)
+    draws = [[outside[i] for i in sorted(rng.choice(len(outside), size=len(heads), replace=False))]
+             for _ in range(n_random)]
+    curves = ablation_curves(model, batch, [[], heads, *draws], kind=kind, at=at)
+    ld_corrupt = float(logit_diff(model(batch.corrupt.to(model.cfg.device)), batch))
+    ld_clean = curves["logit_diff"][0]
 
-    def measure(hs: list[Head]) -> dict[str, float]:
-        logits = run_ablated(model, batch, hs, kind=kind, at=at) if hs else clean_logits
-        ld = float(logit_diff(logits, batch))
-        return {"accuracy": accuracy(logits, batch), "logit_diff": ld,
+    def entry(i: int) -> dict[str, float]:
+        ld = curves["logit_diff"][i]
+        return {"accuracy": curves["accuracy"][i], "logit_diff": ld,
                 "normalised": float(normalise(ld, ld_clean, ld_corrupt))}
 
-    ablated = measure(heads)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_random):
-        pick = rng.choice(len(outside), size=len(heads), replace=False)
-        draws.append(measure([outside[i] for i in sorted(pick)]))
-    rand_norm = np.array([d["normalised"] for d in draws])
-    rand_acc = np.array([d["accuracy"] for d in draws])
+    ablated, random = entry(1), [entry(2 + j) for j in range(n_random)]
+    rand_norm = np.array([d["normalised"] for d in random])
+    rand_acc = np.array([d["accuracy"] for d in random])
     return {
         "circuit": [head_name(h) for h in heads],
         "circuit_task": circuit.task if isinstance(circuit, Circuit) else None,
@@ -307,16 +305,16 @@ def cross_task_ablation(
         "at": at,
         "mean_over": "measured task's corrupted prompts" if kind == "mean" else None,
         "n_prompts": len(batch),
-        "clean": {"accuracy": accuracy(clean_logits, batch), "logit_diff": ld_clean, "normalised": 1.0},
+        "clean": entry(0),
         "corrupt_logit_diff": ld_corrupt,
         "ablated": ablated,
         "random": {
             "n_draws": n_random,
-            "accuracy_mean": float(rand_acc.mean()) if draws else None,
-            "accuracy_std": float(rand_acc.std()) if draws else None,
-            "normalised_mean": float(rand_norm.mean()) if draws else None,
-            "normalised_std": float(rand_norm.std()) if draws else None,
-            "draws": draws,
+            "accuracy_mean": float(rand_acc.mean()) if random else None,
+            "accuracy_std": float(rand_acc.std()) if random else None,
+            "normalised_mean": float(rand_norm.mean()) if random else None,
+            "normalised_std": float(rand_norm.std()) if random else None,
+            "draws": random,
         },
         "empirical_p": float((1 + (rand_norm <= ablated["normalised"]).sum()) / (1 + n_random)),
     }

@@ -176,15 +176,28 @@ def toy():
         return build_model(dict(CONFIG, d_vocab=len(tokenizer.get_vocab())), tokenizer).eval()
 
 
+def _draws(heads, model, n, seed):
+    """The random sets cross_task_ablation draws: same size, from outside the circuit, seeded."""
+    outside = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
+    rng = np.random.default_rng(seed)
+    return [[outside[i] for i in sorted(rng.choice(len(outside), size=len(heads), replace=False))] for _ in range(n)]
+
+
 def test_cross_task_ablation_on_toy(toy):
     from circuitlib.ablation import run_ablated
-    from circuitlib.metrics import accuracy
+    from circuitlib.metrics import accuracy, logit_diff
     from circuitlib.tasks import ioi_batch
 
     batch = ioi_batch(toy.tokenizer, 16, seed=0)
     heads = [(2, h) for h in range(toy.cfg.n_heads)]  # the whole last layer
     res = overlap.cross_task_ablation(toy, Circuit.of(heads, "x", "toy"), batch, n_random=3)
-    assert res["ablated"]["accuracy"] == pytest.approx(accuracy(run_ablated(toy, batch, heads, at="all"), batch))
+    # the batched multi-set ablation agrees with ablating this one set alone (hook context manager)
+    alone = run_ablated(toy, batch, heads, at="all")
+    assert res["ablated"]["accuracy"] == pytest.approx(accuracy(alone, batch))
+    assert res["ablated"]["logit_diff"] == pytest.approx(float(logit_diff(alone, batch)), abs=1e-4)
+    for draw, heads_drawn in zip(res["random"]["draws"], _draws(heads, toy, 3, 0)):
+        ref = run_ablated(toy, batch, heads_drawn, at="all")
+        assert draw["logit_diff"] == pytest.approx(float(logit_diff(ref, batch)), abs=1e-4)
     assert res["random"]["n_draws"] == 3 and len(res["random"]["draws"]) == 3
     assert 1 / 4 <= res["empirical_p"] <= 1
     assert res["clean"]["normalised"] == 1.0
