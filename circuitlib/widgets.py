@@ -149,6 +149,25 @@ class Explorer:
             "positions": {k: int(v[index]) for k, v in batch.positions.items()},
         }
 
+    @torch.no_grad()
+    def attention_to(self, task: str, key: str = "IO", query: str = "END") -> HeadScores:
+        """Every head's mean attention from ``query`` to ``key`` over the task's clean prompts.
+
+        E.g. ``attention_to("ioi", "IO")`` finds name-mover-like heads (END attends to the indirect
+        object); positions are the batch's named positions. Add the result to ``scores`` to browse it.
+        """
+        batch = self._batch(task)
+        for name in (key, query):
+            if name not in batch.positions:
+                raise ValueError(f"{task!r} prompts have no position {name!r}; they have {sorted(batch.positions)}")
+        _, cache = self.model.run_with_cache(batch.clean.to(self.model.cfg.device),
+                                             names_filter=lambda n: n.endswith("hook_pattern"))
+        rows = torch.arange(len(batch))
+        q, k = batch.positions[query], batch.positions[key]
+        values = torch.stack([cache["pattern", l][rows, :, q, k].mean(0).cpu() for l in range(self.model.cfg.n_layers)])
+        return HeadScores(values, method="attention", target=f"{task}: {query} -> {key}",
+                          model=self.model.cfg.model_name, meta={"prompts": len(batch), "clean": True})
+
     # -- figures ----------------------------------------------------------------------------
 
     def heatmap(self, relation: str, head: Head | str) -> Figure:

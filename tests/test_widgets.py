@@ -120,3 +120,19 @@ def test_rejects_scores_of_another_model(model):
         Explorer(model, {"name_copying": wrong})
     with pytest.raises(ValueError, match="at least one"):
         Explorer(model, {})
+
+
+def test_attention_to_matches_the_per_prompt_view(explorer):
+    hs = explorer.attention_to("ioi", "IO")
+    batch = explorer.batches["ioi"]
+    assert hs.scores.shape == (3, 8) and hs.target == "ioi: END -> IO"
+    for head in [(0, 0), (2, 5)]:
+        per_prompt = [explorer.attention("ioi", i, head)["end_attention"][int(batch.positions["IO"][i])]
+                      for i in range(len(batch))]
+        assert hs[head] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-3)
+    with pytest.raises(ValueError, match="no position"):
+        explorer.attention_to("capitals", "IO")
+    # a scoring that is not a relation can be browsed: no OV samples, views still work
+    both = Explorer(explorer.model, {"attention": hs}, explorer.batches)
+    data = both.select("attention", hs.top(1)[0])
+    assert data["rank"] == 1 and data["ov"] == []
