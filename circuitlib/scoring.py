@@ -428,7 +428,9 @@ def causal_check(
         "random": {"n_draws": len(draws), "excluded": "the top-m_max relation heads",
                    "heads": [[head_name(h) for h in d] for d in draws],
                    "draws": rand, "mean": rand_mean},
-        "controls": {c: {"heads": [head_name(h) for h in scores[c].top(m_max)], **part(1 + len(draws) + i)}
+        "controls": {c: {"heads": [head_name(h) for h in scores[c].top(m_max)],
+                         "shared_with_top": len(set(ranked) & set(scores[c].top(m_max))),
+                         **part(1 + len(draws) + i)}
                      for i, c in enumerate(controls)},
     }
     result["summary"] = {"m": m_max}
