@@ -84,11 +84,19 @@ def _check_same_grid(a: HeadScores, b: HeadScores) -> None:
 
 
 def rank_correlation(
-    a: HeadScores, b: HeadScores, *, n_permutations: int = 10_000, seed: int = 0, absolute: bool = False
+    a: HeadScores,
+    b: HeadScores,
+    *,
+    n_permutations: int = 10_000,
+    seed: int = 0,
+    absolute: bool = False,
+    within_layers: bool = False,
 ) -> dict[str, Any]:
     """Spearman's rho between two scorings of the same heads, with a permutation p-value.
 
     All permutations are done at once (a ``[n_permutations, n_heads]`` matrix of permuted ranks).
+    ``within_layers``: permute heads only within each layer, so the null keeps each layer's score
+    distribution; a small p then means agreement beyond "both scorings favour the same layers".
     If either scoring is constant, rho is undefined: ``rho`` and ``p_value`` are ``None``.
     """
     _check_same_grid(a, b)
@@ -102,7 +110,11 @@ def rank_correlation(
     zb = (rb - rb.mean()) / rb.std()
     rho = float(za @ zb / n)
     rng = np.random.default_rng(seed)
-    perms = rng.permuted(np.broadcast_to(zb, (n_permutations, n)), axis=1)
+    if within_layers:  # rows of [layer, head]: shuffle heads inside each layer
+        grid = np.broadcast_to(zb.reshape(a.n_layers, a.n_heads), (n_permutations, a.n_layers, a.n_heads))
+        perms = rng.permuted(grid, axis=2).reshape(n_permutations, n)
+    else:
+        perms = rng.permuted(np.broadcast_to(zb, (n_permutations, n)), axis=1)
     null = perms @ za / n
     exceed = int((np.abs(null) >= abs(rho) - 1e-12).sum())
     return {
@@ -110,6 +122,7 @@ def rank_correlation(
         "p_value": (1 + exceed) / (1 + n_permutations),
         "n": n,
         "n_permutations": n_permutations,
+        "permutations": "within layers" if within_layers else "all heads",
         "alternative": "two-sided",
     }
 
@@ -209,8 +222,9 @@ def compare(
 ) -> dict[str, Any]:
     """Compare two head scorings or head sets with the statistics that fit their types.
 
-    - scores vs scores: rank correlation, top-k overlap curve, set overlap of the two top-``top_k``
-      sets (default :func:`default_top_k`);
+    - scores vs scores: rank correlation (p-values from permutations over all heads and within
+      layers), top-k overlap curve, set overlap of the two top-``top_k`` sets (default
+      :func:`default_top_k`);
     - scores vs set (either order): set overlap of top-``|set|`` (or ``top_k``) with the set, and
       :func:`circuit_rank_test` (do the set's heads score higher?);
     - set vs set: :func:`set_overlap`; needs ``n_total`` unless a HeadScores fixes the grid.
@@ -224,6 +238,8 @@ def compare(
         out.update(
             kind="scores_vs_scores",
             rank=rank_correlation(a, b, n_permutations=n_permutations, seed=seed, absolute=absolute),
+            rank_within_layers=rank_correlation(a, b, n_permutations=n_permutations, seed=seed,
+                                                absolute=absolute, within_layers=True),
             topk_curve=topk_overlap_curve(a, b, seed=seed, absolute=absolute),
             top_k=k,
             set=set_overlap(top_set(a, k, seed=seed, absolute=absolute),
@@ -266,7 +282,10 @@ def cross_task_ablation(
     Ablation: ``kind`` ("mean" = each head's mean z over ``batch.corrupt``, "zero") at ``at``
     ("all" positions by default, since circuit heads of another task may act before END; "end" =
     END only), all sets in batched forward passes (:func:`circuitlib.ablation.ablation_curves`).
-    Random sets have the circuit's size and are drawn (seeded) from the heads *outside* the circuit.
+    Random sets have the circuit's size and are drawn (seeded) from the heads *outside* the circuit
+    (from all heads when the circuit holds more than half of them; ``random_pool`` says which: then
+    random sets share many heads with the circuit and the comparison is weak; ablate a circuit's
+    core, its top heads, instead).
     Metrics at END: accuracy (answer beats wrong), logit difference, and normalised logit
     difference (1 = clean, 0 = corrupted).
     ``empirical_p`` = (1 + #{random draws at least as harmful}) / (1 + n_random).
@@ -276,14 +295,14 @@ def cross_task_ablation(
 
     heads = sorted(as_head_set(circuit))
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    outside = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in set(heads)]
-    if len(outside) < len(heads):
-        raise ValueError(
-            f"the circuit holds {len(heads)} of {n_layers * n_heads} heads: too few heads outside it to "
-            "draw random sets of the same size"
-        )
+    everything = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    for head in heads:
+        if head not in everything:
+            raise ValueError(f"head {head_name(head)} does not exist in a {n_layers}x{n_heads} model")
+    outside = [hd for hd in everything if hd not in set(heads)]
+    pool = outside if len(outside) >= len(heads) else everything
     rng = np.random.default_rng(seed)
-    draws = [[outside[i] for i in sorted(rng.choice(len(outside), size=len(heads), replace=False))]
+    draws = [[pool[i] for i in sorted(rng.choice(len(pool), size=len(heads), replace=False))]
              for _ in range(n_random)]
     curves = ablation_curves(model, batch, [[], heads, *draws], kind=kind, at=at)
     ld_corrupt = float(logit_diff(model(batch.corrupt.to(model.cfg.device)), batch))
@@ -310,6 +329,7 @@ def cross_task_ablation(
         "ablated": ablated,
         "random": {
             "n_draws": n_random,
+            "random_pool": "outside the circuit" if pool is outside else "all heads (circuit > half the model)",
             "accuracy_mean": float(rand_acc.mean()) if random else None,
             "accuracy_std": float(rand_acc.std()) if random else None,
             "normalised_mean": float(rand_norm.mean()) if random else None,

@@ -99,6 +99,21 @@ def test_permutation_p_values():
     assert const["rho"] is None and const["p_value"] is None
 
 
+def test_within_layer_permutations_remove_a_pure_layer_effect():
+    # scores that differ only by layer (plus independent noise within layers) correlate across heads,
+    # but not beyond the layer effect: the all-heads p is tiny, the within-layer p is not
+    g = torch.Generator().manual_seed(0)
+    layer_level = torch.arange(6.0)[:, None] * 10
+    a = _hs(layer_level + torch.rand(6, 8, generator=g))
+    b = _hs(layer_level + torch.rand(6, 8, generator=g))
+    plain = overlap.rank_correlation(a, b, n_permutations=2000)
+    strat = overlap.rank_correlation(a, b, n_permutations=2000, within_layers=True)
+    assert plain["rho"] == strat["rho"] > 0.8
+    assert plain["p_value"] < 0.01 and strat["p_value"] > 0.05
+    same = overlap.rank_correlation(a, a, n_permutations=500, within_layers=True)
+    assert same["p_value"] == pytest.approx(1 / 501)
+
+
 def test_topk_curve_against_naive_sets():
     a, b = _random_hs(0), _random_hs(1)
     curve = overlap.topk_overlap_curve(a, b)
@@ -179,6 +194,7 @@ def toy():
 def _draws(heads, model, n, seed):
     """The random sets cross_task_ablation draws: same size, from outside the circuit, seeded."""
     outside = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
+    assert len(outside) >= len(heads)
     rng = np.random.default_rng(seed)
     return [[outside[i] for i in sorted(rng.choice(len(outside), size=len(heads), replace=False))] for _ in range(n)]
 
@@ -204,5 +220,7 @@ def test_cross_task_ablation_on_toy(toy):
     json.dumps(res)
     empty = overlap.cross_task_ablation(toy, [], batch, n_random=1)
     assert empty["ablated"]["normalised"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="too few heads"):
-        overlap.cross_task_ablation(toy, [(l, h) for l in range(3) for h in range(8)], batch)
+    big = overlap.cross_task_ablation(toy, [(l, h) for l in range(3) for h in range(7)], batch, n_random=1)
+    assert big["random"]["random_pool"].startswith("all heads")
+    with pytest.raises(ValueError, match="does not exist"):
+        overlap.cross_task_ablation(toy, [(5, 0)], batch)
