@@ -288,7 +288,9 @@ def cross_task_ablation(
     core, its top heads, instead).
     Metrics at END: accuracy (answer beats wrong), logit difference, and normalised logit
     difference (1 = clean, 0 = corrupted).
-    ``empirical_p`` = (1 + #{random draws at least as harmful}) / (1 + n_random).
+    ``empirical_p`` = (1 + #{random draws at least as harmful}) / (1 + n_random) (so never below
+    1 / (1 + n_random)); ``z_score`` = (circuit - random mean) / random std of the normalised logit
+    difference (negative: the circuit hurts more than random heads).
     """
     from .ablation import ablation_curves
     from .metrics import logit_diff, normalise
@@ -337,6 +339,8 @@ def cross_task_ablation(
             "draws": random,
         },
         "empirical_p": float((1 + (rand_norm <= ablated["normalised"]).sum()) / (1 + n_random)),
+        "z_score": float((ablated["normalised"] - rand_norm.mean()) / rand_norm.std())
+        if n_random > 1 and rand_norm.std() > 0 else None,
     }
 
 

@@ -216,6 +216,8 @@ def test_cross_task_ablation_on_toy(toy):
         assert draw["logit_diff"] == pytest.approx(float(logit_diff(ref, batch)), abs=1e-4)
     assert res["random"]["n_draws"] == 3 and len(res["random"]["draws"]) == 3
     assert 1 / 4 <= res["empirical_p"] <= 1
+    norms = np.array([d["normalised"] for d in res["random"]["draws"]])
+    assert res["z_score"] == pytest.approx((res["ablated"]["normalised"] - norms.mean()) / norms.std())
     assert res["clean"]["normalised"] == 1.0
     json.dumps(res)
     empty = overlap.cross_task_ablation(toy, [], batch, n_random=1)
