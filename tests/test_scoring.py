@@ -78,6 +78,18 @@ def naive_dynamic_scores(model, pairs, k, context):
 # Fixtures
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: with several sessions on 2 cores, OpenMP barrier stalls made
+    2-thread runs 2-50x slower here (a toy forward pass: 0.02 s vs 1.5 s). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy():
     """The embedded model when its checkpoint is there, else a random model of the same shape."""
