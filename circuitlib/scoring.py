@@ -24,9 +24,14 @@ which makes the head's output exactly its value vector at the source position in
 
 Speed: every score reduces to "how many vocabulary entries beat the target logit?". We count that
 over vocabulary chunks of growing size and stop a (head, pair) as soon as ``k`` entries beat its
-target, so most of the ``|V|``-wide products are never computed; rows of all heads of a layer and
-all relations' unique sources go through one matrix product per chunk. Results are exact (identical
-top-k membership to ``torch.topk`` on the full logits, up to floating-point ties).
+target, so most of the ``|V|``-wide products are never computed; the rows of all heads of a block
+of layers and all relations' unique sources go through one matrix product per chunk, and no
+``|V| x |V|`` (or per-head ``W_O W_U``) matrix is ever formed. Results are exact: identical top-k
+membership to ``torch.topk`` on the full logits, up to floating-point ties.
+
+Where things are: :func:`causal_check` (top heads vs random vs control heads, ablated) is here and
+uses :func:`circuitlib.ablation.ablation_curves`; :func:`relation_summary` bundles everything the
+report stores per relation.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch import Tensor
 
 from .tasks import load_relation
 from .tasks._common import encode, word_id
-from .types import Head, HeadScores, RelationPairs
+from .types import Head, HeadScores, RelationPairs, head_name, parse_head
 
 DYNAMIC_TEMPLATE = "This is a document about [X]"
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
@@ -215,8 +220,6 @@ def top_mapped_tokens(
     ``source``: a word (encoded as ``" " + word``, which must be one token) or a token id.
     """
     if isinstance(head, str):
-        from .types import parse_head
-
         head = parse_head(head)
     layer, h = head
     if not (0 <= layer < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
@@ -333,8 +336,6 @@ def reference_heads(model_name: str) -> list[Head]:
 
     gpt2-medium: the mover heads of Merullo et al. 2024. Other models: whatever the file lists.
     """
-    from .types import parse_head
-
     data = json.loads(REFERENCE_FILE.read_text())
     entry = data.get("models", {}).get(model_name)
     return [parse_head(h) for h in entry["heads"]] if entry else []
@@ -346,9 +347,7 @@ def reference_heads(model_name: str) -> list[Head]:
 TASK_OF_RELATION = {"country_to_capital_wikidata": "capitals", "name_copying": "ioi"}
 
 
-def control_relations(
-    model, relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2
-) -> list[str]:
+def control_relations(relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2) -> list[str]:
     """Up to ``n`` other relations in ``scores`` whose top-``m`` heads overlap least with ``relation``'s."""
     mine = set(scores[relation].top(m))
     others = [r for r in scores if r != relation]
@@ -385,7 +384,6 @@ def causal_check(
     from .ablation import ablation_curves
     from .tasks import task_batch
     from .tasks.relations import relation_table
-    from .types import head_name
 
     if batch is None:
         if relation not in TASK_OF_RELATION:
@@ -401,7 +399,7 @@ def causal_check(
         scores = static_scores_many(model, sorted(set(valid) | {relation}))
     ranked = scores[relation].top(m_max)
     if controls is None:
-        controls = control_relations(model, relation, scores, m=m_max)
+        controls = control_relations(relation, scores, m=m_max)
     controls = list(controls)
     rng = random.Random(seed)
     pool = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in ranked]
