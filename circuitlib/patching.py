@@ -1,0 +1,572 @@
+"""Causal circuit discovery: activation patching, attribution patching and path patching.
+
+Conventions (they change numbers):
+
+- **Metric.** ``metric="logit_diff"`` (default): the mean logit difference (answer - wrong) at each
+  prompt's END position, *normalised* so that the clean run gives 1 and the corrupted run 0.
+  ``metric="accuracy"``: fraction of prompts whose answer beats the wrong answer at END (not
+  normalised). A callable ``f(end_logits [batch, vocab], batch) -> scalar`` is used as is.
+- **Direction.** ``"noising"``: run the *clean* prompts and patch in activations of the
+  *corrupted* run (is the component necessary?). ``"denoising"``: run the *corrupted* prompts and
+  patch in *clean* activations (is it sufficient?). TransformerLens's ``transformer_lens.patching``
+  functions do denoising (``corrupted_tokens`` + ``clean_cache``); for noising call them with the
+  clean tokens and the corrupted cache.
+- **Scores are effects**, signed so that a component carrying the clean behaviour scores > 0:
+  denoising ``metric(patched) - metric(corrupted)``, noising ``metric(clean) - metric(patched)``. With
+  the normalised logit difference: denoising score = TransformerLens's patched metric, noising
+  score = 1 - patched metric. Each result's ``meta`` names metric, direction and baselines.
+- Heads are patched through ``hook_z`` (a head's output before W_O), over all positions unless
+  ``per_position=True``.
+
+Speed (identical numbers to the one-forward-per-patch loop, see ``benchmarks/bench_patching.py``):
+all patches of one layer are folded into the batch (copy ``i`` of the prompts carries patch ``i``),
+the forward starts at the patched layer from the cached residual stream, and positions before the
+first token where clean and corrupted prompts differ are not recomputed (their activations cannot
+change; their keys and values come from the cache). Only END logits are unembedded. ``chunk`` bounds
+the number of copies per forward (default: about ``max_tokens`` token rows per forward).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .metrics import logit_diff
+from .types import Head, HeadScores, TaskBatch, head_name
+
+Direction = Literal["noising", "denoising"]
+Metric = str | Callable[[Tensor, TaskBatch], Tensor | float]
+MAX_TOKENS = 16384  # default memory bound: token rows (copies x prompts x positions) per forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric and shared setup
+
+
+def check_batch(model, batch: TaskBatch) -> None:
+    """One clear error for inputs patching cannot use."""
+    if batch.clean.shape != batch.corrupt.shape:
+        raise ValueError(
+            f"clean and corrupt prompts must have the same token shape to be patched position by "
+            f"position; got {tuple(batch.clean.shape)} vs {tuple(batch.corrupt.shape)}. Use "
+            "corruptions that keep each prompt's token count (e.g. ioi_batch(corruption='ABC'))."
+        )
+    if batch.clean.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"prompts have {batch.clean.shape[1]} tokens; the model's context is {model.cfg.n_ctx}")
+    if len(batch) == 0:
+        raise ValueError("the batch is empty: build it with n >= 1 prompts")
+
+
+def _end_metric(metric: Metric) -> Callable[[Tensor, TaskBatch], Tensor]:
+    """Raw (unnormalised) metric of END logits ``[batch, vocab]``."""
+    if metric == "logit_diff":
+        return lambda logits, batch: logit_diff(logits, batch)
+    if metric == "accuracy":
+        return lambda logits, batch: (logit_diff(logits, batch, per_prompt=True) > 0).float().mean()
+    if callable(metric):
+        return lambda logits, batch: torch.as_tensor(metric(logits, batch), dtype=torch.float32)
+    raise ValueError(f"unknown metric {metric!r}: use 'logit_diff', 'accuracy' or a callable f(end_logits, batch)")
+
+
+def _metric_name(metric: Metric) -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+
+
+@dataclass
+class _Setup:
+    """Everything the patching loops share: both runs' activations, the metric, the packed layout.
+
+    Packed layout: row ``b`` keeps only positions ``s_b .. END_b`` (``s_b`` = its first token where
+    clean and corrupt differ), left-aligned in ``T`` slots; earlier positions cannot change under any
+    patch, so they enter only as cached keys/values (``P`` slots, masked per row).
+    """
+
+    model: object
+    batch: TaskBatch
+    direction: Direction
+    base: dict  # base-run (the run we patch into) activations by hook name, packed [B, T, ...]
+    source: dict  # source-run activations by hook name, packed
+    prefix_kv: dict  # base-run keys/values of the first P positions by hook name
+    P: int  # cached prefix slots
+    s_rows: Tensor  # [B] first differing position per prompt
+    gather: Tensor  # [B, T] absolute position of each packed slot
+    attn_mask: Tensor  # [B, P + T]
+    raw: Callable
+    normalised: bool
+    clean_value: float
+    corrupt_value: float
+    metric_name: str
+
+    @property
+    def base_value(self) -> float:
+        return self.clean_value if self.direction == "noising" else self.corrupt_value
+
+    @property
+    def end_rel(self) -> Tensor:
+        return self.batch.end - self.s_rows
+
+    def rel(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed slot of absolute ``positions`` ([..., B]) per prompt, and whether it is computed."""
+        rel = positions - self.s_rows
+        return rel.clamp(min=0), (rel >= 0) & (positions <= self.batch.end)
+
+    def score(self, patched: Tensor) -> Tensor:
+        """Effect of the patch on the (normalised) metric, > 0 when it carries the clean behaviour."""
+        value = patched
+        if self.normalised:
+            value = (patched - self.corrupt_value) / (self.clean_value - self.corrupt_value)
+            base = 1.0 if self.direction == "noising" else 0.0
+        else:
+            base = self.base_value
+        return base - value if self.direction == "noising" else value - base
+
+    def meta(self, method: str, **extra) -> dict:
+        return {
+            "method": method,
+            "direction": self.direction,
+            "metric": ("normalised_logit_diff" if self.normalised else self.metric_name),
+            "clean_metric": round(self.clean_value, 6),
+            "corrupt_metric": round(self.corrupt_value, 6),
+            "n_prompts": len(self.batch),
+            "score": "patched - corrupted" if self.direction == "denoising" else "clean - patched",
+            **extra,
+        }
+
+
+@torch.no_grad()
+def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names: Callable[[str], bool]) -> _Setup:
+    check_batch(model, batch)
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+    device = model.cfg.device
+    clean, corrupt = batch.clean.to(device), batch.corrupt.to(device)
+    if bool((batch.clean == batch.corrupt).all()):
+        raise ValueError("clean and corrupt prompts are identical: there is nothing to patch")
+    keep = lambda n: names(n) or n.endswith(("hook_resid_pre", "attn.hook_k", "attn.hook_v"))  # noqa: E731
+    clean_logits, clean_cache = model.run_with_cache(clean, names_filter=keep)
+    corrupt_logits, corrupt_cache = model.run_with_cache(corrupt, names_filter=keep)
+    raw = _end_metric(metric)
+    clean_value = float(raw(_end(clean_logits, batch), batch))
+    corrupt_value = float(raw(_end(corrupt_logits, batch), batch))
+    normalised = metric == "logit_diff"
+    if normalised and abs(clean_value - corrupt_value) < 1e-6:
+        raise ValueError(
+            "clean and corrupt logit differences are equal, so the normalised metric is undefined: "
+            "use corruptions that change the answer (or metric='accuracy' / a callable)"
+        )
+    B, S = batch.clean.shape
+    end = batch.end
+    if model.cfg.positional_embedding_type == "standard":
+        differs = batch.clean != batch.corrupt
+        first = torch.where(differs.any(1), differs.float().argmax(1), end)
+        s_rows = torch.minimum(first, end)  # at least END itself is recomputed
+    else:  # positions live inside attention (rotary, ...): recompute every position
+        s_rows = torch.zeros(B, dtype=torch.long)
+    P, T = int(s_rows.max()), int((end - s_rows).max()) + 1
+    gather = (s_rows[:, None] + torch.arange(T)[None]).clamp(max=S - 1)
+    rows = torch.arange(B)[:, None]
+    attn_mask = torch.cat([(torch.arange(P)[None] < s_rows[:, None]), torch.ones(B, T, dtype=torch.bool)], 1)
+    noising = direction == "noising"
+    base_cache, src_cache = (clean_cache, corrupt_cache) if noising else (corrupt_cache, clean_cache)
+    packed = lambda cache: {k: v[rows, gather.to(v.device)] for k, v in cache.cache_dict.items()}  # noqa: E731
+    return _Setup(
+        model=model, batch=batch, direction=direction, base=packed(base_cache), source=packed(src_cache),
+        prefix_kv={k: v[:, :P] for k, v in base_cache.cache_dict.items() if k.endswith(("hook_k", "hook_v"))}, P=P,
+        s_rows=s_rows, gather=gather, attn_mask=attn_mask.long().to(device), raw=raw, normalised=normalised,
+        clean_value=clean_value, corrupt_value=corrupt_value, metric_name=_metric_name(metric),
+    )
+
+
+def _end(logits: Tensor, batch: TaskBatch) -> Tensor:
+    return logits[torch.arange(logits.shape[0]), batch.end.to(logits.device)]
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _chunk_size(chunk: int | None, setup: _Setup) -> int:
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError("chunk must be a positive number of patched copies per forward pass")
+        return chunk
+    return max(1, MAX_TOKENS // (len(setup.batch) * setup.gather.shape[1]))
+
+
+def _progress(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+@torch.no_grad()
+def _run_copies(
+    setup: _Setup, layer: int, n_copies: int, hooks: list, *, resid: Tensor | None = None,
+    stop_at_layer: int | None = None,
+) -> Tensor:
+    """Run ``n_copies`` copies of the packed base prompts from block ``layer`` on, with ``hooks``.
+
+    Returns the raw metric of each copy ``[n_copies]`` (with ``stop_at_layer``: the residual stream;
+    hooks record what they need).
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    model, batch, C = setup.model, setup.batch, n_copies
+    B = len(batch)
+    if resid is None:
+        resid = setup.base[f"blocks.{layer}.hook_resid_pre"].repeat(C, 1, 1)
+    entries = [
+        None if l < layer else TransformerLensKeyValueCacheEntry(
+            setup.prefix_kv[f"blocks.{l}.attn.hook_k"].repeat(C, 1, 1, 1),
+            setup.prefix_kv[f"blocks.{l}.attn.hook_v"].repeat(C, 1, 1, 1), frozen=True)
+        for l in range(model.cfg.n_layers)
+    ]
+    cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=torch.empty(0), frozen=True)
+    stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
+    with model.hooks(fwd_hooks=hooks):
+        out = model(resid, start_at_layer=layer, stop_at_layer=stop, past_kv_cache=cache,
+                    attention_mask=setup.attn_mask.repeat(C, 1))
+    if stop_at_layer is not None:
+        return out
+    rows = torch.arange(C * B)
+    last = out[rows, setup.end_rel.to(out.device).repeat(C)][:, None]  # [copies*B, 1, d]
+    if model.cfg.normalization_type is not None:
+        last = model.ln_final(last)
+    logits = apply_softcap(model.unembed(last), model.cfg.output_logits_soft_cap)[:, 0]
+    return torch.stack([setup.raw(part, batch) for part in logits.split(B)])
+
+
+def _scores(setup: _Setup, values: Tensor, method: str, **extra) -> HeadScores:
+    model = setup.model
+    return HeadScores(
+        setup.score(values), method=method, target=setup.batch.task, model=model.cfg.model_name or "",
+        meta=setup.meta(method, **extra),
+    )
+
+
+def _put(x: Tensor, setup: _Setup, C: int, positions: Tensor, values: Tensor, heads: Tensor | None = None) -> Tensor:
+    """``x`` [C*B, T, (head,) ...] with copy c's absolute position ``positions[c]`` of each prompt set
+    to ``values`` [B, T, (head,) ...] (head ``heads[c]`` only, if given). Returns a new tensor."""
+    B = len(setup.batch)
+    xc = x.reshape(C, B, *x.shape[1:]).clone()
+    rel, ok = setup.rel(positions.to(setup.s_rows)[:, None].expand(C, B))
+    cc, bb = ok.nonzero(as_tuple=True)
+    jj = rel[cc, bb]
+    if heads is None:
+        xc[cc, bb, jj] = values[bb, jj]
+    else:
+        hh = heads[cc]
+        xc[cc, bb, jj, hh] = values[bb, jj, hh]
+    return xc.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation patching
+
+
+def act_patch_heads(
+    model,
+    batch: TaskBatch,
+    *,
+    direction: Direction = "noising",
+    per_position: bool = False,
+    metric: Metric = "logit_diff",
+    chunk: int | None = None,
+    progress: bool = False,
+) -> HeadScores | Float[Tensor, "pos n_layers n_heads"]:
+    """Patch each head's output (``hook_z``) between clean and corrupted runs; one score per head.
+
+    ``per_position=False``: the head is patched at every position -> :class:`HeadScores`
+    (equals ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos`` for denoising).
+    ``per_position=True``: one position at a time -> tensor ``[pos, n_layers, n_heads]`` (layout:
+    ``scores[p]`` is a layer x head grid; TransformerLens's ``..._by_pos`` is ``[n_layers, pos, n_heads]``);
+    positions before every prompt's first clean/corrupt difference score exactly 0.
+    """
+    setup = _setup(model, batch, direction, metric, lambda n: n.endswith("attn.hook_z"))
+    L, H, S = model.cfg.n_layers, model.cfg.n_heads, batch.clean.shape[1]
+    first = int(setup.s_rows.min())
+    positions = list(range(first, S)) if per_position else [None]
+    patches = [(h, p) for p in positions for h in range(H)]
+    values = torch.full((L, len(patches)), setup.base_value)
+    work = [(l, c) for l in range(L) for c in _chunks(len(patches), _chunk_size(chunk, setup))]
+    for l, c in _progress(work, progress, "act_patch_heads"):
+        src = setup.source[f"blocks.{l}.attn.hook_z"]
+        heads = torch.tensor([patches[i][0] for i in c])
+        pos = [patches[i][1] for i in c]
+
+        def hook(z, hook, heads=heads, pos=pos, src=src):
+            if pos[0] is not None:
+                return _put(z, setup, len(heads), torch.tensor(pos), src, heads)
+            zc = z.reshape(len(heads), len(batch), *z.shape[1:]).clone()  # [copy, batch, pos, head, d]
+            zc[torch.arange(len(heads)), :, :, heads] = src[:, :, heads].permute(2, 0, 1, 3)
+            return zc.reshape(z.shape)
+
+        values[l, c.start : c.stop] = _run_copies(setup, l, len(c), [(f"blocks.{l}.attn.hook_z", hook)])
+    if not per_position:
+        return _scores(setup, values, "act_patch")
+    out = torch.zeros(S, L, H)
+    out[first:] = setup.score(values.view(L, S - first, H)).permute(1, 0, 2)
+    return out
+
+
+def act_patch_resid(
+    model,
+    batch: TaskBatch,
+    *,
+    direction: Direction = "noising",
+    metric: Metric = "logit_diff",
+    chunk: int | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_layers pos"]:
+    """Patch the residual stream before each block (``hook_resid_pre``) at one position at a time.
+
+    Same layout as ``transformer_lens.patching.get_act_patch_resid_pre``; positions before every
+    prompt's first clean/corrupt difference score exactly 0.
+    """
+    setup = _setup(model, batch, direction, metric, lambda n: False)
+    return _patch_positions(setup, "hook_resid_pre", chunk, progress)
+
+
+def act_patch_layer_out(
+    model,
+    batch: TaskBatch,
+    *,
+    component: Literal["attn_out", "mlp_out"] = "attn_out",
+    per_position: bool = True,
+    direction: Direction = "noising",
+    metric: Metric = "logit_diff",
+    chunk: int | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_layers pos"] | Float[Tensor, " n_layers"]:
+    """Patch a whole attention layer's or MLP's output, per layer and position (or all positions).
+
+    Layout as ``transformer_lens.patching.get_act_patch_attn_out`` / ``get_act_patch_mlp_out``.
+    Attention-only models (the embedded toy) have no MLPs: ``component="mlp_out"`` raises.
+    """
+    if component not in ("attn_out", "mlp_out"):
+        raise ValueError(f"unknown component {component!r}: use 'attn_out' or 'mlp_out'")
+    if component == "mlp_out" and model.cfg.attn_only:
+        raise ValueError("this model is attention-only (no MLPs): patch component='attn_out' or the heads")
+    hook_name = f"hook_{component}"
+    setup = _setup(model, batch, direction, metric, lambda n: n.endswith(hook_name))
+    if per_position:
+        return _patch_positions(setup, hook_name, chunk, progress)
+    values = torch.zeros(model.cfg.n_layers)
+    for l in _progress(range(model.cfg.n_layers), progress, f"act_patch_{component}"):
+        name = f"blocks.{l}.{hook_name}"
+        values[l] = _run_copies(setup, l, 1, [(name, lambda act, hook, src=setup.source[name]: src.clone())])[0]
+    return setup.score(values)
+
+
+def _patch_positions(setup: _Setup, hook_name: str, chunk: int | None, progress: bool) -> Tensor:
+    """Patch ``blocks.l.<hook_name>`` at one absolute position per copy; ``[n_layers, pos]`` scores."""
+    model, batch = setup.model, setup.batch
+    L, S, first = model.cfg.n_layers, batch.clean.shape[1], int(setup.s_rows.min())
+    values = torch.full((L, S), setup.base_value)
+    work = [(l, c) for l in range(L) for c in _chunks(S - first, _chunk_size(chunk, setup))]
+    for l, c in _progress(work, progress, f"act_patch {hook_name}"):
+        name = f"blocks.{l}.{hook_name}"
+        pos = torch.arange(first + c.start, first + c.stop)
+
+        def hook(act, hook, pos=pos, src=setup.source[name]):
+            return _put(act, setup, len(pos), pos, src)
+
+        if hook_name == "hook_resid_pre":  # patch the input directly, no hook needed
+            out = _run_copies(setup, l, len(c), [], resid=hook(setup.base[name].repeat(len(c), 1, 1), None))
+        else:
+            out = _run_copies(setup, l, len(c), [(name, hook)])
+        values[l, pos] = out
+    scores = setup.score(values)
+    scores[:, :first] = 0.0
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution patching
+
+
+def attribution_patch_heads(
+    model,
+    batch: TaskBatch,
+    *,
+    direction: Direction = "noising",
+    per_position: bool = False,
+    metric: Metric = "logit_diff",
+) -> HeadScores | Float[Tensor, "pos n_layers n_heads"]:
+    """Linear (first-order) estimate of :func:`act_patch_heads` from gradients (Nanda 2023).
+
+    score ~ grad_z metric . (z_source - z_base), with the gradient taken on the base run
+    (noising: clean, denoising: corrupted). Cost: one forward + backward of the base run and one
+    forward of the source run, gradients w.r.t. activations only (no weight gradients): about 3
+    forward-equivalents, recorded in ``meta["passes"]``. Same sign convention and layouts as
+    :func:`act_patch_heads`; exact when the metric is linear in the patched activations.
+    """
+    check_batch(model, batch)
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+    if metric == "accuracy":
+        raise ValueError("attribution patching needs a differentiable metric: use 'logit_diff' or a callable")
+    raw = _end_metric(metric)
+    device = model.cfg.device
+    clean, corrupt = batch.clean.to(device), batch.corrupt.to(device)
+    base_tokens, src_tokens = (clean, corrupt) if direction == "noising" else (corrupt, clean)
+    L = model.cfg.n_layers
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    with torch.no_grad():
+        src_logits, src_cache = model.run_with_cache(src_tokens, names_filter=lambda n: n in z_names)
+    zs: list[Tensor] = []
+
+    def start_grad(x, hook):
+        return x.detach().requires_grad_(True)
+
+    def keep(z, hook):
+        zs.append(z)
+        return z
+
+    hooks = [("hook_embed", start_grad)] + [(n, keep) for n in z_names]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        base_logits = model(base_tokens)
+        value = raw(_end(base_logits, batch), batch)
+        grads = torch.autograd.grad(value, zs)
+    with torch.no_grad():
+        base_value = float(value)
+        src_value = float(raw(_end(src_logits, batch), batch))
+        clean_value, corrupt_value = (base_value, src_value) if direction == "noising" else (src_value, base_value)
+        normalised = metric == "logit_diff"
+        scale = 1.0 / (clean_value - corrupt_value) if normalised else 1.0
+        sign = -1.0 if direction == "noising" else 1.0
+        # [layer, batch, pos, head]: estimated change of the metric from patching each head/position.
+        per = torch.stack([
+            (g * (src_cache[n] - z.detach())).sum(-1) for g, z, n in zip(grads, zs, z_names)
+        ])
+        per = sign * scale * per.sum(dim=1)  # metric is a mean over prompts: grads already carry 1/B
+    passes = {"forward": 2, "backward": 1, "forward_equivalents": 3}
+    if per_position:
+        return per.permute(1, 0, 2).float().cpu()
+    meta = {
+        "method": "attribution_patch", "direction": direction,
+        "metric": "normalised_logit_diff" if normalised else _metric_name(metric),
+        "clean_metric": round(clean_value, 6), "corrupt_metric": round(corrupt_value, 6),
+        "n_prompts": len(batch), "passes": passes,
+    }
+    return HeadScores(per.sum(dim=1), method="attribution_patch", target=batch.task,
+                      model=model.cfg.model_name or "", meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path patching
+
+
+def path_patch(
+    model,
+    batch: TaskBatch,
+    senders: Sequence[Head] | None = None,
+    *,
+    receivers: Sequence[Head] | None = None,
+    receiver_input: Literal["q", "k", "v"] = "q",
+    receiver_positions: str | None = None,
+    metric: Metric = "logit_diff",
+    chunk: int | None = None,
+    progress: bool = False,
+) -> HeadScores:
+    """Path patching (Wang et al. 2022), noising direction: the effect of each sender's path.
+
+    For each sender head (default: every head), run the clean prompts with that head's output
+    taken from the corrupted run and every other attention head frozen to its clean output (MLPs and
+    LayerNorms are recomputed).
+    - ``receivers=None``: score the logits of that run -> the sender's path to the logits
+      (direct effect plus paths through MLPs).
+    - ``receivers`` given: record the receivers' ``receiver_input`` (``q``/``k``/``v``, i.e. the
+      head's own query/key/value input) in that run, then run the clean prompts again with only
+      those patched in (at ``receiver_positions``, a key of ``batch.positions`` such as ``"END"``,
+      or every position) and score the logits -> the path sender -> receivers' input.
+    Scores are ``metric(clean) - metric(patched)`` (normalised logit difference: 1 - patched);
+    heads that are not senders score 0 (``meta["senders"]`` lists the senders).
+    """
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"unknown receiver_input {receiver_input!r}: use 'q', 'k' or 'v'")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    all_heads = [(l, h) for l in range(L) for h in range(H)]
+    senders = all_heads if senders is None else [tuple(map(int, x)) for x in senders]
+    for l, h in list(senders) + list(receivers or []):
+        if not (0 <= l < L and 0 <= h < H):
+            raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
+    if receiver_positions is not None and receiver_positions not in batch.positions:
+        raise ValueError(f"receiver_positions {receiver_positions!r} is not one of {sorted(batch.positions)}")
+    rname = f"hook_{receiver_input}"
+    setup = _setup(model, batch, "noising", metric,
+                   lambda n: n.endswith("attn.hook_z") or (receivers is not None and n.endswith(rname)))
+    B = len(batch)
+    size = _chunk_size(chunk, setup)
+    values = torch.full((L, H), setup.clean_value)
+    by_layer: dict[int, list[int]] = {}
+    for l, h in senders:
+        by_layer.setdefault(l, []).append(h)
+    work = [(l, [hs[i] for i in c]) for l, hs in sorted(by_layer.items()) for c in _chunks(len(hs), size)]
+    rec_layers = sorted({l for l, _ in receivers or []})
+    for l, heads in _progress(work, progress, "path_patch"):
+        C, idx = len(heads), torch.tensor(heads)
+
+        def freeze(z, hook, layer):
+            clean = setup.base[f"blocks.{layer}.attn.hook_z"]
+            zc = clean.repeat(C, 1, 1, 1).reshape(C, B, *z.shape[1:])  # every head frozen to clean ...
+            if layer == l:  # ... except the sender of each copy, taken from the corrupted run
+                zc[torch.arange(C), :, :, idx] = setup.source[hook.name][:, :, idx].permute(2, 0, 1, 3)
+            return zc.reshape(z.shape)
+
+        hooks = [(f"blocks.{m}.attn.hook_z", lambda z, hook, m=m: freeze(z, hook, m)) for m in range(l, L)]
+        if receivers is None:
+            values[l, idx] = _run_copies(setup, l, C, hooks)
+            continue
+        later = [r for r in rec_layers if r > l]
+        if not later:  # no receiver downstream of these senders: no path, no effect
+            continue
+        recorded: dict[int, Tensor] = {}
+
+        def record(act, hook, layer):
+            recorded[layer] = act.clone()
+            return act
+
+        hooks += [(f"blocks.{r}.attn.{rname}", lambda a, hook, r=r: record(a, hook, r)) for r in later]
+        _run_copies(setup, l, C, hooks, stop_at_layer=max(later) + 1)
+
+        def patch(act, hook, layer):
+            rh = torch.tensor([h for r, h in receivers if r == layer])
+            act = act.clone()
+            if receiver_positions is None:
+                act[:, :, rh] = recorded[layer][:, :, rh]
+            else:  # positions before a prompt's first clean/corrupt difference never change
+                rel, ok = setup.rel(batch.positions[receiver_positions])
+                rows = torch.arange(act.shape[0])[ok.repeat(C)][:, None]
+                pos = rel.repeat(C)[ok.repeat(C)][:, None]
+                act[rows, pos, rh[None]] = recorded[layer][rows, pos, rh[None]]
+            return act
+
+        hooks2 = [(f"blocks.{r}.attn.{rname}", lambda a, hook, r=r: patch(a, hook, r)) for r in later]
+        values[l, idx] = _run_copies(setup, later[0], C, hooks2)
+    scores = setup.score(values)
+    listed = torch.zeros(L, H, dtype=torch.bool)
+    for l, h in senders:
+        listed[l, h] = True
+    scores[~listed] = 0.0
+    target = "logits" if receivers is None else f"{receiver_input} of " + ",".join(head_name(r) for r in receivers)
+    return HeadScores(scores, method="path_patch", target=batch.task, model=model.cfg.model_name or "",
+                      meta=setup.meta("path_patch", path_to=target, receiver_positions=receiver_positions,
+                                      senders=[head_name(h) for h in senders]))
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """``(result, seconds)`` of one call."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+

@@ -1,0 +1,295 @@
+"""Activation / attribution / path patching against TransformerLens and naive references."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from circuitlib.metrics import logit_diff
+from circuitlib.models import TOY_DIR, build_model, load_model
+from circuitlib.patching import (
+    act_patch_heads,
+    act_patch_layer_out,
+    act_patch_resid,
+    attribution_patch_heads,
+    path_patch,
+)
+from circuitlib.tasks import capital_batch, ioi_batch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from transformer_lens import patching as tl_patching
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def toy():
+    if (TOY_DIR / "model.safetensors").exists():
+        return load_model("toy")
+    from circuitlib.toy.corpus import build_tokenizer
+    from circuitlib.toy.train import CONFIG
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    return build_model(dict(CONFIG, d_vocab=len(tok.get_vocab())), tok)
+
+
+@pytest.fixture(scope="module")
+def mlp_model(toy):
+    """A small random GPT-2-style model *with* MLPs, on the toy's word-level tokenizer."""
+    torch.manual_seed(0)
+    cfg = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, act_fn="gelu_new", n_ctx=32,
+               normalization_type="LN", positional_embedding_type="standard", d_vocab=toy.cfg.d_vocab)
+    return build_model(cfg, toy.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ioi(toy):
+    return ioi_batch(toy.tokenizer, 8)
+
+
+@pytest.fixture(scope="module")
+def capitals(toy):
+    return capital_batch(toy.tokenizer, 8)
+
+
+def tl_reference(model, batch, direction, fn):
+    """TransformerLens's patching (denoising by construction); noising = swap runs, score 1 - metric."""
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(batch.clean)
+        corrupt_logits, corrupt_cache = model.run_with_cache(batch.corrupt)
+    clean, corrupt = logit_diff(clean_logits, batch), logit_diff(corrupt_logits, batch)
+
+    def metric(logits):
+        return (logit_diff(logits, batch) - corrupt) / (clean - corrupt)
+
+    if direction == "denoising":
+        return fn(model, batch.corrupt, clean_cache, metric)
+    return 1 - fn(model, batch.clean, corrupt_cache, metric)
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+@pytest.mark.parametrize("task", ["ioi", "capitals"])
+def test_heads_match_transformer_lens(toy, ioi, capitals, direction, task):
+    batch = ioi if task == "ioi" else capitals
+    ref = tl_reference(toy, batch, direction, tl_patching.get_act_patch_attn_head_out_all_pos)
+    ours = act_patch_heads(toy, batch, direction=direction)
+    assert ref.abs().max() > 1e-3  # the comparison is not between two zero grids
+    assert (ours.scores - ref).abs().max() < TOL
+    assert ours.meta["direction"] == direction and ours.meta["metric"] == "normalised_logit_diff"
+
+
+def test_heads_per_position_and_chunking_match_transformer_lens(toy, ioi):
+    """TransformerLens on 40 random (layer, pos, head) patches (its loop over all of them is slow)."""
+    import pandas as pd
+
+    L, S, H = toy.cfg.n_layers, ioi.clean.shape[1], toy.cfg.n_heads
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randint(0, n, (40,), generator=g) for n in (L, S, H)], 1)
+    df = pd.DataFrame(idx.numpy(), columns=["layer", "pos", "head"])
+    fn = lambda m, t, c, metric: tl_patching.get_act_patch_attn_head_out_by_pos(  # noqa: E731
+        m, t, c, metric, index_axis_names=None, index_df=df)
+    ref = tl_reference(toy, ioi, "denoising", fn)
+    ours = act_patch_heads(toy, ioi, direction="denoising", per_position=True, chunk=5)
+    assert ours.shape == (S, L, H)
+    assert (ours[idx[:, 1], idx[:, 0], idx[:, 2]] - ref).abs().max() < TOL
+    first = int((ioi.clean != ioi.corrupt).any(0).float().argmax())
+    assert (ours[:first] == 0).all()  # nothing differs before the first corrupted token
+    one = act_patch_heads(toy, ioi, direction="denoising", chunk=1)
+    assert (one.scores - act_patch_heads(toy, ioi, direction="denoising").scores).abs().max() < 1e-5
+
+
+def test_resid_and_attn_out_match_transformer_lens(toy, capitals):
+    ref = tl_reference(toy, capitals, "noising", tl_patching.get_act_patch_resid_pre)
+    assert (act_patch_resid(toy, capitals) - ref).abs().max() < TOL
+    ref = tl_reference(toy, capitals, "denoising", tl_patching.get_act_patch_attn_out)
+    assert (act_patch_layer_out(toy, capitals, direction="denoising") - ref).abs().max() < TOL
+    whole = act_patch_layer_out(toy, capitals, per_position=False)
+    assert whole.shape == (toy.cfg.n_layers,)
+
+
+def test_small_model_with_mlps_matches_transformer_lens(mlp_model):
+    batch = ioi_batch(mlp_model.tokenizer, 6)
+    for direction in ("noising", "denoising"):
+        ref = tl_reference(mlp_model, batch, direction, tl_patching.get_act_patch_attn_head_out_all_pos)
+        assert (act_patch_heads(mlp_model, batch, direction=direction).scores - ref).abs().max() < TOL
+    ref = tl_reference(mlp_model, batch, "noising", tl_patching.get_act_patch_mlp_out)
+    assert (act_patch_layer_out(mlp_model, batch, component="mlp_out") - ref).abs().max() < TOL
+    ref = tl_reference(mlp_model, batch, "denoising", tl_patching.get_act_patch_resid_pre)
+    assert (act_patch_resid(mlp_model, batch, direction="denoising") - ref).abs().max() < TOL
+
+
+def test_mlp_out_on_attention_only_model_is_one_clear_error(toy, ioi):
+    with pytest.raises(ValueError, match="attention-only"):
+        act_patch_layer_out(toy, ioi, component="mlp_out")
+
+
+def test_accuracy_and_callable_metrics(toy, capitals):
+    acc = act_patch_heads(toy, capitals, metric="accuracy")
+    assert acc.meta["metric"] == "accuracy" and acc.scores.abs().max() <= 1.0
+    raw = act_patch_heads(toy, capitals, metric=lambda logits, batch: logit_diff(logits, batch))
+    norm = act_patch_heads(toy, capitals)
+    span = raw.meta["clean_metric"] - raw.meta["corrupt_metric"]
+    assert (raw.scores / span - norm.scores).abs().max() < 1e-4  # same patches, unnormalised metric
+
+
+def test_attribution_is_exact_where_the_metric_is_linear():
+    """No final LayerNorm, attention-only: END logits are linear in the last layer's z, so attribution
+    patching of last-layer heads equals activation patching; earlier layers only approximate it."""
+    from circuitlib.toy.corpus import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(1)
+    cfg = dict(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=None, act_fn=None, attn_only=True,
+               normalization_type=None, positional_embedding_type="standard", d_vocab=len(tok.get_vocab()))
+    model = build_model(cfg, tok)
+    batch = ioi_batch(tok, 8)
+    for direction in ("noising", "denoising"):
+        exact = act_patch_heads(model, batch, direction=direction)
+        approx = attribution_patch_heads(model, batch, direction=direction)
+        assert (exact.scores[-1] - approx.scores[-1]).abs().max() < 1e-4
+        per_pos = attribution_patch_heads(model, batch, direction=direction, per_position=True)
+        assert (per_pos.sum(0) - approx.scores).abs().max() < 1e-5
+    assert approx.meta["passes"]["forward_equivalents"] <= 3
+
+
+def test_attribution_tracks_exact_patching_on_toy(toy, ioi):
+    exact = act_patch_heads(toy, ioi).scores.flatten()
+    approx = attribution_patch_heads(toy, ioi).scores.flatten()
+    assert torch.corrcoef(torch.stack([exact, approx]))[0, 1] > 0.5
+    with pytest.raises(ValueError, match="differentiable"):
+        attribution_patch_heads(toy, ioi, metric="accuracy")
+
+
+def test_path_to_logits_of_last_layer_equals_activation_patching(toy, ioi):
+    last = toy.cfg.n_layers - 1
+    paths = path_patch(toy, ioi)
+    act = act_patch_heads(toy, ioi)
+    assert (paths.scores[last] - act.scores[last]).abs().max() < 1e-5
+
+
+def test_path_to_logits_equals_direct_effect_on_attention_only_model(toy, ioi):
+    """Attention-only, all other heads frozen: the sender's change reaches the logits only directly."""
+    with torch.no_grad():
+        clean_logits, clean_cache = toy.run_with_cache(ioi.clean)
+        corrupt_logits, corrupt_cache = toy.run_with_cache(ioi.corrupt)
+        clean, corrupt = logit_diff(clean_logits, ioi), logit_diff(corrupt_logits, ioi)
+        rows = torch.arange(len(ioi))
+        final = clean_cache[f"blocks.{toy.cfg.n_layers - 1}.hook_resid_post"][rows, ioi.end]
+        ref = torch.zeros(toy.cfg.n_layers, toy.cfg.n_heads)
+        for l in range(toy.cfg.n_layers):
+            delta = corrupt_cache["z", l][rows, ioi.end] - clean_cache["z", l][rows, ioi.end]
+            for h in range(toy.cfg.n_heads):
+                resid = final + delta[:, h] @ toy.W_O[l, h]
+                patched = logit_diff(toy.unembed(toy.ln_final(resid[:, None]))[:, 0], ioi)
+                ref[l, h] = 1 - (patched - corrupt) / (clean - corrupt)
+    assert ref.abs().max() > 1e-3
+    assert (path_patch(toy, ioi).scores - ref).abs().max() < 1e-4
+
+
+def naive_path_to_receivers(model, batch, sender, receivers, which, at):
+    """Two forward passes per sender with run_with_hooks, no batching, no caching tricks."""
+    with torch.no_grad():
+        clean_logits, clean = model.run_with_cache(batch.clean)
+        corrupt_logits, corrupt = model.run_with_cache(batch.corrupt)
+        c, k = logit_diff(clean_logits, batch), logit_diff(corrupt_logits, batch)
+        recorded = {}
+
+        def freeze(z, hook):
+            layer = int(hook.name.split(".")[1])
+            out = clean["z", layer].clone()
+            if layer == sender[0]:
+                out[:, :, sender[1]] = corrupt["z", layer][:, :, sender[1]]
+            return out
+
+        def record(act, hook):
+            recorded[hook.name] = act.clone()
+
+        hooks = [(f"blocks.{l}.attn.hook_z", freeze) for l in range(model.cfg.n_layers)]
+        hooks += [(f"blocks.{r}.attn.hook_{which}", record) for r in {r for r, _ in receivers}]
+        model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+
+        def patch(act, hook):
+            layer = int(hook.name.split(".")[1])
+            rows = torch.arange(len(batch))
+            for r, h in receivers:
+                if r == layer:
+                    if at is None:
+                        act[:, :, h] = recorded[hook.name][:, :, h]
+                    else:
+                        pos = batch.positions[at]
+                        act[rows, pos, h] = recorded[hook.name][rows, pos, h]
+            return act
+
+        logits = model.run_with_hooks(
+            batch.clean, fwd_hooks=[(f"blocks.{r}.attn.hook_{which}", patch) for r in {r for r, _ in receivers}]
+        )
+        return float(1 - (logit_diff(logits, batch) - k) / (c - k))
+
+
+@pytest.mark.parametrize("which,at", [("q", "END"), ("k", None), ("v", None)])
+def test_path_to_receivers_matches_naive_two_pass_reference(toy, ioi, which, at):
+    L = toy.cfg.n_layers
+    receivers = [(L - 1, 0), (L - 1, 3), (L - 2, 1)]
+    senders = [(0, 0), (0, 5), (L - 2, 2), (L - 1, 1)]
+    ours = path_patch(toy, ioi, senders, receivers=receivers, receiver_input=which, receiver_positions=at)
+    for s in senders:
+        assert abs(ours[s] - naive_path_to_receivers(toy, ioi, s, receivers, which, at)) < 1e-4
+    assert ours[(L - 1, 1)] == 0.0  # no receiver downstream of a last-layer sender
+    assert ours[(1, 7)] == 0.0 and "1.7" not in ours.meta["senders"]
+
+
+@pytest.mark.parametrize("method", ["act_heads", "attn_out", "path", "attribution"])
+def test_hooks_removed_when_a_forward_raises(toy, ioi, monkeypatch, method):
+    """Make the last block raise in the first forward pass that runs with patching hooks."""
+    with torch.no_grad():
+        before = toy(ioi.clean)
+    call, fail_at = {
+        "act_heads": (lambda: act_patch_heads(toy, ioi), 3),  # after the clean and corrupt caching runs
+        "attn_out": (lambda: act_patch_layer_out(toy, ioi), 3),
+        "path": (lambda: path_patch(toy, ioi, [(0, 0)], receivers=[(1, 0)]), 3),
+        "attribution": (lambda: attribution_patch_heads(toy, ioi), 2),  # after the source run
+    }[method]
+    block = toy.blocks[-1]
+    original, calls = block.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            assert any(hp.fwd_hooks for hp in toy.hook_dict.values())  # patching hooks are active
+            raise RuntimeError("forward failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", failing)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        call()
+    monkeypatch.undo()
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in toy.hook_dict.values())
+    with torch.no_grad():
+        assert torch.equal(toy(ioi.clean), before)
+
+
+def test_clean_corrupt_length_mismatch_is_one_clear_error(toy, ioi):
+    with pytest.raises(ValueError, match="same shape"):
+        dataclasses.replace(ioi, corrupt=ioi.corrupt[:, :-1])
+    bad = dataclasses.replace(ioi)
+    bad.corrupt = ioi.corrupt[:, :-1]  # mutated after construction
+    for call in (act_patch_heads, attribution_patch_heads, path_patch, act_patch_resid):
+        with pytest.raises(ValueError, match="same token shape"):
+            call(toy, bad)
+
+
+def test_identical_prompts_and_bad_arguments_raise(toy, ioi):
+    same = dataclasses.replace(ioi, corrupt=ioi.clean.clone())
+    with pytest.raises(ValueError, match="identical"):
+        act_patch_heads(toy, same)
+    with pytest.raises(ValueError, match="direction"):
+        act_patch_heads(toy, ioi, direction="sideways")
+    with pytest.raises(ValueError, match="metric"):
+        act_patch_heads(toy, ioi, metric="loss")
+    with pytest.raises(ValueError, match="does not exist"):
+        path_patch(toy, ioi, [(toy.cfg.n_layers, 0)])
