@@ -330,3 +330,17 @@ def test_cli_scores_json(capsys):
     assert out["k"] == 1 and out["pairs_used"] > 30
     assert len(out["scores"]) == 3 and len(out["scores"][0]) == 8
     assert main(["scores", "--model", "toy", "--relation", "name_copying", "--k", "0"]) == 2
+
+
+def test_relation_summary_is_what_the_report_stores(toy):
+    out = scoring.relation_summary(toy, causal_kwargs=dict(m_max=2, n_random=2, n_prompts=16))
+    text = json.dumps(out, allow_nan=False)  # strict JSON: undefined r is None, not NaN
+    assert set(out) == set(RELATIONS) and text
+    for name, entry in out.items():
+        static = HeadScores.from_dict(entry["static"])
+        assert entry["k"] == static.k == load_relation(name, toy.tokenizer).k
+        assert entry["pairs_used"] == static.meta["pairs_used"]
+        assert [t["head"] for t in entry["top_heads"]] == [f"{l}.{h}" for l, h in static.top(10)]
+        for r in entry["r_static_dynamic"].values():
+            assert r is None or -1.0 <= r <= 1.0
+        assert entry["ablation"]["relation"] == name and entry["ablation"]["ablation"]["kind"] == "zero"
