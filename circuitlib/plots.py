@@ -322,6 +322,7 @@ def scatter_scores(
     points = ax.scatter(xs, ys, c=layers, cmap="viridis", s=28, alpha=0.85, edgecolors="white", linewidths=0.4)
     if x.n_layers > 1:
         cbar = fig.colorbar(points, ax=ax, pad=0.02, aspect=30)
+        cbar.set_ticks(range(0, x.n_layers, _tick_step(x.n_layers, 12)))
         cbar.set_label("layer")
         cbar.outline.set_visible(False)
     if diagonal:
