@@ -356,3 +356,79 @@ def reuse_matrix(
         c: {t: cross_task_ablation(model, circuit, batch, **kwargs) for t, batch in batches.items()}
         for c, circuit in circuits.items()
     }
+
+
+def default_core_size(n_total: int, circuit_size: int) -> int:
+    """A circuit's core: its top heads, at most a quarter of the model (toy: 6 of 24 heads)."""
+    return max(1, min(circuit_size, max(3, n_total // 4)))
+
+
+def reuse_analysis(
+    model,
+    relation_scores: dict[str, HeadScores],
+    patching: dict[str, HeadScores],
+    circuits: dict[str, Circuit],
+    batches: dict[str, TaskBatch],
+    *,
+    core_size: int | None = None,
+    n_random: int = 30,
+    n_permutations: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The whole overlap-and-reuse analysis of notebook 04 as one JSON-able dict (for the report).
+
+    Per task (keys of ``circuits``): ``relation_scores[task]`` = MAPS scores of the task's relation,
+    ``patching[task]`` = causal head scores, ``circuits[task]`` its circuit, ``batches[task]`` the
+    prompts for cross-task ablation. The *core* of a circuit = its ``core_size`` heads with the
+    largest |patching| score (default :func:`default_core_size`). Returns, for every pair of tasks
+    ``"a|b"``: MAPS vs MAPS, circuits vs circuits, cores vs cores, |patching| vs |patching|; per
+    task MAPS vs |patching| / circuit / core; the reuse matrix of core ablations; and ``p_values``,
+    a flat list ``{"test", "value", "p"}`` of the headline tests.
+    """
+    tasks = list(circuits)
+    n_total = model.cfg.n_layers * model.cfg.n_heads
+    size = core_size or min(default_core_size(n_total, len(circuits[t])) for t in tasks)
+    cores = {t: Circuit.of(patching[t].top(size, absolute=True), t, circuits[t].model,
+                           how=f"core: top {size} by |{patching[t].method}|") for t in tasks}
+    kw = dict(n_permutations=n_permutations, seed=seed)
+    out: dict[str, Any] = {"n_heads": n_total, "core_size": size,
+                           "cores": {t: c.names() for t, c in cores.items()}, "pairs": {}, "per_task": {}}
+    tests: list[dict[str, Any]] = []
+
+    def test(name: str, value, p) -> None:
+        tests.append({"test": name, "value": value, "p": p})
+
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            pair = {
+                "maps": compare(relation_scores[a], relation_scores[b], **kw),
+                "circuits": compare(circuits[a], circuits[b], n_total=n_total)["set"],
+                "cores": compare(cores[a], cores[b], n_total=n_total)["set"],
+                "patching": compare(patching[a], patching[b], absolute=True, **kw),
+            }
+            out["pairs"][f"{a}|{b}"] = pair
+            m, pt = pair["maps"], pair["patching"]
+            test(f"MAPS {a} vs {b}: Spearman (all heads)", m["rank"]["rho"], m["rank"]["p_value"])
+            test(f"MAPS {a} vs {b}: Spearman (within layers)", m["rank"]["rho"], m["rank_within_layers"]["p_value"])
+            test(f"MAPS {a} vs {b}: top-{m['top_k']} shared", m["set"]["size_intersection"], m["set"]["p_value"])
+            test(f"circuits {a} vs {b}: shared heads", pair["circuits"]["size_intersection"], pair["circuits"]["p_value"])
+            test(f"cores {a} vs {b}: shared heads", pair["cores"]["size_intersection"], pair["cores"]["p_value"])
+            test(f"|patching| {a} vs {b}: Spearman (within layers)", pt["rank"]["rho"], pt["rank_within_layers"]["p_value"])
+    for t in tasks:
+        entry = {
+            "maps_vs_patching": compare(relation_scores[t], patching[t], absolute=True, **kw),
+            "maps_vs_circuit": compare(relation_scores[t], circuits[t], seed=seed),
+            "maps_vs_core": compare(relation_scores[t], cores[t], seed=seed),
+        }
+        out["per_task"][t] = entry
+        r = entry["maps_vs_patching"]
+        test(f"{t}: MAPS vs |patching| Spearman (within layers)", r["rank"]["rho"], r["rank_within_layers"]["p_value"])
+        rt = entry["maps_vs_core"]["rank_test"]
+        test(f"{t}: core heads' MAPS AUROC", rt["auroc"], rt["p_value"])
+    out["reuse"] = reuse_matrix(model, cores, batches, n_random=n_random, seed=seed)
+    for c in tasks:
+        for t in tasks:
+            r = out["reuse"][c][t]
+            test(f"remove {c} core -> {t}: normalised logit diff", r["ablated"]["normalised"], r["empirical_p"])
+    out["p_values"] = tests
+    return out

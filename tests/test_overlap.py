@@ -176,6 +176,17 @@ def test_circuit_rank_test_matches_auroc_definition():
     assert res["auroc"] == pytest.approx(naive)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy():
     """The embedded model, or (before its checkpoint exists) a random model of its shape and tokenizer."""
@@ -226,3 +237,20 @@ def test_cross_task_ablation_on_toy(toy):
     assert big["random"]["random_pool"].startswith("all heads")
     with pytest.raises(ValueError, match="does not exist"):
         overlap.cross_task_ablation(toy, [(5, 0)], batch)
+
+
+def test_reuse_analysis_is_json_and_consistent(toy):
+    from circuitlib.tasks import task_batch
+
+    g = torch.Generator().manual_seed(0)
+    rel = {t: HeadScores(torch.rand(3, 8, generator=g), "maps_static", t, "toy") for t in ("ioi", "capitals")}
+    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in ("ioi", "capitals")}
+    circuits = {t: Circuit.of(patch[t].top(10, absolute=True), t, "toy") for t in patch}
+    batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
+    res = overlap.reuse_analysis(toy, rel, patch, circuits, batches, n_random=2, n_permutations=200)
+    json.loads(json.dumps(res))
+    assert res["core_size"] == 6 == overlap.default_core_size(24, 10)
+    assert set(res["cores"]["ioi"]) == {f"{l}.{h}" for l, h in patch["ioi"].top(6, absolute=True)}
+    assert res["pairs"]["ioi|capitals"]["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
+    assert set(res["reuse"]) == {"ioi", "capitals"} and set(res["reuse"]["ioi"]) == {"ioi", "capitals"}
+    assert all(0 <= t["p"] <= 1 for t in res["p_values"])

@@ -16,6 +16,17 @@ from circuitlib.widgets import Explorer
 RELATIONS = ("name_copying", "country_to_capital_wikidata")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     """The embedded model, or (before its checkpoint exists) a random model of its shape and tokenizer."""
