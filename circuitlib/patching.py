@@ -20,10 +20,11 @@ Conventions (they change numbers):
 
 Speed (identical numbers to the one-forward-per-patch loop, see ``benchmarks/bench_patching.py``):
 all patches of one layer are folded into the batch (copy ``i`` of the prompts carries patch ``i``),
-the forward starts at the patched layer from the cached residual stream, and positions before the
-first token where clean and corrupted prompts differ are not recomputed (their activations cannot
-change; their keys and values come from the cache). Only END logits are unembedded. ``chunk`` bounds
-the number of copies per forward (default: about ``max_tokens`` token rows per forward).
+the forward starts at the patched layer from the cached residual stream, and each prompt only
+recomputes its positions from its first clean/corrupt difference to its END token (earlier positions
+cannot change under any patch: they enter as cached keys/values; later ones are padding). Only END
+logits are unembedded. ``chunk`` bounds the copies per forward (default: ~``MAX_TOKENS`` token rows).
+Models whose positions enter inside attention (rotary, ...) recompute every position instead.
 """
 
 from __future__ import annotations
