@@ -31,6 +31,8 @@ class Context:
         self.all_relations = all_relations
         self.summary: dict[str, Any] = {}
         self.figures: dict[str, str] = {}
+        self.discovery: dict = {}
+        self.relation_scores: dict = {}
         self.batches = {
             task: task_batch(task, model.tokenizer, N_PROMPTS, seed=SEED, model_name=model.cfg.model_name)
             for task in TASKS
@@ -57,8 +59,107 @@ def section_baseline(ctx: Context) -> dict:
     }
 
 
+def section_discovery(ctx: Context) -> dict:
+    """Circuit discovery per task: patching scores by every method, the circuit, faithfulness, timings."""
+    from . import plots
+    from .circuits import discover_circuit
+
+    ctx.discovery = {task: discover_circuit(ctx.model, task, n_prompts=DISCOVERY_PROMPTS) for task in TASKS}
+    scores = [ctx.discovery[t].scores["act_patch"] for t in TASKS]
+    fig = plots.head_heatmaps(
+        scores, vmin=-1.0, vmax=1.0, cmap="RdBu_r", panel_marks=[ctx.discovery[t].circuit for t in TASKS],
+        titles=[f"{TASK_TITLES[t]}: activation patching" for t in TASKS],
+        suptitle=f"{ctx.model.cfg.model_name} · per-head patching effect (noising, normalised logit diff); X = circuit",
+    )
+    ctx.save_figure(fig, "patching_heads", "Per-head activation patching effect per task; X marks the assembled circuit.")
+    return {task: d.to_dict() for task, d in ctx.discovery.items()}
+
+
+def section_scoring(ctx: Context) -> dict:
+    """MAPS static / suppression / dynamic scores per relation, r, causal check; the project's figure."""
+    from . import plots
+    from .scoring import causal_curves, reference_heads, relation_summary
+    from .types import HeadScores
+
+    relations = list(FIGURE_RELATIONS)
+    if ctx.all_relations:
+        relations += [r["relation"] for r in relation_table(ctx.model.tokenizer)
+                      if r["valid"] and r["relation"] not in relations]
+    relations = [r for r in relations if _valid(ctx, r)]
+    summary = relation_summary(ctx.model, relations)
+    ctx.relation_scores = {r: HeadScores.from_dict(summary[r]["static"]) for r in relations}
+    shown = [r for r in FIGURE_RELATIONS if r in ctx.relation_scores]
+    if shown:
+        for kind in ("static", "suppression"):
+            fig = plots.head_heatmaps(
+                [HeadScores.from_dict(summary[r][kind]) for r in shown], marks=_reference_marks(ctx, reference_heads),
+                suptitle=f"{ctx.model.cfg.model_name} · MAPS {kind} scores (unprocessed weights; "
+                         + ", ".join(f"k={summary[r]['k']}" for r in shown) + ")",
+            )
+            ctx.save_figure(fig, f"maps_{kind}", f"MAPS {kind} scores per head, with the reference heads marked.")
+    for r in shown:
+        dyn = HeadScores.from_dict(summary[r]["dynamic_without_context"])
+        fig = plots.scatter_scores(ctx.relation_scores[r], dyn, r=summary[r]["r_static_dynamic"]["without_context"],
+                                   xlabel="static (MAPS)", ylabel="dynamic, without context", title=plots.pretty_name(r))
+        ctx.save_figure(fig, f"static_vs_dynamic_{r}", f"{plots.pretty_name(r)}: static vs dynamic score per head.")
+        ablation = summary[r]["ablation"]
+        if ablation:
+            fig = plots.curve_plot(ablation["m"], causal_curves(ablation), baseline={"chance": 0.5},
+                                   title=f"{plots.pretty_name(r)}: {ablation['ablation']['kind']}-ablating heads ({ablation['task']})")
+            ctx.save_figure(fig, f"ablation_{r}", f"{plots.pretty_name(r)}: accuracy as top heads vs random heads are ablated.")
+    return summary
+
+
+def section_overlap(ctx: Context) -> dict:
+    """Reuse across tasks and agreement of MAPS with causal discovery, with p-values."""
+    from . import plots
+    from .overlap import reuse_analysis
+
+    tasks = [t for t in TASKS if TASK_RELATION[t] in ctx.relation_scores]
+    if len(tasks) < 2:
+        return {"skipped": "needs both figure relations valid for this tokenizer"}
+    result = reuse_analysis(
+        ctx.model,
+        {t: ctx.relation_scores[TASK_RELATION[t]] for t in tasks},
+        {t: ctx.discovery[t].scores["act_patch"] for t in tasks},
+        {t: ctx.discovery[t].circuit for t in tasks},
+        {t: ctx.batches[t] for t in tasks},
+    )
+    a, b = tasks
+    curve = result["pairs"][f"{a}|{b}"]["maps"]["topk_curve"]
+    fig = plots.topk_overlap_plot(curve, title="MAPS top-k heads shared: name copying vs country -> capital")
+    ctx.save_figure(fig, "topk_overlap", "Overlap of the two relations' top-k MAPS heads against chance.")
+    fig = plots.head_heatmaps(
+        [ctx.relation_scores[TASK_RELATION[t]] for t in tasks],
+        panel_marks=[{f"{TASK_TITLES[o]} circuit": ctx.discovery[o].circuit} for o in (b, a)],
+        suptitle="MAPS scores with the *other* task's circuit marked",
+    )
+    ctx.save_figure(fig, "maps_other_circuit", "Each relation's MAPS scores with the other task's circuit marked.")
+    return result
+
+
+def _valid(ctx: Context, relation: str) -> bool:
+    return any(r["relation"] == relation and r["valid"] for r in ctx.summary["baseline"]["relations"])
+
+
+def _reference_marks(ctx: Context, reference_heads) -> dict:
+    """gpt2-medium & co: the published mover heads; otherwise the circuits discovery just found."""
+    published = reference_heads(ctx.model.cfg.model_name)
+    if published:
+        return {"mover heads (Merullo et al. 2024)": published}
+    return {f"{TASK_TITLES[t]} circuit": d.circuit for t, d in ctx.discovery.items()}
+
+
+FIGURE_RELATIONS = ("name_copying", "country_to_capital_wikidata")
+TASK_RELATION = {"ioi": "name_copying", "capitals": "country_to_capital_wikidata"}
+TASK_TITLES = {"ioi": "IOI", "capitals": "Capitals"}
+DISCOVERY_PROMPTS = 64
+
 SECTIONS: list[tuple[str, Callable[[Context], dict]]] = [
     ("baseline", section_baseline),
+    ("discovery", section_discovery),
+    ("scoring", section_scoring),
+    ("overlap", section_overlap),
 ]
 
 
@@ -67,6 +168,8 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
     from tqdm.auto import tqdm
 
     torch.manual_seed(SEED)
+    if torch.get_num_threads() > 1 and model_name == "toy":
+        torch.set_num_threads(1)  # the toy's tiny matrices gain nothing from threads, and lose a lot under load
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
