@@ -192,6 +192,53 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
     return ctx.summary
 
 
+def _discovery_md(disc: dict) -> list[str]:
+    if not disc:
+        return []
+    lines = ["## Circuit discovery", "",
+             "Activation patching per head (noising: corrupted -> clean, normalised logit difference); the circuit is "
+             "the smallest top-k whose mean-ablated complement keeps >= 80% of the logit difference.", "",
+             "| task | circuit | heads | faithfulness | act. patching | attribution | path patching |", "|---|---|---|---|---|---|---|"]
+    for task, d in disc.items():
+        t = d["timings_s"]
+        lines.append(f"| {task} | {', '.join(d['circuit']['heads'])} | {len(d['circuit']['heads'])} "
+                     f"| {d['faithfulness']['faithfulness']:.2f} | {t.get('act_patch', 0):.2f}s "
+                     f"| {t.get('attribution', 0):.2f}s | {t.get('path_patch', 0):.2f}s |")
+    return lines + [""]
+
+
+def _scoring_md(scoring: dict) -> list[str]:
+    if not scoring:
+        return []
+    lines = ["## MAPS head scores", "",
+             "| relation | k | pairs | top heads (score) | r static-dynamic (without / with context) | ablation: top-m / random (accuracy) |",
+             "|---|---|---|---|---|---|"]
+    for rel, r in scoring.items():
+        top = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_heads"][:3])
+        rr = r["r_static_dynamic"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        abl = r.get("ablation")
+        abl_txt = "—" if not abl else (
+            f"{abl['summary']['clean_accuracy']:.2f} -> {abl['summary']['top_accuracy']:.2f} / "
+            f"{abl['summary']['random_accuracy']:.2f} (m={abl['summary']['m']}, {abl['ablation']['kind']})")
+        lines.append(f"| {rel} | {r['k']} | {r['pairs_used']}/{r['pairs_total']} | {top} "
+                     f"| {fmt(rr['without_context'])} / {fmt(rr['with_context'])} | {abl_txt} |")
+    return lines + [""]
+
+
+def _overlap_md(overlap: dict) -> list[str]:
+    if not overlap.get("p_values"):
+        return []
+    lines = ["## Overlap and reuse", "", "| test | value | p |", "|---|---|---|"]
+    for t in overlap["p_values"]:
+        value = t["value"]
+        value = f"{value:.3f}" if isinstance(value, float) else str(value)
+        name = t["test"].replace("|", "\\|")
+        lines.append(f"| {name} | {value} | {t['p']:.3g} |")
+    return lines + ["", f"{len(overlap['p_values'])} tests; with a Bonferroni correction a result is significant at "
+                        f"p < {0.05 / len(overlap['p_values']):.4f}.", ""]
+
+
 def render_markdown(ctx: Context) -> str:
     s = ctx.summary
     base = s["baseline"]
@@ -217,6 +264,8 @@ def render_markdown(ctx: Context) -> str:
     lines += ["", "## Relations", "",
               f"{len(valid)} of {len(base['relations'])} MAPS relations keep >= 30 single-token pairs: "
               + ", ".join(f"{r['relation']} ({r['kept']}/{r['total']})" for r in valid) + ".", ""]
+    lines += _discovery_md(s.get("discovery", {})) + _scoring_md(s.get("scoring", {})) + _overlap_md(s.get("overlap", {}))
+    lines += ["## Figures", ""]
     for name, caption in ctx.figures.items():
         lines += [f"![{caption}]({name}.png)", "", f"*{caption}*", ""]
     lines += [f"Total time: {sum(s['timings_seconds'].values()):.1f}s.", ""]
