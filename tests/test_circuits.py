@@ -124,7 +124,7 @@ def test_bad_heads_and_reference_raise(toy, batch):
 
 @pytest.mark.parametrize("task", ["ioi", "capitals"])
 def test_discover_circuit_reaches_target_with_smallest_k(toy, task):
-    result = discover_circuit(toy, task, n_prompts=16, target=0.8)
+    result = discover_circuit(toy, task, n_prompts=8, target=0.8)
     k = result.meta["top_k"]
     assert len(result.circuit) == k
     if result.meta["reached_target"]:
@@ -132,5 +132,5 @@ def test_discover_circuit_reaches_target_with_smallest_k(toy, task):
         assert all(f < 0.8 for kk, f in result.curve.items() if 0 < kk < k)  # nothing smaller reaches it
     assert set(result.timings) >= {"act_patch", "attribution", "path_patch", "faithfulness"}
     json.loads(json.dumps(result.to_dict()))
-    if (TOY_DIR / "model.safetensors").exists():  # the embedded model must have a faithful circuit
-        assert result.meta["reached_target"]
+    if (TOY_DIR / "model.safetensors").exists():  # the embedded model has a faithful *proper* sub-circuit
+        assert result.meta["reached_target"] and len(result.circuit) < toy.cfg.n_layers * toy.cfg.n_heads
