@@ -22,6 +22,17 @@ from circuitlib.tasks import capital_batch, ioi_batch
 from circuitlib.types import Circuit, HeadScores
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy():
     if (TOY_DIR / "model.safetensors").exists():

@@ -26,6 +26,17 @@ with warnings.catch_warnings():
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy():
     if (TOY_DIR / "model.safetensors").exists():
