@@ -17,32 +17,13 @@ from circuitlib.circuits import (
     select_circuit,
 )
 from circuitlib.metrics import logit_diff
-from circuitlib.models import TOY_DIR, build_model, load_model
-from circuitlib.tasks import capital_batch, ioi_batch
+from circuitlib.models import TOY_DIR
+from circuitlib.tasks import ioi_batch
 from circuitlib.types import Circuit, HeadScores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def toy():
-    if (TOY_DIR / "model.safetensors").exists():
-        return load_model("toy")
-    from circuitlib.toy.corpus import build_tokenizer
-    from circuitlib.toy.train import CONFIG
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    return build_model(dict(CONFIG, d_vocab=len(tok.get_vocab())), tok)
 
 
 @pytest.fixture(scope="module")

@@ -176,30 +176,8 @@ def test_circuit_rank_test_matches_auroc_definition():
     assert res["auroc"] == pytest.approx(naive)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """The embedded model, or (before its checkpoint exists) a random model of its shape and tokenizer."""
-    from circuitlib.models import ModelUnavailableError, build_model, load_model
-    from circuitlib.toy.corpus import build_tokenizer
-    from circuitlib.toy.train import CONFIG
-
-    try:
-        return load_model("toy")
-    except ModelUnavailableError:
-        torch.manual_seed(0)
-        tokenizer = build_tokenizer()
-        return build_model(dict(CONFIG, d_vocab=len(tokenizer.get_vocab())), tokenizer).eval()
 
 
 def _draws(heads, model, n, seed):

@@ -12,10 +12,8 @@ import torch
 from circuitlib import scoring
 from circuitlib.ablation import ablation_curves, run_ablated
 from circuitlib.metrics import accuracy
-from circuitlib.models import TOY_DIR, build_model, load_model, random_model
+from circuitlib.models import TOY_DIR, random_model
 from circuitlib.tasks import capital_batch, load_relation
-from circuitlib.toy.corpus import build_tokenizer
-from circuitlib.toy.train import CONFIG
 from circuitlib.types import HeadScores
 
 RELATIONS = ["name_copying", "country_to_capital_wikidata"]
@@ -78,28 +76,8 @@ def naive_dynamic_scores(model, pairs, k, context):
 # Fixtures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per test: with several sessions on 2 cores, OpenMP barrier stalls made
-    2-thread runs 2-50x slower here (a toy forward pass: 0.02 s vs 1.5 s). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """The embedded model when its checkpoint is there, else a random model of the same shape."""
-    if HAVE_TOY:
-        return load_model("toy")
-    tok = build_tokenizer()
-    model = build_model(dict(CONFIG, d_vocab=len(tok.get_vocab())), tok)
-    model.cfg.model_name = "toy-random"
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="module")

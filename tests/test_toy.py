@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from circuitlib.ablation import ablation_curves
 from circuitlib.metrics import accuracy, evaluate

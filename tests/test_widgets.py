@@ -16,30 +16,13 @@ from circuitlib.widgets import Explorer
 RELATIONS = ("name_copying", "country_to_capital_wikidata")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test: on the shared 2-core machine OpenMP stalls make 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def model():
-    """The embedded model, or (before its checkpoint exists) a random model of its shape and tokenizer."""
-    from circuitlib.models import ModelUnavailableError, build_model, load_model
-    from circuitlib.toy.corpus import build_tokenizer
-    from circuitlib.toy.train import CONFIG
+def model(toy):
+    return toy
 
-    try:
-        return load_model("toy")
-    except ModelUnavailableError:
-        torch.manual_seed(0)
-        tokenizer = build_tokenizer()
-        return build_model(dict(CONFIG, d_vocab=len(tokenizer.get_vocab())), tokenizer).eval()
+
 
 
 @pytest.fixture(scope="module")
