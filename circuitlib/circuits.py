@@ -27,7 +27,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .ablation import head_means
-from .metrics import logit_diff
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
 Reference = Literal["corrupt", "clean"] | TaskBatch
