@@ -21,7 +21,6 @@ from circuitlib.tasks import (
     task_batch,
 )
 from circuitlib.tasks.capitals import heldout_template
-from circuitlib.tasks.ioi import ioi_positions_ok
 from circuitlib.toy.corpus import build_tokenizer, generate
 from circuitlib.types import TaskBatch
 
@@ -43,7 +42,9 @@ def test_wang_templates():
 def test_ioi_positions_and_corruptions(tokenizer, corruption):
     b = ioi_batch(tokenizer, 60, corruption=corruption, seed=3)
     rows = torch.arange(len(b))
-    assert ioi_positions_ok(b)
+    # IO / S1 / S2 tokens sit where the positions say
+    assert (b.clean[rows, b.positions["IO"]] == b.answer).all()
+    assert (b.clean[rows, b.positions["S1"]] == b.wrong).all() and (b.clean[rows, b.positions["S2"]] == b.wrong).all()
     assert (b.positions["S1"] < b.positions["S2"]).all() and (b.positions["S2"] < b.end).all()
     # prompts have different lengths: END is each prompt's own last token, followed only by padding
     assert len(set(b.end.tolist())) > 1

@@ -6,7 +6,6 @@ import pytest
 
 from circuitlib.ablation import ablation_curves
 from circuitlib.metrics import accuracy, evaluate
-from circuitlib.models import load_model
 from circuitlib.patching import act_patch_heads
 from circuitlib.scoring import static_scores
 from circuitlib.tasks import capital_batch, ioi_batch
@@ -15,8 +14,8 @@ N = 200
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model("toy")
+def model(toy):
+    return toy
 
 
 @pytest.fixture(scope="module")

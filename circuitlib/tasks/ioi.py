@@ -12,8 +12,6 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-import torch
-
 from ..types import TaskBatch
 from ._common import batch_from_rows, heldout, single_token_words
 
@@ -110,13 +108,10 @@ def ioi_batch(
             if split == "any" or heldout(f"ioi:{template}:{a}") == (split == "heldout"):
                 break
         place, obj = rng.choice(places), rng.choice(objects)
-        clean = fill(template, a, b, place, obj)
         # Corrupt S2 only: ABC puts a third name there, flip puts the IO name there.
-        s2_template = _mark_s2(template)
-        corrupt_name = c if corruption == "ABC" else a
-        corrupt = fill(s2_template, a, b, place, obj).replace("[S2]", corrupt_name)
-        clean_marked = fill(s2_template, a, b, place, obj).replace("[S2]", b)
-        assert clean_marked == clean
+        marked = fill(_mark_s2(template), a, b, place, obj)
+        clean = marked.replace("[S2]", b)
+        corrupt = marked.replace("[S2]", c if corruption == "ABC" else a)
         rows.append(
             dict(
                 clean=clean,
@@ -137,11 +132,3 @@ def _mark_s2(template: str) -> str:
     second = template.index("[B]", first + 3)
     return template[:second] + "[S2]" + template[second + 3 :]
 
-
-def ioi_positions_ok(batch: TaskBatch) -> bool:
-    """Sanity check used by tests: IO/S tokens sit where the positions say."""
-    rows = torch.arange(len(batch))
-    io = batch.clean[rows, batch.positions["IO"]]
-    s1 = batch.clean[rows, batch.positions["S1"]]
-    s2 = batch.clean[rows, batch.positions["S2"]]
-    return bool((io == batch.answer).all() and (s1 == batch.wrong).all() and (s2 == batch.wrong).all())
