@@ -149,7 +149,7 @@ def ablation_curves(
 
         def hook(z, hook):
             keep = ~row_mask[:, hook.layer()].to(z.device)[:, :, None]  # [rows, H, 1]
-            value = torch.zeros_like(z[rows, end]) if means is None else means[hook.layer()].to(z)
+            value = z.new_zeros(()) if means is None else means[hook.layer()].to(z)
             if at == "all":
                 return torch.where(keep[:, None], z, value)
             z[rows, end] = torch.where(keep, z[rows, end], value)

@@ -344,7 +344,7 @@ def reference_heads(model_name: str) -> list[Head]:
 # ---------------------------------------------------------------------------------------------
 # Causal check: ablate the top heads of a relation vs random and control heads
 
-TASK_OF_RELATION = {"country_to_capital_wikidata": "capitals", "name_copying": "ioi"}
+TASK_OF_RELATION = {"country_to_capital_wikidata": "capitals", "name_copying": "copying"}
 
 
 def control_relations(relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2) -> list[str]:
@@ -371,10 +371,11 @@ def causal_check(
     position and track task accuracy, against ``n_random`` draws of random heads (never the top
     ``m_max`` relation heads) and against the top heads of control relations.
 
-    Task: :data:`TASK_OF_RELATION` (country_to_capital_wikidata -> capitals, name_copying -> IOI),
-    held-out prompts, or ``batch``. ``kind``: ``"zero"`` (MAPS) or ``"mean"`` (mean z over the
-    task's corrupted prompts at END). Accuracy = answer logit beats the wrong answer's (IOI: IO vs S;
-    capitals: the capital vs the corrupt country's capital); top-1 accuracy and the mean logit
+    Task: :data:`TASK_OF_RELATION` (country_to_capital_wikidata -> capitals, held-out prompts;
+    name_copying -> copying, a list of names said twice), or ``batch`` (e.g. IOI). ``kind``:
+    ``"zero"`` (MAPS) or ``"mean"`` (mean z over the task's corrupted prompts at END). Accuracy =
+    answer logit beats the wrong answer's (capitals: the capital vs the corrupt country's capital;
+    copying: the list's last name vs the corrupt prompt's name); top-1 accuracy and the mean logit
     difference are reported too; ``summary`` holds the values at ``m = m_max``.
     ``scores``: precomputed static scores by relation name (must include ``relation``; other
     entries are control candidates). Returns a JSON-able dict.

@@ -12,6 +12,7 @@ from circuitlib.tasks import (
     CAPITAL_TEMPLATES,
     RelationError,
     capital_batch,
+    copying_batch,
     default_k,
     ioi_batch,
     load_relation,
@@ -172,3 +173,22 @@ def test_too_few_pairs_is_one_clear_error():
 
 def test_capital_templates_count():
     assert len(CAPITAL_TEMPLATES) >= 3
+
+
+def test_copying_batch_repeats_a_name_list(tokenizer):
+    b = copying_batch(tokenizer, 40, seed=2)
+    assert b.task == "copying" and len(b) == 40
+    rows = torch.arange(len(b))
+    # the answer's first mention sits at FIRST; the corrupt prompt swaps exactly that token for the wrong name
+    assert (b.clean[rows, b.positions["FIRST"]] == b.answer).all()
+    diff = b.clean != b.corrupt
+    assert (diff.sum(1) == 1).all() and diff[rows, b.positions["FIRST"]].all()
+    assert (b.corrupt[rows, b.positions["FIRST"]] == b.wrong).all()
+    for i, prompt in enumerate(b.prompts):
+        first, second = prompt.split(" , ")
+        assert first.split()[:-1] == second.split()  # the list is cut right before its last name
+        assert tokenizer.decode([int(b.wrong[i])]).strip() not in prompt.split()
+    assert {len(p.split(" , ")[0].split()) for p in b.prompts} == {2, 3, 4, 5}
+    assert task_batch("copying", tokenizer, 4).task == "copying"
+    with pytest.raises(ValueError, match="lengths"):
+        copying_batch(tokenizer, 4, lengths=(3, 2))

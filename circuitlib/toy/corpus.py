@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from ..tasks._common import heldout
 from ..tasks.capitals import CAPITAL_TEMPLATES, country_capital_pairs, heldout_template
-from ..tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES, fill
-from ..tasks.relations import read_relation
+from ..tasks.copying import copy_names
+from ..tasks.ioi import OBJECTS, PLACES, TEMPLATES, fill
 
 SPECIALS = ["<|endoftext|>", "[UNK]"]
 FILLER_TEMPLATES = [
@@ -35,19 +35,13 @@ FILLER_TEMPLATES = [
 MIX = {"ioi": 0.45, "capital": 0.35, "copy": 0.10, "filler": 0.10}
 
 
-def toy_names() -> list[str]:
-    """IOI names plus the one-word names of the MAPS name-copying relation, sorted, no duplicates."""
-    extra = [a for a, _ in read_relation("name_copying") if re.fullmatch(r"[A-Z][a-z]+", a)]
-    return sorted(set(NAMES) | set(extra))
-
-
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text)
 
 
 def vocabulary() -> list[str]:
     """All tokens of the embedded model, specials first, the rest sorted (ids are stable)."""
-    words: set[str] = set(toy_names()) | set(PLACES) | set(OBJECTS)
+    words: set[str] = set(copy_names()) | set(PLACES) | set(OBJECTS)
     for c, cap in country_capital_pairs():
         words |= {c, cap}
     for t in TEMPLATES + CAPITAL_TEMPLATES + FILLER_TEMPLATES:
@@ -79,7 +73,7 @@ class Sentence:
 def generate(n: int, seed: int = 0) -> list[Sentence]:
     """``n`` training sentences, mixed as :data:`MIX`, never containing a held-out combination."""
     rng = random.Random(seed)
-    names = toy_names()
+    names = copy_names()
     pairs = country_capital_pairs()
     anything = names + [w for p in pairs for w in p] + PLACES + OBJECTS
     kinds, weights = zip(*MIX.items())
