@@ -236,7 +236,7 @@ def discover_circuit(
     direction: Literal["noising", "denoising"] = "noising",
     top_k: int | None = None,
     threshold: float | None = None,
-    target: float = 0.8,
+    target: float = 0.85,
     seed: int = 0,
     progress: bool = False,
 ) -> CircuitDiscovery:

@@ -195,9 +195,10 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
 def _discovery_md(disc: dict) -> list[str]:
     if not disc:
         return []
+    target = next(iter(disc.values()))["meta"]["target"]
     lines = ["## Circuit discovery", "",
              "Activation patching per head (noising: corrupted -> clean, normalised logit difference); the circuit is "
-             "the smallest top-k whose mean-ablated complement keeps >= 80% of the logit difference.", "",
+             f"the smallest top-k whose mean-ablated complement keeps >= {target:.0%} of the logit difference.", "",
              "| task | circuit | heads | faithfulness | act. patching | attribution | path patching |", "|---|---|---|---|---|---|---|"]
     for task, d in disc.items():
         t = d["timings_s"]
@@ -211,7 +212,7 @@ def _scoring_md(scoring: dict) -> list[str]:
     if not scoring:
         return []
     lines = ["## MAPS head scores", "",
-             "| relation | k | pairs | top heads (score) | r static-dynamic (without / with context) | ablation: top-m / random (accuracy) |",
+             "| relation | k | pairs | top heads (score) | r static-dynamic (without / with context) | ablation on task: top-m / random (accuracy) |",
              "|---|---|---|---|---|---|"]
     for rel, r in scoring.items():
         top = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_heads"][:3])
@@ -219,7 +220,7 @@ def _scoring_md(scoring: dict) -> list[str]:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         abl = r.get("ablation")
         abl_txt = "—" if not abl else (
-            f"{abl['summary']['clean_accuracy']:.2f} -> {abl['summary']['top_accuracy']:.2f} / "
+            f"{abl['task']}: {abl['summary']['clean_accuracy']:.2f} -> {abl['summary']['top_accuracy']:.2f} / "
             f"{abl['summary']['random_accuracy']:.2f} (m={abl['summary']['m']}, {abl['ablation']['kind']})")
         lines.append(f"| {rel} | {r['k']} | {r['pairs_used']}/{r['pairs_total']} | {top} "
                      f"| {fmt(rr['without_context'])} / {fmt(rr['with_context'])} | {abl_txt} |")

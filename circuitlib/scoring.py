@@ -347,11 +347,16 @@ def reference_heads(model_name: str) -> list[Head]:
 TASK_OF_RELATION = {"country_to_capital_wikidata": "capitals", "name_copying": "copying"}
 
 
-def control_relations(relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2) -> list[str]:
-    """Up to ``n`` other relations in ``scores`` whose top-``m`` heads overlap least with ``relation``'s."""
+def control_relations(
+    relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2, max_shared: float = 0.25
+) -> list[str]:
+    """Up to ``n`` other relations in ``scores`` whose top-``m`` heads overlap least with
+    ``relation``'s, sharing at most ``max_shared * m`` of them (a control must barely overlap; none
+    may qualify, e.g. on the embedded model, where both valid relations have the same top heads)."""
     mine = set(scores[relation].top(m))
-    others = [r for r in scores if r != relation]
-    return sorted(others, key=lambda r: (len(mine & set(scores[r].top(m))), r))[:n]
+    shared = {r: len(mine & set(scores[r].top(m))) for r in scores if r != relation}
+    ok = [r for r in shared if shared[r] <= max_shared * m]
+    return sorted(ok, key=lambda r: (shared[r], r))[:n]
 
 
 def causal_check(

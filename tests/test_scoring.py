@@ -264,12 +264,31 @@ def test_causal_check_is_jsonable_and_random_draws_avoid_relation_heads(toy):
     json.dumps(res)
     assert res["ablation"]["kind"] == "zero"
     assert len(res["top"]["accuracy"]) == 4 and res["m"] == [0, 1, 2, 3]
-    assert res["controls"] and "name_copying" in res["controls"]
+    # the toy's two valid relations share their top heads: no default control qualifies, a forced one
+    # reports the overlap
+    assert res["controls"] == {}
+    forced = scoring.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=1, n_prompts=16,
+                                  controls=["name_copying"])
+    assert forced["controls"]["name_copying"]["shared_with_top"] == 3
     for draw in res["random"]["heads"]:
         assert not set(draw) & set(res["top"]["heads"])
     # m = 0 ablates nothing: every curve starts at the clean accuracy
     starts = [res["top"]["accuracy"][0]] + [d["accuracy"][0] for d in res["random"]["draws"]]
     assert len(set(starts)) == 1
+
+
+def test_control_relations_must_barely_overlap():
+    def hs(name, top):
+        t = torch.zeros(2, 4)
+        for rank, (l, h) in enumerate(top):
+            t[l, h] = 1.0 - 0.1 * rank
+        return HeadScores(t, "maps_static", name, "m")
+
+    scores = {"r": hs("r", [(0, 0), (0, 1), (0, 2), (0, 3)]), "same": hs("same", [(0, 0), (0, 1), (0, 2), (1, 0)]),
+              "one": hs("one", [(0, 0), (1, 1), (1, 2), (1, 3)]), "none": hs("none", [(1, 0), (1, 1), (1, 2), (1, 3)])}
+    assert scoring.control_relations("r", scores, m=4) == ["none", "one"]  # least overlap first
+    assert scoring.control_relations("r", scores, m=4, n=1) == ["none"]
+    assert scoring.control_relations("r", scores, m=4, max_shared=0) == ["none"]
 
 
 def test_causal_check_needs_a_task(toy):
