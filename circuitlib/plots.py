@@ -387,8 +387,8 @@ def curve_plot(
         lines = baseline if isinstance(baseline, Mapping) else {"baseline": baseline}
         for j, (label, value) in enumerate(lines.items()):
             ax.axhline(value, ls=(0, (4, 3)) if j == 0 else ":", color="0.45", lw=1)
-            ax.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), xytext=(-3, 3),
-                        textcoords="offset points", ha="right", fontsize=8, color="0.35")
+            ax.annotate(label, (0.0, value), xycoords=("axes fraction", "data"), xytext=(3, 3),
+                        textcoords="offset points", ha="left", fontsize=8, color="0.35")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

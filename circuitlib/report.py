@@ -105,7 +105,7 @@ def section_scoring(ctx: Context) -> dict:
         ablation = summary[r]["ablation"]
         if ablation:
             fig = plots.curve_plot(ablation["m"], causal_curves(ablation), baseline={"chance": 0.5},
-                                   title=f"{plots.pretty_name(r)}: {ablation['ablation']['kind']}-ablating heads ({ablation['task']})")
+                                   title=f"{plots.pretty_name(r)}: {ablation['ablation']['kind']}-ablating heads, {ablation['task']} task")
             ctx.save_figure(fig, f"ablation_{r}", f"{plots.pretty_name(r)}: accuracy as top heads vs random heads are ablated.")
     return summary
 
