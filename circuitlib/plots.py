@@ -307,7 +307,7 @@ def scatter_scores(
     """One point per head: ``x`` score against ``y`` score, head names on the top points.
 
     The ``annotate_top`` best heads by ``x`` and by ``y`` are labelled ``"L.H"``. ``r`` (e.g. a
-    precomputed correlation) is shown in the corner; ``None`` shows Pearson's r of the two matrices.
+    precomputed correlation) is shown where it covers no point; ``None`` shows Pearson's r of the two matrices.
     ``diagonal`` draws y = x.
     """
     if x.scores.shape != y.scores.shape:
@@ -333,8 +333,9 @@ def scatter_scores(
         ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(4, 4), textcoords="offset points",
                     fontsize=8, color="0.15",
                     path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
-    ax.text(0.03, 0.97, f"r = {r:.2f}", transform=ax.transAxes, va="top", fontsize=11,
-            bbox=dict(boxstyle="round", fc="white", ec="0.8"))
+    # r as a one-line legend: matplotlib's loc="best" keeps it off the points
+    r_box = [plt.Line2D([], [], ls="none", label=f"r = {r:.2f}")]
+    ax.legend(handles=r_box, loc="best", handlelength=0, handletextpad=0, fontsize=11, edgecolor="0.8")
     ax.set_xlabel(xlabel or _label(x))
     ax.set_ylabel(ylabel or _label(y))
     ax.set_title(title if title is not None else f"{x.model}: {x.n_layers * x.n_heads} heads")

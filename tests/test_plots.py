@@ -102,9 +102,24 @@ def test_scatter_scores_labels_top_heads_and_r():
     fig = plots.scatter_scores(x, y, annotate_top=2)
     ax = fig.axes[0]
     texts = [t.get_text() for t in ax.texts]
-    assert "r = 1.00" in texts
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["r = 1.00"]
     assert {f"{l}.{h}" for l, h in x.top(2)} <= set(texts)
     np.testing.assert_allclose(ax.collections[0].get_offsets()[:, 1], y.scores.flatten().numpy())
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("corner", [(0.0, 1.0), (1.0, 1.0), (0.0, 0.0)])
+def test_scatter_r_box_covers_no_point(corner):
+    """A head alone in a corner (e.g. a causal head MAPS scores 0) must stay visible."""
+    x = HeadScores(torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) * 0.4 + 0.3, "maps_static", "r", "m")
+    x.scores[0, 0], y = corner[0], HeadScores(x.scores.clone(), "act_patch", "ioi", "m")
+    y.scores[0, 0] = corner[1]
+    fig = plots.scatter_scores(x, y)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    box = ax.get_legend().get_window_extent()
+    points = ax.transData.transform(ax.collections[0].get_offsets())
+    assert not any(box.contains(px, py) for px, py in points)
     plt.close(fig)
 
 
