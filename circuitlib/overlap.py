@@ -315,7 +315,8 @@ def cross_task_ablation(
         return {"accuracy": curves["accuracy"][i], "logit_diff": ld,
                 "normalised": float(normalise(ld, ld_clean, ld_corrupt))}
 
-    ablated, random = entry(1), [entry(2 + j) for j in range(n_random)]
+    ablated = entry(1)
+    random = [{"heads": [head_name(h) for h in d], **entry(2 + j)} for j, d in enumerate(draws)]
     rand_norm = np.array([d["normalised"] for d in random])
     rand_acc = np.array([d["accuracy"] for d in random])
     return {

@@ -202,6 +202,7 @@ def test_cross_task_ablation_on_toy(toy):
     assert res["ablated"]["logit_diff"] == pytest.approx(float(logit_diff(alone, batch)), abs=1e-4)
     for draw, heads_drawn in zip(res["random"]["draws"], _draws(heads, toy, 3, 0)):
         ref = run_ablated(toy, batch, heads_drawn, at="all")
+        assert draw["heads"] == [f"{l}.{h}" for l, h in heads_drawn]
         assert draw["logit_diff"] == pytest.approx(float(logit_diff(ref, batch)), abs=1e-4)
     assert res["random"]["n_draws"] == 3 and len(res["random"]["draws"]) == 3
     assert 1 / 4 <= res["empirical_p"] <= 1
