@@ -329,9 +329,11 @@ def scatter_scores(
         lo, hi = min(xs.min(), ys.min()), max(xs.max(), ys.max())
         ax.plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=1, zorder=0)
     top = list(dict.fromkeys(x.top(annotate_top) + y.top(annotate_top)))
+    right = xs.min() + 0.85 * (xs.max() - xs.min())  # labels of points near the right edge go left
     for l, h in top:
-        ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(4, 4), textcoords="offset points",
-                    fontsize=8, color="0.15",
+        left = x[(l, h)] > right
+        ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(-4 if left else 4, 4),
+                    textcoords="offset points", ha="right" if left else "left", fontsize=8, color="0.15",
                     path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
     # r as a one-line legend: matplotlib's loc="best" keeps it off the points
     r_box = [plt.Line2D([], [], ls="none", label=f"r = {r:.2f}")]
