@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .types import Head, TaskBatch
+from .types import Head, TaskBatch, head_name
 
 AblationKind = Literal["zero", "mean"]
 Where = Literal["end", "all"]
@@ -190,7 +190,7 @@ def top_vs_random(
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     draws = [rng.sample(heads, len(top)) for _ in range(n_draws)]
     curves = ablation_curves(model, batch, [[], list(top), *draws], kind=kind, at=at)
-    out = {"heads": [f"{l}.{h}" for l, h in top], "kind": kind, "at": at, "n_draws": n_draws}
+    out = {"heads": [head_name(h) for h in top], "kind": kind, "at": at, "n_draws": n_draws}
     for metric in ("accuracy", "top1_accuracy"):
         acc = curves[metric]
         out[metric] = {"clean": acc[0], "top": acc[1], "drop_top": acc[0] - acc[1],
