@@ -28,15 +28,13 @@ def card_numbers(model) -> dict:
     """Held-out accuracies, logit differences and the top-3 vs random ablation (``N_EVAL`` prompts
     per task, seed 1)."""
     tok = model.tokenizer
-    tasks = {"ioi": evaluate(model, ioi_batch(tok, N_EVAL, seed=1)),
-             "capitals": evaluate(model, capital_batch(tok, N_EVAL, seed=1))}
+    batches = {"ioi": ioi_batch(tok, N_EVAL, seed=1), "capitals": capital_batch(tok, N_EVAL, seed=1)}
+    tasks = {task: evaluate(model, batch) for task, batch in batches.items()}
     per_template = {
         t: evaluate(model, capital_batch(tok, 60, templates=[t], seed=1))["accuracy"] for t in CAPITAL_TEMPLATES
     }
-    ablation = {}
-    for task, make in (("ioi", ioi_batch), ("capitals", capital_batch)):
-        batch = make(tok, N_EVAL, seed=1)
-        ablation[task] = top_vs_random(model, batch, act_patch_heads(model, batch, direction="noising").top(3))
+    ablation = {task: top_vs_random(model, batch, act_patch_heads(model, batch, direction="noising").top(3))
+                for task, batch in batches.items()}
     return {"tasks": tasks, "capital_templates": per_template, "ablation": ablation}
 
 
