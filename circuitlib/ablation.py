@@ -165,34 +165,3 @@ def ablation_curves(
             out["top1_accuracy"].append(top1_accuracy(sub, batch))
             out["logit_diff"].append(float(logit_diff(sub, batch)))
     return out
-
-
-def top_vs_random(
-    model,
-    batch: TaskBatch,
-    top: list[Head],
-    *,
-    n_draws: int = 30,
-    seed: int = 0,
-    kind: AblationKind = "mean",
-    at: Where = "all",
-) -> dict:
-    """Accuracy drops when ablating ``top`` vs ``n_draws`` random sets of as many heads (any head).
-
-    Returns ``{metric: {"clean", "top", "drop_top", "drop_random"}}`` for ``accuracy`` (answer beats
-    the wrong answer: a two-way choice, so chance is 0.5 and a drop of 0.5 from 1.0 means "to chance")
-    and ``top1_accuracy`` (answer is the argmax over the vocabulary); ``drop_random`` is the mean
-    drop over the draws. Defaults: mean-ablation at every position, means over ``batch.corrupt``.
-    """
-    import random
-
-    rng = random.Random(seed)
-    heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    draws = [rng.sample(heads, len(top)) for _ in range(n_draws)]
-    curves = ablation_curves(model, batch, [[], list(top), *draws], kind=kind, at=at)
-    out = {"heads": [head_name(h) for h in top], "kind": kind, "at": at, "n_draws": n_draws}
-    for metric in ("accuracy", "top1_accuracy"):
-        acc = curves[metric]
-        out[metric] = {"clean": acc[0], "top": acc[1], "drop_top": acc[0] - acc[1],
-                       "drop_random": sum(acc[0] - a for a in acc[2:]) / n_draws}
-    return out

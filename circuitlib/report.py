@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 import torch
 
+import math
+from typing import Sequence
+
 from .metrics import evaluate
 from .models import load_model, model_identity
 from .tasks import TASKS, relation_table, task_batch
@@ -78,7 +81,8 @@ def section_discovery(ctx: Context) -> dict:
 def section_scoring(ctx: Context) -> dict:
     """MAPS static / suppression / dynamic scores per relation, r, causal check; the project's figure."""
     from . import plots
-    from .scoring import causal_curves, reference_heads, relation_summary
+    from .causal import causal_curves
+    from .scoring import reference_heads
     from .types import HeadScores
 
     relations = list(FIGURE_RELATIONS)
@@ -113,7 +117,7 @@ def section_scoring(ctx: Context) -> dict:
 def section_overlap(ctx: Context) -> dict:
     """Reuse across tasks and agreement of MAPS with causal discovery, with p-values."""
     from . import plots
-    from .overlap import reuse_analysis
+    from .reuse import reuse_analysis
 
     tasks = [t for t in TASKS if TASK_RELATION[t] in ctx.relation_scores]
     if len(tasks) < 2:
@@ -271,3 +275,46 @@ def render_markdown(ctx: Context) -> str:
         lines += [f"![{caption}]({name}.png)", "", f"*{caption}*", ""]
     lines += [f"Total time: {sum(s['timings_seconds'].values()):.1f}s.", ""]
     return "\n".join(lines)
+
+
+def relation_summary(
+    model,
+    relations: Sequence[str] = ("name_copying", "country_to_capital_wikidata"),
+    *,
+    n_top: int = 10,
+    causal: bool = True,
+    causal_kwargs: dict | None = None,
+) -> dict[str, dict]:
+    """Everything the report stores per relation, JSON-able: k, pairs used, the static and
+    suppression score matrices (:meth:`HeadScores.to_dict`), the top heads with scores, dynamic scores
+    with and without context and their Pearson r with the static scores, and (``causal``) the
+    :func:`causal_check` result (relations without a task get ``None``)."""
+    from .causal import TASK_OF_RELATION, causal_check
+    from .scoring import dynamic_scores, static_dynamic_correlation, static_scores_many
+
+    static = static_scores_many(model, list(relations))
+    suppression = static_scores_many(model, list(relations), suppression=True)
+    out = {}
+    for name in relations:
+        hs = static[name]
+        dyn = {ctx: dynamic_scores(model, name, context=ctx) for ctx in (True, False)}
+        out[name] = {
+            "k": hs.k,
+            "pairs_used": hs.meta["pairs_used"],
+            "pairs_total": hs.meta["pairs_total"],
+            "static": hs.to_dict(),
+            "suppression": suppression[name].to_dict(),
+            "top_heads": [{"head": f"{l}.{h}", "score": round(hs[(l, h)], 4)} for l, h in hs.top(n_top)],
+            "top_suppression_heads": [{"head": f"{l}.{h}", "score": round(suppression[name][(l, h)], 4)}
+                                      for l, h in suppression[name].top(n_top)],
+            "dynamic_with_context": dyn[True].to_dict(),
+            "dynamic_without_context": dyn[False].to_dict(),
+            "r_static_dynamic": {  # None when a map is constant (r undefined)
+                key: None if math.isnan(r) else round(r, 4)
+                for key, r in (("with_context", static_dynamic_correlation(hs, dyn[True])),
+                               ("without_context", static_dynamic_correlation(hs, dyn[False])))
+            },
+            "ablation": (causal_check(model, name, scores=static, **(causal_kwargs or {}))
+                         if causal and name in TASK_OF_RELATION else None),
+        }
+    return out

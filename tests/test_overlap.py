@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from circuitlib import overlap
+from circuitlib import overlap, reuse
 from circuitlib.types import Circuit, HeadScores
 
 
@@ -195,7 +195,7 @@ def test_cross_task_ablation_on_toy(toy):
 
     batch = ioi_batch(toy.tokenizer, 16, seed=0)
     heads = [(2, h) for h in range(toy.cfg.n_heads)]  # the whole last layer
-    res = overlap.cross_task_ablation(toy, Circuit.of(heads, "x", "toy"), batch, n_random=3)
+    res = reuse.cross_task_ablation(toy, Circuit.of(heads, "x", "toy"), batch, n_random=3)
     # the batched multi-set ablation agrees with ablating this one set alone (hook context manager)
     alone = run_ablated(toy, batch, heads, at="all")
     assert res["ablated"]["accuracy"] == pytest.approx(accuracy(alone, batch))
@@ -210,12 +210,12 @@ def test_cross_task_ablation_on_toy(toy):
     assert res["z_score"] == pytest.approx((res["ablated"]["normalised"] - norms.mean()) / norms.std())
     assert res["clean"]["normalised"] == 1.0
     json.dumps(res)
-    empty = overlap.cross_task_ablation(toy, [], batch, n_random=1)
+    empty = reuse.cross_task_ablation(toy, [], batch, n_random=1)
     assert empty["ablated"]["normalised"] == pytest.approx(1.0)
-    big = overlap.cross_task_ablation(toy, [(l, h) for l in range(3) for h in range(7)], batch, n_random=1)
+    big = reuse.cross_task_ablation(toy, [(l, h) for l in range(3) for h in range(7)], batch, n_random=1)
     assert big["random"]["random_pool"].startswith("all heads")
     with pytest.raises(ValueError, match="does not exist"):
-        overlap.cross_task_ablation(toy, [(5, 0)], batch)
+        reuse.cross_task_ablation(toy, [(5, 0)], batch)
 
 
 def test_reuse_analysis_is_json_and_consistent(toy):
@@ -226,9 +226,9 @@ def test_reuse_analysis_is_json_and_consistent(toy):
     patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in ("ioi", "capitals")}
     circuits = {t: Circuit.of(patch[t].top(10, absolute=True), t, "toy") for t in patch}
     batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
-    res = overlap.reuse_analysis(toy, rel, patch, circuits, batches, n_random=2, n_permutations=200)
+    res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=2, n_permutations=200)
     json.loads(json.dumps(res))
-    assert res["core_size"] == 6 == overlap.default_core_size(24, 10)
+    assert res["core_size"] == 6 == reuse.default_core_size(24, 10)
     assert set(res["cores"]["ioi"]) == {f"{l}.{h}" for l, h in patch["ioi"].top(6, absolute=True)}
     assert res["pairs"]["ioi|capitals"]["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
     assert set(res["reuse"]) == {"ioi", "capitals"} and set(res["reuse"]["ioi"]) == {"ioi", "capitals"}

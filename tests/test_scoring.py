@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from circuitlib import scoring
+from circuitlib import causal, report, scoring
 from circuitlib.ablation import ablation_curves, run_ablated
 from circuitlib.metrics import accuracy, logit_diff
 from circuitlib.models import TOY_DIR, random_model
@@ -260,14 +260,14 @@ def test_vectorised_ablation_curves_match_one_set_at_a_time(toy, kind, at):
 
 
 def test_causal_check_is_jsonable_and_random_draws_avoid_relation_heads(toy):
-    res = scoring.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=2, n_prompts=16)
+    res = causal.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=2, n_prompts=16)
     json.dumps(res)
     assert res["ablation"]["kind"] == "zero"
     assert len(res["top"]["accuracy"]) == 4 and res["m"] == [0, 1, 2, 3]
     # the toy's two valid relations share their top heads: no default control qualifies, a forced one
     # reports the overlap
     assert res["controls"] == {}
-    forced = scoring.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=1, n_prompts=16,
+    forced = causal.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=1, n_prompts=16,
                                   controls=["name_copying"])
     assert forced["controls"]["name_copying"]["shared_with_top"] == 3
     for draw in res["random"]["heads"]:
@@ -286,14 +286,14 @@ def test_control_relations_must_barely_overlap():
 
     scores = {"r": hs("r", [(0, 0), (0, 1), (0, 2), (0, 3)]), "same": hs("same", [(0, 0), (0, 1), (0, 2), (1, 0)]),
               "one": hs("one", [(0, 0), (1, 1), (1, 2), (1, 3)]), "none": hs("none", [(1, 0), (1, 1), (1, 2), (1, 3)])}
-    assert scoring.control_relations("r", scores, m=4) == ["none", "one"]  # least overlap first
-    assert scoring.control_relations("r", scores, m=4, n=1) == ["none"]
-    assert scoring.control_relations("r", scores, m=4, max_shared=0) == ["none"]
+    assert causal.control_relations("r", scores, m=4) == ["none", "one"]  # least overlap first
+    assert causal.control_relations("r", scores, m=4, n=1) == ["none"]
+    assert causal.control_relations("r", scores, m=4, max_shared=0) == ["none"]
 
 
 def test_causal_check_needs_a_task(toy):
     with pytest.raises(ValueError, match="no task"):
-        scoring.causal_check(toy, "adj_antonym")
+        causal.causal_check(toy, "adj_antonym")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +320,9 @@ def test_toy_has_a_country_to_capital_head(toy):
 def test_toy_relation_heads_matter_more_than_random_heads(toy, relation):
     """MAPS's causal claim on the embedded model: zero-ablating the top heads by static score at
     the last position takes the relation's task to chance; as many random heads barely matter."""
-    res = scoring.causal_check(toy, relation, n_random=5)
+    res = causal.causal_check(toy, relation, n_random=5)
     s = res["summary"]
-    assert res["task"] == scoring.TASK_OF_RELATION[relation]
+    assert res["task"] == causal.TASK_OF_RELATION[relation]
     assert s["clean_accuracy"] >= 0.95 and s["top_accuracy"] <= 0.6
     assert s["random_accuracy"] >= s["clean_accuracy"] - 0.1
     assert s["top_logit_diff"] < 0.25 * s["clean_logit_diff"] < 0.25 * s["random_logit_diff"] + 1
@@ -340,7 +340,7 @@ def test_cli_scores_json(capsys):
 
 
 def test_relation_summary_is_what_the_report_stores(toy):
-    out = scoring.relation_summary(toy, causal_kwargs=dict(m_max=2, n_random=2, n_prompts=16))
+    out = report.relation_summary(toy, causal_kwargs=dict(m_max=2, n_random=2, n_prompts=16))
     text = json.dumps(out, allow_nan=False)  # strict JSON: undefined r is None, not NaN
     assert set(out) == set(RELATIONS) and text
     for name, entry in out.items():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from circuitlib.ablation import top_vs_random
+from circuitlib.causal import top_vs_random
 from circuitlib.metrics import accuracy, evaluate
 from circuitlib.patching import act_patch_heads
 from circuitlib.scoring import static_scores

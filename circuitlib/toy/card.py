@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from ..ablation import top_vs_random
+from ..causal import top_vs_random
 from ..metrics import evaluate
 from ..models import TOY_DIR, load_model, model_identity
 from ..patching import act_patch_heads
