@@ -1,5 +1,7 @@
 """Cross-task ablation and the reuse analysis (circuitlib.reuse)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
