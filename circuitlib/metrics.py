@@ -43,8 +43,32 @@ def top1_accuracy(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) ->
     return float((last.argmax(-1) == batch.answer.to(last.device)).float().mean())
 
 
+SPAN_TOL = 1e-6  # clean and corrupt metrics closer than this count as equal (float32 noise)
+
+
+def check_span(clean: Tensor | float, corrupt: Tensor | float) -> None:
+    """Raise one clear ``ValueError`` when the clean and corrupt metrics are equal (within ``SPAN_TOL``):
+    the normalised metric ``(m - m_corrupt) / (m_clean - m_corrupt)`` is then undefined."""
+    span = torch.as_tensor(clean, dtype=torch.float64) - torch.as_tensor(corrupt, dtype=torch.float64)
+    if bool((span.abs() < SPAN_TOL).any()):
+        raise ValueError(
+            f"the clean and corrupt metrics are equal (clean={_show(clean)}, corrupt={_show(corrupt)}), so "
+            "the normalised metric (m - corrupt) / (clean - corrupt) is undefined: use a corruption that "
+            "changes the answer (e.g. IOI's 'ABC' or 'flip', another country for capitals), check that "
+            "answer and wrong answer differ, or use an unnormalised metric ('accuracy' or a callable)"
+        )
+
+
+def _show(x: Tensor | float) -> str:
+    x = torch.as_tensor(x)
+    return f"{float(x):.6g}" if x.numel() == 1 else f"tensor of shape {tuple(x.shape)}"
+
+
 def normalise(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | float) -> Tensor | float:
-    """Map a metric so that the clean run gives 1 and the corrupted run gives 0."""
+    """Map a metric so that the clean run gives 1 and the corrupted run gives 0.
+
+    Raises ``ValueError`` when ``clean`` equals ``corrupt`` (the map is undefined)."""
+    check_span(clean, corrupt)
     return (value - corrupt) / (clean - corrupt)
 
 

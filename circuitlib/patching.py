@@ -24,7 +24,10 @@ the forward starts at the patched layer from the cached residual stream, and eac
 recomputes its positions from its first clean/corrupt difference to its END token (earlier positions
 cannot change under any patch: they enter as cached keys/values; later ones are padding). Only END
 logits are unembedded. ``chunk`` bounds the copies per forward (default: ~``MAX_TOKENS`` token rows).
-Models whose positions enter inside attention (rotary, ...) recompute every position instead.
+Shortformer models (positions added to every layer's query/key inputs, not to the residual stream)
+get their positional embedding passed to every block the forward starts at (TransformerLens's
+``start_at_layer`` would otherwise run attention without positions). Models whose positions enter
+inside attention (rotary, ALiBi) recompute every position instead.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .metrics import logit_diff
+from .interventions import readout
+from .metrics import check_span, logit_diff
 from .types import Head, HeadScores, TaskBatch, head_name
 
 Direction = Literal["noising", "denoising"]
@@ -93,6 +97,7 @@ class _Setup:
     base: dict  # base-run (the run we patch into) activations by hook name, packed [B, T, ...]
     source: dict  # source-run activations by hook name, packed
     prefix_kv: dict  # base-run keys/values of the first P positions by hook name
+    pos_embed: Tensor | None  # shortformer models: positional embedding of each packed slot [B, T, d]
     P: int  # cached prefix slots
     s_rows: Tensor  # [B] first differing position per prompt
     gather: Tensor  # [B, T] absolute position of each packed slot
@@ -148,21 +153,20 @@ def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names:
     clean, corrupt = batch.clean.to(device), batch.corrupt.to(device)
     if bool((batch.clean == batch.corrupt).all()):
         raise ValueError("clean and corrupt prompts are identical: there is nothing to patch")
-    keep = lambda n: names(n) or n.endswith(("hook_resid_pre", "attn.hook_k", "attn.hook_v"))  # noqa: E731
+    shortformer = model.cfg.positional_embedding_type == "shortformer"
+    keep = lambda n: (names(n) or n.endswith(("hook_resid_pre", "attn.hook_k", "attn.hook_v"))  # noqa: E731
+                      or (shortformer and n == "hook_pos_embed"))
     clean_logits, clean_cache = model.run_with_cache(clean, names_filter=keep)
     corrupt_logits, corrupt_cache = model.run_with_cache(corrupt, names_filter=keep)
     raw = _end_metric(metric)
     clean_value = float(raw(_end(clean_logits, batch), batch))
     corrupt_value = float(raw(_end(corrupt_logits, batch), batch))
     normalised = metric == "logit_diff"
-    if normalised and abs(clean_value - corrupt_value) < 1e-6:
-        raise ValueError(
-            "clean and corrupt logit differences are equal, so the normalised metric is undefined: "
-            "use corruptions that change the answer (or metric='accuracy' / a callable)"
-        )
+    if normalised:
+        check_span(clean_value, corrupt_value)
     B, S = batch.clean.shape
     end = batch.end
-    if model.cfg.positional_embedding_type == "standard":
+    if model.cfg.positional_embedding_type in ("standard", "shortformer"):  # absolute position vectors
         differs = batch.clean != batch.corrupt
         first = torch.where(differs.any(1), differs.float().argmax(1), end)
         s_rows = torch.minimum(first, end)  # at least END itself is recomputed
@@ -175,9 +179,13 @@ def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names:
     noising = direction == "noising"
     base_cache, src_cache = (clean_cache, corrupt_cache) if noising else (corrupt_cache, clean_cache)
     packed = lambda cache: {k: v[rows, gather.to(v.device)] for k, v in cache.cache_dict.items()}  # noqa: E731
+    base, source = packed(base_cache), packed(src_cache)
+    pos_embed = base.pop("hook_pos_embed", None)
+    source.pop("hook_pos_embed", None)
     return _Setup(
-        model=model, batch=batch, direction=direction, base=packed(base_cache), source=packed(src_cache),
+        model=model, batch=batch, direction=direction, base=base, source=source,
         prefix_kv={k: v[:, :P] for k, v in base_cache.cache_dict.items() if k.endswith(("hook_k", "hook_v"))}, P=P,
+        pos_embed=pos_embed,
         s_rows=s_rows, gather=gather, attn_mask=attn_mask.long().to(device), raw=raw, normalised=normalised,
         clean_value=clean_value, corrupt_value=corrupt_value, metric_name=_metric_name(metric),
     )
@@ -215,11 +223,11 @@ def _run_copies(
     """Run ``n_copies`` copies of the packed base prompts from block ``layer`` on, with ``hooks``.
 
     Returns the raw metric of each copy ``[n_copies]`` (with ``stop_at_layer``: the residual stream;
-    hooks record what they need).
+    hooks record what they need). Shortformer models get the packed slots' positional embedding
+    (``forward(start_at_layer=...)`` skips the embedding step that would otherwise supply it).
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-    from transformer_lens.utilities.activation_functions import apply_softcap
 
     model, batch, C = setup.model, setup.batch, n_copies
     B = len(batch)
@@ -233,16 +241,14 @@ def _run_copies(
     ]
     cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=torch.empty(0), frozen=True)
     stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
+    pos = None if setup.pos_embed is None else setup.pos_embed.repeat(C, 1, 1)
     with model.hooks(fwd_hooks=hooks):
         out = model(resid, start_at_layer=layer, stop_at_layer=stop, past_kv_cache=cache,
-                    attention_mask=setup.attn_mask.repeat(C, 1))
+                    attention_mask=setup.attn_mask.repeat(C, 1), shortformer_pos_embed=pos)
     if stop_at_layer is not None:
         return out
     rows = torch.arange(C * B)
-    last = out[rows, setup.end_rel.to(out.device).repeat(C)][:, None]  # [copies*B, 1, d]
-    if model.cfg.normalization_type is not None:
-        last = model.ln_final(last)
-    logits = apply_softcap(model.unembed(last), model.cfg.output_logits_soft_cap)[:, 0]
+    logits = readout(model, out[rows, setup.end_rel.to(out.device).repeat(C)])  # [copies*B, vocab]
     return torch.stack([setup.raw(part, batch) for part in logits.split(B)])
 
 
@@ -443,6 +449,8 @@ def attribution_patch_heads(
         src_value = float(raw(_end(src_logits, batch), batch))
         clean_value, corrupt_value = (base_value, src_value) if direction == "noising" else (src_value, base_value)
         normalised = metric == "logit_diff"
+        if normalised:
+            check_span(clean_value, corrupt_value)
         scale = 1.0 / (clean_value - corrupt_value) if normalised else 1.0
         sign = -1.0 if direction == "noising" else 1.0
         # [layer, batch, pos, head]: estimated change of the metric from patching each head/position.

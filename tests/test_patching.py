@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from circuitlib.metrics import logit_diff
+from circuitlib.metrics import logit_diff, normalise
 from circuitlib.models import build_model
 from circuitlib.patching import (
     act_patch_heads,
@@ -26,8 +26,18 @@ with warnings.catch_warnings():
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module")
+def shortformer():
+    """A tiny random attention-only model with shortformer positions (TransformerLens's attn-only-Nl
+    models): the positional embedding is added to every layer's query/key inputs, never to the
+    residual stream."""
+    from circuitlib.toy.corpus import build_tokenizer
 
-
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = dict(n_layers=3, d_model=64, n_ctx=32, d_head=16, n_heads=4, d_mlp=None, act_fn=None, attn_only=True,
+               normalization_type="LN", positional_embedding_type="shortformer", d_vocab=len(tok.get_vocab()))
+    return build_model(cfg, tok)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +72,42 @@ def tl_reference(model, batch, direction, fn):
     if direction == "denoising":
         return fn(model, batch.corrupt, clean_cache, metric)
     return 1 - fn(model, batch.clean, corrupt_cache, metric)
+
+
+def naive_layer_out(model, batch, direction, component, metric):
+    """One full forward per layer with ``run_with_hooks``: the whole ``hook_<component>`` output of the
+    layer replaced by the source run's. Returns the effect (noising: m(clean) - m(patched); denoising:
+    m(patched) - m(corrupt)) of the raw metric ``metric(logits)``."""
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(batch.clean)
+        corrupt_logits, corrupt_cache = model.run_with_cache(batch.corrupt)
+        base, src = (batch.clean, corrupt_cache) if direction == "noising" else (batch.corrupt, clean_cache)
+        out = torch.zeros(model.cfg.n_layers)
+        for l in range(model.cfg.n_layers):
+            name = f"blocks.{l}.hook_{component}"
+            patched = metric(model.run_with_hooks(base, fwd_hooks=[(name, lambda act, hook: src[hook.name])]))
+            out[l] = metric(clean_logits) - patched if direction == "noising" else patched - metric(corrupt_logits)
+    return out
+
+
+def naive_path_to_logits(model, batch, sender):
+    """One full clean forward with every head's z frozen to its clean value except ``sender``'s, taken
+    from the corrupted run; the normalised noising score 1 - patched."""
+    with torch.no_grad():
+        clean_logits, clean = model.run_with_cache(batch.clean)
+        corrupt_logits, corrupt = model.run_with_cache(batch.corrupt)
+        c, k = logit_diff(clean_logits, batch), logit_diff(corrupt_logits, batch)
+
+        def freeze(z, hook):
+            layer = int(hook.name.split(".")[1])
+            out = clean["z", layer].clone()
+            if layer == sender[0]:
+                out[:, :, sender[1]] = corrupt["z", layer][:, :, sender[1]]
+            return out
+
+        hooks = [(f"blocks.{l}.attn.hook_z", freeze) for l in range(model.cfg.n_layers)]
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+        return float(1 - (logit_diff(logits, batch) - k) / (c - k))
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
@@ -100,8 +146,19 @@ def test_resid_and_attn_out_match_transformer_lens(toy, capitals):
     assert (act_patch_resid(toy, capitals) - ref).abs().max() < TOL
     ref = tl_reference(toy, capitals, "denoising", tl_patching.get_act_patch_attn_out)
     assert (act_patch_layer_out(toy, capitals, direction="denoising") - ref).abs().max() < TOL
-    whole = act_patch_layer_out(toy, capitals, per_position=False)
-    assert whole.shape == (toy.cfg.n_layers,)
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_whole_layer_out_matches_naive_per_layer_hooks(toy, capitals, direction):
+    """per_position=False: each layer's attention output patched at every position, against one
+    run_with_hooks forward per layer (normalised logit difference computed here)."""
+    with torch.no_grad():
+        clean, corrupt = logit_diff(toy(capitals.clean), capitals), logit_diff(toy(capitals.corrupt), capitals)
+    metric = lambda logits: (logit_diff(logits, capitals) - corrupt) / (clean - corrupt)  # noqa: E731
+    ref = naive_layer_out(toy, capitals, direction, "attn_out", metric)
+    assert ref.abs().max() > 1e-2
+    ours = act_patch_layer_out(toy, capitals, per_position=False, direction=direction)
+    assert (ours - ref).abs().max() < TOL
 
 
 def test_small_model_with_mlps_matches_transformer_lens(mlp_model):
@@ -111,6 +168,11 @@ def test_small_model_with_mlps_matches_transformer_lens(mlp_model):
         assert (act_patch_heads(mlp_model, batch, direction=direction).scores - ref).abs().max() < TOL
     ref = tl_reference(mlp_model, batch, "noising", tl_patching.get_act_patch_mlp_out)
     assert (act_patch_layer_out(mlp_model, batch, component="mlp_out") - ref).abs().max() < TOL
+    raw = lambda logits: logit_diff(logits, batch)  # noqa: E731
+    ref = naive_layer_out(mlp_model, batch, "noising", "mlp_out", raw)
+    ours = act_patch_layer_out(mlp_model, batch, component="mlp_out", per_position=False,
+                               metric=lambda end_logits, b: logit_diff(end_logits, b))
+    assert ref.abs().max() > 1e-4 and (ours - ref).abs().max() < 1e-5
     ref = tl_reference(mlp_model, batch, "denoising", tl_patching.get_act_patch_resid_pre)
     assert (act_patch_resid(mlp_model, batch, direction="denoising") - ref).abs().max() < TOL
 
@@ -120,13 +182,78 @@ def test_mlp_out_on_attention_only_model_is_one_clear_error(toy, ioi):
         act_patch_layer_out(toy, ioi, component="mlp_out")
 
 
-def test_accuracy_and_callable_metrics(toy, capitals):
-    acc = act_patch_heads(toy, capitals, metric="accuracy")
-    assert acc.meta["metric"] == "accuracy" and acc.scores.abs().max() <= 1.0
-    raw = act_patch_heads(toy, capitals, metric=lambda logits, batch: logit_diff(logits, batch))
-    norm = act_patch_heads(toy, capitals)
-    span = raw.meta["clean_metric"] - raw.meta["corrupt_metric"]
-    assert (raw.scores / span - norm.scores).abs().max() < 1e-4  # same patches, unnormalised metric
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_accuracy_and_callable_metrics_match_transformer_lens(toy, capitals, direction):
+    """metric='accuracy' and a callable (raw logit difference) against TransformerLens's head patching
+    with the same metric written here; effects are unnormalised: m(patched) - m(corrupt) when
+    denoising, m(clean) - m(patched) when noising."""
+    def acc(logits):
+        last = logits[torch.arange(len(capitals)), capitals.end]
+        return (last.gather(1, capitals.answer[:, None]) > last.gather(1, capitals.wrong[:, None])).float().mean()
+
+    def diff(logits):
+        last = logits[torch.arange(len(capitals)), capitals.end]
+        return (last.gather(1, capitals.answer[:, None]) - last.gather(1, capitals.wrong[:, None])).mean()
+
+    with torch.no_grad():
+        clean_logits, clean_cache = toy.run_with_cache(capitals.clean)
+        corrupt_logits, corrupt_cache = toy.run_with_cache(capitals.corrupt)
+    for ours_metric, metric in [("accuracy", acc), (lambda logits, batch: logit_diff(logits, batch), diff)]:
+        fn = tl_patching.get_act_patch_attn_head_out_all_pos
+        if direction == "denoising":
+            ref = fn(toy, capitals.corrupt, clean_cache, metric) - metric(corrupt_logits)
+        else:
+            ref = metric(clean_logits) - fn(toy, capitals.clean, corrupt_cache, metric)
+        ours = act_patch_heads(toy, capitals, metric=ours_metric, direction=direction)
+        assert ref.abs().max() > 0.1  # some head moves the metric: not two zero grids
+        assert (ours.scores - ref).abs().max() < 1e-4
+    assert act_patch_heads(toy, capitals, metric="accuracy").meta["metric"] == "accuracy"
+
+
+def test_normalise_is_a_hand_computation_and_refuses_equal_baselines():
+    assert normalise(3.0, 5.0, 1.0) == 0.5 and normalise(1.0, 5.0, 1.0) == 0.0
+    assert torch.allclose(normalise(torch.tensor([1.0, 2.0]), torch.tensor(3.0), torch.tensor(-1.0)),
+                          torch.tensor([0.5, 0.75]))
+    with pytest.raises(ValueError, match="clean and corrupt metrics are equal"):
+        normalise(1.0, 2.0, 2.0)  # was ZeroDivisionError
+    with pytest.raises(ValueError, match="clean and corrupt metrics are equal"):
+        normalise(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(2.0))  # was inf
+
+
+def test_equal_clean_and_corrupt_metric_is_one_clear_error(toy, ioi):
+    """answer == wrong: the logit difference is exactly 0 on both runs though the prompts differ."""
+    same = dataclasses.replace(ioi, wrong=ioi.answer.clone())
+    for call in (attribution_patch_heads, act_patch_heads, path_patch):  # attribution: ZeroDivisionError before
+        with pytest.raises(ValueError, match="clean and corrupt metrics are equal") as info:
+            call(toy, same)
+        assert "corruption" in str(info.value)  # says what to do
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_shortformer_heads_and_resid_match_transformer_lens(shortformer, direction):
+    """Shortformer models add positions inside every layer: patching's forward from a later layer
+    must still get them (without: off by up to 1.0). TransformerLens's patching runs full forwards."""
+    batch = ioi_batch(shortformer.tokenizer, 8)
+    ref = tl_reference(shortformer, batch, direction, tl_patching.get_act_patch_attn_head_out_all_pos)
+    assert ref.abs().max() > 1e-2
+    assert (act_patch_heads(shortformer, batch, direction=direction).scores - ref).abs().max() < TOL
+    ref = tl_reference(shortformer, batch, direction, tl_patching.get_act_patch_resid_pre)
+    assert (act_patch_resid(shortformer, batch, direction=direction) - ref).abs().max() < TOL
+
+
+def test_shortformer_path_patching_matches_hook_by_hook_reference(shortformer):
+    batch = ioi_batch(shortformer.tokenizer, 8)
+    senders = [(0, 0), (0, 3), (1, 1), (1, 2)]
+    ours = path_patch(shortformer, batch, senders)
+    ref = torch.tensor([naive_path_to_logits(shortformer, batch, s) for s in senders])
+    assert ref.abs().max() > 1e-2
+    assert (torch.tensor([ours[s] for s in senders]) - ref).abs().max() < TOL
+    receivers = [(2, 0), (2, 3), (1, 1)]
+    for which, at in [("q", "END"), ("k", None)]:
+        ours = path_patch(shortformer, batch, senders, receivers=receivers, receiver_input=which,
+                          receiver_positions=at)
+        for s in senders[:3]:
+            assert abs(ours[s] - naive_path_to_receivers(shortformer, batch, s, receivers, which, at)) < TOL
 
 
 def test_attribution_is_exact_where_the_metric_is_linear():
