@@ -1,165 +1,348 @@
-"""Causal experiments on head sets: MAPS's causal check (ablate a relation's top heads vs random and
-control heads) and top-k vs random-k ablation drops.
+"""Causal experiments on head sets: MAPS's causal check and top-k vs random-k ablation.
 
-Every ablation here goes through :mod:`circuitlib.interventions`.
+**MAPS's causal check** (:func:`causal_check`) follows experiment 2 of Elhelo & Geva 2024 as the
+authors' code runs it:
+
+- prompts: the relation's own MAPS template filled with every single-token source
+  (:mod:`circuitlib.tasks.maps_prompts`); when the tokenizer cannot spell the template (the embedded
+  model), the task registered as standing in for the relation (``copying`` for ``name_copying``);
+- heads: the relation's top heads by static score, **only heads with score > 0**, at most ``m``
+  (MAPS's rule by model size, :func:`maps_m`: 30 below 300 heads, 50 below 500 — gpt2-medium —, 100
+  below 1000, 150 below 1500, else 250; on models so small that this exceeds a quarter of their heads,
+  gpt2-medium's ratio 50/384 instead: 3 on the embedded model, :func:`default_m`), ties in the
+  authors' order (higher layer*n_heads+head first);
+- ablation: **zero-ablation of hook_z at the last position**, heads ablated cumulatively (curve
+  index ``i`` = the first ``i`` heads ablated; index 0 = clean);
+- metric: **top-1 accuracy** (the vocabulary argmax equals the target token);
+- baselines: ``n_random`` (5) draws of as many heads from all heads except the relation's, ablated
+  cumulatively on the same prompts; **control**: the relation's heads ablated on *other* relations'
+  prompts, up to 5 relations whose top heads share < 15% with the relation's and whose clean top-1
+  accuracy is within 0.2 of the relation's (candidates in seeded random order).
+
+circuitlib's extras, named as such in every result: the two-way accuracy (answer beats another pair's
+target) and the logit difference next to top-1 accuracy; ``extra_tasks`` (the relation's heads
+ablated on other tasks, e.g. IOI: not MAPS's control); and a layer-matched random baseline from the
+live heads with many draws and an empirical p-value.
+
+**Top vs random** (:func:`top_vs_random`): a task's top heads ablated against random sets of as many
+heads drawn from the live heads outside the top (all such sets when there are few).
+
+Every ablation goes through :mod:`circuitlib.interventions`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .scoring import static_scores_many
+import numpy as np
+from scipy import stats
+
+from .interventions import Ablation, run_ablations, sample_head_sets
+from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
-TASK_OF_RELATION = {"country_to_capital_wikidata": "capitals", "name_copying": "copying"}
+MAPS_ABLATION = Ablation(kind="zero", positions="end")
+METRICS = ("top1_accuracy", "accuracy", "logit_diff")
 
 
-def control_relations(
-    relation: str, scores: dict[str, HeadScores], *, m: int, n: int = 2, max_shared: float = 0.25
-) -> list[str]:
-    """Up to ``n`` other relations in ``scores`` whose top-``m`` heads overlap least with
-    ``relation``'s, sharing at most ``max_shared * m`` of them (a control must barely overlap; none
-    may qualify, e.g. on the embedded model, where both valid relations have the same top heads)."""
-    mine = set(scores[relation].top(m))
-    shared = {r: len(mine & set(scores[r].top(m))) for r in scores if r != relation}
-    ok = [r for r in shared if shared[r] <= max_shared * m]
-    return sorted(ok, key=lambda r: (shared[r], r))[:n]
+def maps_m(n_heads_total: int) -> int:
+    """MAPS's maximum number of heads ablated, by the model's total number of heads."""
+    for bound, m in ((300, 30), (500, 50), (1000, 100), (1500, 150)):
+        if n_heads_total < bound:
+            return m
+    return 250
+
+
+def default_m(n_heads_total: int) -> int:
+    """:func:`maps_m`, unless that is more than a quarter of the model's heads (models far smaller than
+    MAPS's: the embedded model's 24 heads would get 30, leaving nothing to draw random heads from);
+    then gpt2-medium's ratio, 50 of 384 heads (3 on the embedded model)."""
+    m = maps_m(n_heads_total)
+    return m if m <= n_heads_total // 4 else max(1, round(n_heads_total * 50 / 384))
+
+
+def m_rule(n_heads_total: int) -> str:
+    if maps_m(n_heads_total) <= n_heads_total // 4:
+        return f"MAPS's rule for {n_heads_total} heads"
+    return (f"MAPS's rule would ablate {maps_m(n_heads_total)} of {n_heads_total} heads; circuitlib uses "
+            "gpt2-medium's ratio of 50 in 384 instead")
+
+
+def relation_heads(scores: HeadScores, m: int) -> list[Head]:
+    """The top-``m`` heads by static score with score > 0, best first; ties in the MAPS authors' order
+    (a stable ascending sort reversed: the higher flat index ``layer * n_heads + head`` first)."""
+    flat = scores.scores.flatten().numpy()
+    order = np.argsort(flat, kind="stable")[::-1][:m]
+    return [(int(i) // scores.n_heads, int(i) % scores.n_heads) for i in order if flat[i] > 0]
+
+
+def relation_prompts(model: "HookedTransformer", relation: str, *, n: int | None = None, seed: int = 0) -> TaskBatch:
+    """MAPS's prompts for ``relation`` on this model, or the registered stand-in task (see module docstring)."""
+    from .tasks import TASK_SPECS, task_batch
+    from .tasks.maps_prompts import relation_prompt_batch, template_fits
+
+    if template_fits(model.tokenizer, relation):
+        return relation_prompt_batch(relation, model.tokenizer, n=n, seed=seed, model_name=model.cfg.model_name or "")
+    stand_in = [s.name for s in TASK_SPECS.values() if s.stands_in_for == relation]
+    if not stand_in:
+        raise ValueError(f"no prompts for {relation!r} on this model: its tokenizer cannot spell the MAPS template "
+                         "and no registered task stands in for it (TaskSpec.stands_in_for)")
+    batch = task_batch(stand_in[0], model.tokenizer, n or 64, seed=seed)
+    batch.meta["source"] = f"task {stand_in[0]!r} (the MAPS template is not in this model's vocabulary)"
+    return batch
+
+
+@dataclass
+class Curve(Result):
+    """Metrics at END as heads are ablated cumulatively: entry ``i`` = the first ``i`` of ``heads`` ablated."""
+
+    heads: list[str]
+    top1_accuracy: list[float]
+    accuracy: list[float]
+    logit_diff: list[float]
+
+
+@dataclass
+class CausalCheck(Result):
+    """The result of :func:`causal_check` (MAPS experiment 2 plus circuitlib's named extras).
+
+    ``top``: the relation's heads on its own prompts; ``random``: the paper's random baseline draws and
+    their mean; ``controls``: the paper's control (relation heads on other relations' prompts), keyed by
+    relation; ``control_candidates``: every relation considered and why it was kept or not;
+    ``extra_tasks``: relation heads on other tasks (circuitlib's extra); ``extra_random``: layer-matched
+    live-head draws at ``m`` with an empirical p (circuitlib's extra); ``summary``: values at ``m``.
+    """
+
+    relation: str
+    model: str
+    prompts: str
+    n_prompts: int
+    m: int
+    m_rule: str
+    ablation: dict
+    top: Curve
+    random: list[Curve]
+    random_mean: dict[str, list[float]]
+    controls: dict[str, Curve]
+    control_candidates: list[dict]
+    extra_tasks: dict[str, Curve]
+    extra_random: dict
+    summary: dict = field(default_factory=dict)
+
+
+def _curves(run, orders: Sequence[Sequence[Head]], n: int) -> list[Curve]:
+    out = []
+    for j, order in enumerate(orders):
+        sl = slice(j * n, (j + 1) * n)
+        out.append(Curve(heads=[head_name(h) for h in order],
+                         top1_accuracy=[round(float(v), 4) for v in run.top1_accuracy[sl]],
+                         accuracy=[round(float(v), 4) for v in run.accuracy[sl]],
+                         logit_diff=[round(float(v), 4) for v in run.mean_logit_diff[sl]]))
+    return out
+
+
+def _cumulative(model, batch: TaskBatch, orders: Sequence[Sequence[Head]], m: int, ablation: Ablation) -> list[Curve]:
+    """Each order ablated cumulatively (0..m heads) on ``batch``, all in one batched run."""
+    sets = [list(order[:i]) for order in orders for i in range(m + 1)]
+    return _curves(run_ablations(model, batch, sets, ablation), orders, m + 1)
 
 
 def causal_check(
-    model,
+    model: "HookedTransformer",
     relation: str,
     *,
-    m_max: int | None = None,
-    n_random: int = 5,
-    kind: str = "zero",
-    controls: Iterable[str] | None = None,
-    batch=None,
-    n_prompts: int = 64,
-    seed: int = 0,
     scores: dict[str, HeadScores] | None = None,
-) -> dict:
-    """Cumulatively ablate the top-``m`` heads by static score (m = 0..m_max) at each prompt's last
-    position and track task accuracy, against ``n_random`` draws of random heads (never the top
-    ``m_max`` relation heads) and against the top heads of control relations.
+    m: int | None = None,
+    n_random: int = 5,
+    max_controls: int = 5,
+    max_shared: float = 0.15,
+    max_accuracy_gap: float = 0.2,
+    extra_tasks: Iterable[str] = (),
+    n_extra_random: int = 200,
+    n_prompts: int | None = None,
+    seed: int = 0,
+) -> CausalCheck:
+    """MAPS's causal check for ``relation`` (module docstring: prompts, heads, ablation, metric, baselines).
 
-    Task: :data:`TASK_OF_RELATION` (country_to_capital_wikidata -> capitals, held-out prompts;
-    name_copying -> copying, a list of names said twice), or ``batch`` (e.g. IOI). ``kind``:
-    ``"zero"`` (MAPS) or ``"mean"`` (mean z over the task's corrupted prompts at END). Accuracy =
-    answer logit beats the wrong answer's (capitals: the capital vs the corrupt country's capital;
-    copying: the list's last name vs the corrupt prompt's name); top-1 accuracy and the mean logit
-    difference are reported too; ``summary`` holds the values at ``m = m_max``.
-    ``scores``: precomputed static scores by relation name (must include ``relation``; other
-    entries are control candidates). Returns a JSON-able dict.
+    ``scores``: static scores by relation (must include ``relation``; the others are control
+    candidates); default: every relation valid for the tokenizer. ``m``: default :func:`maps_m`.
+    ``n_prompts``: prompts per relation (default all pairs, as MAPS). Seeded throughout (the authors'
+    code draws random heads and control order unseeded).
     """
-    import random
+    from .scoring import static_scores_many
+    from .tasks import relation_table, task_batch
 
-    from .ablation import ablation_curves
-    from .tasks import task_batch
-    from .tasks.relations import relation_table
-
-    if batch is None:
-        if relation not in TASK_OF_RELATION:
-            raise ValueError(
-                f"no task for relation {relation!r}: pass batch=... (a TaskBatch) or use one of "
-                f"{sorted(TASK_OF_RELATION)}"
-            )
-        batch = task_batch(TASK_OF_RELATION[relation], model.tokenizer, n_prompts, seed=seed)
-    n_heads = model.cfg.n_layers * model.cfg.n_heads
-    m_max = m_max or max(1, min(10, n_heads // 4))
+    n_total = model.cfg.n_layers * model.cfg.n_heads
     if scores is None:
         valid = [r["relation"] for r in relation_table(model.tokenizer) if r["valid"]]
         scores = static_scores_many(model, sorted(set(valid) | {relation}))
-    ranked = scores[relation].top(m_max)
-    if controls is None:
-        controls = control_relations(relation, scores, m=m_max)
-    controls = list(controls)
-    rng = random.Random(seed)
-    pool = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in ranked]
-    draws = [rng.sample(pool, min(m_max, len(pool))) for _ in range(n_random)]
-    orders = [ranked] + draws + [scores[c].top(m_max) for c in controls]
-    sets = [order[:m] for order in orders for m in range(m_max + 1)]
-    curves = ablation_curves(model, batch, sets, kind=kind)
-    n = m_max + 1
+    if relation not in scores:
+        raise ValueError(f"scores has no entry for {relation!r}: include its static scores")
+    m_max = default_m(n_total) if m is None else m
+    heads = relation_heads(scores[relation], m_max)
+    if not heads:
+        raise ValueError(f"no head has a static {relation} score above 0: MAPS's causal check has nothing to ablate")
+    m_used = len(heads)
+    batch = relation_prompts(model, relation, n=n_prompts, seed=seed)
+    rng = np.random.default_rng(seed)
+    others = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
+    draws = [[others[i] for i in rng.choice(len(others), size=m_used, replace=False)] for _ in range(n_random)]
+    curves = _cumulative(model, batch, [heads] + draws, m_used, MAPS_ABLATION)
+    top, rand = curves[0], curves[1:]
+    rand_mean = {k: [round(float(np.mean([getattr(c, k)[i] for c in rand])), 4) for i in range(m_used + 1)]
+                 for k in METRICS} if rand else {}
 
-    def part(i):
-        return {key: vals[i * n : (i + 1) * n] for key, vals in curves.items()}
+    # the paper's control: the relation's heads on other relations' prompts
+    candidates, controls = [], {}
+    names = [r for r in scores if r != relation]
+    for r in [names[i] for i in rng.permutation(len(names))]:
+        entry = {"relation": r}
+        try:
+            other_batch = relation_prompts(model, r, n=n_prompts, seed=seed)
+        except ValueError as exc:
+            candidates.append({**entry, "accepted": False, "reason": str(exc)})
+            continue
+        theirs = relation_heads(scores[r], m_used)
+        shared = len(set(heads) & set(theirs)) / m_used
+        clean = _cumulative(model, other_batch, [[]], 0, MAPS_ABLATION)[0].top1_accuracy[0]
+        entry.update(shared=round(shared, 4), clean_top1_accuracy=clean, prompts=other_batch.meta.get("source", ""))
+        if shared >= max_shared:
+            entry.update(accepted=False, reason=f"shares {shared:.0%} of the relation's heads (must be < {max_shared:.0%})")
+        elif abs(clean - top.top1_accuracy[0]) >= max_accuracy_gap:
+            entry.update(accepted=False, reason=f"clean top-1 accuracy {clean:.2f} vs {top.top1_accuracy[0]:.2f} "
+                                               f"(must be within {max_accuracy_gap})")
+        elif len(controls) >= max_controls:
+            entry.update(accepted=False, reason=f"{max_controls} controls already")
+        else:
+            entry.update(accepted=True, reason="")
+            controls[r] = _cumulative(model, other_batch, [heads], m_used, MAPS_ABLATION)[0]
+        candidates.append(entry)
 
-    top = part(0)
-    rand = [part(1 + j) for j in range(len(draws))]
-    rand_mean = {key: [sum(r[key][m] for r in rand) / len(rand) for m in range(n)] for key in top}
-    result = {
-        "relation": relation,
-        "task": batch.task,
-        "n_prompts": len(batch),
-        "ablation": {"kind": kind, "position": "END (last token)",
-                     "mean_over": "task's corrupted prompts at END" if kind == "mean" else None},
-        "m": list(range(n)),
-        "top": {"heads": [head_name(h) for h in ranked], **top},
-        "random": {"n_draws": len(draws), "excluded": "the top-m_max relation heads",
-                   "heads": [[head_name(h) for h in d] for d in draws],
-                   "draws": rand, "mean": rand_mean},
-        "controls": {c: {"heads": [head_name(h) for h in scores[c].top(m_max)],
-                         "shared_with_top": len(set(ranked) & set(scores[c].top(m_max))),
-                         **part(1 + len(draws) + i)}
-                     for i, c in enumerate(controls)},
+    extra = {t: _cumulative(model, task_batch(t, model.tokenizer, n_prompts or 64, seed=seed), [heads], m_used,
+                            MAPS_ABLATION)[0] for t in extra_tasks}
+
+    # circuitlib's extra: layer-matched draws from the live heads, all m heads ablated at once
+    extra_random: dict = {"n_draws": 0, "note": "no layer-matched live heads outside the relation's heads"}
+    try:
+        matched = sample_head_sets(model, n_extra_random, like=heads, exclude=heads, seed=seed)
+    except ValueError as exc:
+        extra_random["note"] = str(exc)
+    else:
+        run = run_ablations(model, batch, matched.sets, MAPS_ABLATION)
+        top1 = run.top1_accuracy.numpy()
+        extra_random = {"how": matched.how, "n_draws": len(matched), "exhaustive": matched.exhaustive,
+                        "top1_accuracy_mean": round(float(top1.mean()), 4),
+                        "accuracy_mean": round(float(run.accuracy.mean()), 4),
+                        "p_value": _at_least_as_harmful(top.top1_accuracy[-1], top1),
+                        "p_value_is": "(1 + #draws whose top-1 accuracy at m is <= the relation heads') / (1 + n)"}
+    result = CausalCheck(
+        relation=relation, model=model.cfg.model_name or "", prompts=batch.meta.get("source", batch.task),
+        n_prompts=len(batch), m=m_used,
+        m_rule=f"heads with static score > 0, at most {m_max} ({m_rule(n_total)})" if m is None
+        else f"heads with static score > 0, at most {m_max} (given)",
+        ablation=MAPS_ABLATION.to_dict(), top=top, random=rand, random_mean=rand_mean, controls=controls,
+        control_candidates=candidates, extra_tasks=extra, extra_random=extra_random)
+    result.summary = {
+        "m": m_used,
+        **{f"clean_{k}": getattr(top, k)[0] for k in METRICS},
+        **{f"top_{k}": getattr(top, k)[-1] for k in METRICS},
+        **{f"random_{k}": rand_mean[k][-1] for k in METRICS if rand_mean},
+        "control_top1_accuracy": {r: (c.top1_accuracy[0], c.top1_accuracy[-1]) for r, c in controls.items()},
     }
-    result["summary"] = {"m": m_max}
-    for metric in ("accuracy", "logit_diff"):
-        result["summary"].update({
-            f"clean_{metric}": top[metric][0],
-            f"top_{metric}": top[metric][-1],
-            f"random_{metric}": rand_mean[metric][-1],
-            f"control_{metric}": {c: result["controls"][c][metric][-1] for c in controls},
-        })
     return result
 
 
-def causal_curves(result: dict, metric: str = "accuracy") -> dict:
-    """The curves of a :func:`causal_check` result for :func:`circuitlib.plots.curve_plot`:
-    ``{"top-m heads": [...], "random heads": [[draw] ...], "<control> heads": [...]}``."""
-    curves = {f"top {_short(result['relation'])} heads": result["top"][metric]}
-    curves["random heads"] = [d[metric] for d in result["random"]["draws"]]
-    for name, c in result["controls"].items():
-        curves[f"top {_short(name)} heads (control)"] = c[metric]
+def _at_least_as_harmful(observed: float, draws: np.ndarray) -> float:
+    """(1 + #random sets whose metric is <= the tested set's) / (1 + n): lower metric = more harm
+    (:func:`circuitlib.overlap.empirical_p`; exact when every possible set was drawn)."""
+    from .overlap import empirical_p
+
+    return empirical_p(observed, draws, alternative="less").p_value
+
+
+def causal_curves(result: CausalCheck, metric: str = "top1_accuracy") -> dict:
+    """Curves of a :func:`causal_check` for :func:`circuitlib.plots.curve_plot`: the relation's heads,
+    the random draws, each control and each extra task."""
+    from .plots import pretty_name
+
+    curves: dict = {f"top {pretty_name(result.relation)} heads": getattr(result.top, metric)}
+    if result.random:
+        curves["random heads (MAPS baseline)"] = [getattr(c, metric) for c in result.random]
+    for name, c in result.controls.items():
+        curves[f"on {pretty_name(name)} prompts (control)"] = getattr(c, metric)
+    for name, c in result.extra_tasks.items():
+        curves[f"on {name} prompts (extra)"] = getattr(c, metric)
     return curves
 
 
-def _short(relation: str) -> str:
-    return {"country_to_capital_wikidata": "country->capital", "name_copying": "name-copying"}.get(relation, relation)
+# ---------------------------------------------------------------------------------------------
+# Top vs random
 
 
+@dataclass
+class TopVsRandom(Result):
+    """A task's top heads ablated vs random sets of as many heads (:func:`top_vs_random`).
+
+    ``clean`` / ``top``: accuracy (two-way, chance 0.5), top-1 accuracy and logit difference with
+    nothing / the top heads ablated; ``random_mean``: their means over the random sets;
+    ``drop_top`` / ``drop_random``: clean minus ablated (accuracy and top-1 accuracy);
+    ``p_random_as_harmful``: (1 + #random sets whose top-1 drop is at least the top heads') / (1 + n); ``binomial_p_above_chance``:
+    one-sided exact binomial p that the two-way accuracy after ablating the top heads is above 0.5.
+    """
+
+    task: str
+    heads: list[str]
+    ablation: dict
+    random_how: str
+    n_random: int
+    exhaustive: bool
+    clean: dict
+    top: dict
+    random_mean: dict
+    drop_top: dict
+    drop_random: dict
+    p_random_as_harmful: float | None
+    binomial_p_above_chance: float
+    n_prompts: int
 
 
 def top_vs_random(
-    model,
+    model: "HookedTransformer",
     batch: TaskBatch,
-    top: list[Head],
+    top: Sequence[Head],
     *,
-    n_draws: int = 30,
+    n_draws: int = 2000,
+    pool: Iterable[Head] | None = None,
+    ablation: Ablation = Ablation(),
     seed: int = 0,
-    kind: AblationKind = "mean",
-    at: Where = "all",
-) -> dict:
-    """Accuracy drops when ablating ``top`` vs ``n_draws`` random sets of as many heads (any head).
+) -> TopVsRandom:
+    """Ablate ``top`` vs random sets of ``len(top)`` heads from ``pool`` (default: the live heads)
+    outside ``top``: every such set when there are at most ``n_draws``, else ``n_draws`` seeded draws.
+    Default ablation: mean over the corrupted prompts, every position, BOS excluded."""
+    top = [(int(l), int(h)) for l, h in top]
+    draws = sample_head_sets(model, n_draws, size=len(top), pool=pool, exclude=top, seed=seed)
+    run = run_ablations(model, batch, [[], top, *draws.sets], ablation)
+    acc, top1, ld = run.accuracy.numpy(), run.top1_accuracy.numpy(), run.mean_logit_diff.numpy()
 
-    Returns ``{metric: {"clean", "top", "drop_top", "drop_random"}}`` for ``accuracy`` (answer beats
-    the wrong answer: a two-way choice, so chance is 0.5 and a drop of 0.5 from 1.0 means "to chance")
-    and ``top1_accuracy`` (answer is the argmax over the vocabulary); ``drop_random`` is the mean
-    drop over the draws. Defaults: mean-ablation at every position, means over ``batch.corrupt``.
-    """
-    import random
+    def at(i):
+        return {"accuracy": round(float(acc[i]), 4), "top1_accuracy": round(float(top1[i]), 4),
+                "logit_diff": round(float(ld[i]), 4)}
 
-    from .ablation import ablation_curves
-
-    rng = random.Random(seed)
-    heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    draws = [rng.sample(heads, len(top)) for _ in range(n_draws)]
-    curves = ablation_curves(model, batch, [[], list(top), *draws], kind=kind, at=at)
-    out = {"heads": [head_name(h) for h in top], "kind": kind, "at": at, "n_draws": n_draws}
-    for metric in ("accuracy", "top1_accuracy"):
-        acc = curves[metric]
-        out[metric] = {"clean": acc[0], "top": acc[1], "drop_top": acc[0] - acc[1],
-                       "drop_random": sum(acc[0] - a for a in acc[2:]) / n_draws}
-    return out
+    rand = slice(2, None)
+    n_correct = int((run.logit_diff[1] > 0).sum())
+    return TopVsRandom(
+        task=batch.task, heads=[head_name(h) for h in top], ablation=ablation.to_dict(), random_how=draws.how,
+        n_random=len(draws), exhaustive=draws.exhaustive, clean=at(0), top=at(1),
+        random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
+                     "logit_diff": round(float(ld[rand].mean()), 4)},
+        drop_top={"accuracy": round(float(acc[0] - acc[1]), 4), "top1_accuracy": round(float(top1[0] - top1[1]), 4)},
+        drop_random={"accuracy": round(float(acc[0] - acc[rand].mean()), 4),
+                     "top1_accuracy": round(float(top1[0] - top1[rand].mean()), 4)},
+        p_random_as_harmful=_at_least_as_harmful(float(top1[1]), top1[rand]) if len(draws) else None,
+        binomial_p_above_chance=float(stats.binomtest(n_correct, len(batch), 0.5, alternative="greater").pvalue),
+        n_prompts=len(batch),
+    )

@@ -1,36 +1,79 @@
-"""Circuits from patching scores: selection, faithfulness, minimality, and the whole discovery pipeline.
+"""Circuits from patching scores: selection, faithfulness under several ablation conventions,
+minimality, and the discovery pipeline.
 
 Conventions (they change numbers; every result names them):
 
-- A circuit is evaluated by **mean-ablating every head outside it**: the head's z (``hook_z``) is
-  replaced, at every position, by its mean over all real tokens of a *reference* dataset (default:
-  the task's corrupted prompts, i.e. Wang et al.'s ABC dataset for IOI).
-- **faithfulness** = logit difference of the circuit / logit difference of the full model (the
-  issue's definition; 1 = the circuit alone recovers the full behaviour). Also reported:
-  ``normalised`` = (circuit - all heads ablated) / (full - all heads ablated).
-- **minimality** of a circuit head v = (circuit logit diff - logit diff of the circuit without v) /
-  full-model logit diff: how much faithfulness drops when v is also ablated.
+- A circuit is evaluated by **ablating every head outside it** (:mod:`circuitlib.interventions`).
+  Default: mean-ablation of ``hook_z`` at every position, means over all real tokens of the task's
+  *corrupted* prompts (Wang et al.'s ABC dataset for IOI), BOS excluded. :data:`CONVENTIONS` adds BOS
+  in the means, per-template means (position by position), resample ablation and zero-ablation.
+- **faithfulness** = mean logit difference of the circuit / that of the full model (1 = the circuit
+  alone recovers the full behaviour); ``normalised`` = (circuit - every head ablated) / (full - every
+  head ablated). 95% intervals: percentile bootstrap over prompts (``n_boot`` resamples, seeded).
+- **minimality** of a circuit head v = (circuit - circuit without v) / full, in logit difference.
+- :func:`discover_circuit` scores heads on one set of prompts (*selection*), picks the smallest
+  top-k reaching ``target`` there, and reports faithfulness on a disjoint *held-out* set under every
+  convention. A head set is ``robust`` when it reaches the target on held-out prompts under at least
+  two conventions; prose calls it "the circuit" only then.
 
-Many circuits are evaluated in one forward pass: copy ``i`` of the prompts gets its own set of
-ablated heads (:func:`ablate_copies`).
+Head-scoring methods live in a registry (:data:`HEAD_SCORERS`): :func:`register_scorer` adds one,
+and discovery, the report and the explorer pick it up.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
+import numpy as np
 import torch
-from jaxtyping import Bool, Float
-from torch import Tensor
 
-from .ablation import head_means
+from .interventions import CONVENTIONS, Ablation, run_ablations
+from .results import Result
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
-Reference = Literal["corrupt", "clean"] | TaskBatch
-MAX_TOKENS = 32768  # token rows per forward when evaluating many circuits at once
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+Direction = Literal["noising", "denoising"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Head scorers
+
+
+HEAD_SCORERS: dict[str, Callable[..., HeadScores]] = {}
+
+
+def register_scorer(name: str, fn: Callable[..., HeadScores]) -> None:
+    """Register a head-scoring method ``fn(model, batch, *, direction, progress) -> HeadScores``."""
+    if name in HEAD_SCORERS:
+        raise ValueError(f"a head scorer named {name!r} is already registered")
+    HEAD_SCORERS[name] = fn
+
+
+def _act_patch(model, batch, *, direction, progress=False):
+    from .patching import act_patch_heads
+
+    return act_patch_heads(model, batch, direction=direction, progress=progress)
+
+
+def _attribution(model, batch, *, direction, progress=False):
+    from .patching import attribution_patch_heads
+
+    return attribution_patch_heads(model, batch, direction=direction)
+
+
+def _path_patch(model, batch, *, direction, progress=False):
+    from .patching import path_patch
+
+    return path_patch(model, batch, progress=progress)
+
+
+register_scorer("act_patch", _act_patch)
+register_scorer("attribution", _attribution)
+register_scorer("path_patch", _path_patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,139 +103,154 @@ def select_circuit(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ablation of many head sets at once
+# Faithfulness and minimality
 
 
-@contextmanager
-def ablate_copies(
-    model,
-    ablated: Bool[Tensor, "copies n_layers n_heads"],
-    means: Float[Tensor, "n_layers n_heads d_head"],
-) -> Iterator[None]:
-    """Forward passes on ``copies x batch`` rows (copy-major) mean-ablate, in copy ``c``, the heads
-    where ``ablated[c]`` is True (at every position). Hooks are removed on every exit path."""
-    C = ablated.shape[0]
-
-    def make_hook(layer: int):
-        mask = ablated[:, layer].to(model.cfg.device)  # [copy, head]
-
-        def hook(z, hook):
-            zc = z.reshape(C, -1, *z.shape[1:])  # [copy, batch, pos, head, d]
-            out = torch.where(mask[:, None, None, :, None], means[layer].to(z), zc)
-            return out.reshape(z.shape)
-
-        return hook
-
-    layers = [l for l in range(model.cfg.n_layers) if ablated[:, l].any()]
-    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", make_hook(l)) for l in layers]):
-        yield
-
-
-def _reference_means(model, batch: TaskBatch, reference: Reference) -> tuple[Tensor, str]:
-    if isinstance(reference, TaskBatch):
-        return head_means(model, reference.clean, reference.end, at="all"), f"{reference.task} prompts (given)"
-    if reference == "corrupt":
-        return head_means(model, batch.corrupt, batch.end, at="all"), f"{batch.task} corrupted prompts"
-    if reference == "clean":
-        return head_means(model, batch.clean, batch.end, at="all"), f"{batch.task} clean prompts"
-    raise ValueError(f"unknown reference {reference!r}: use 'corrupt', 'clean' or a TaskBatch")
-
-
-@torch.no_grad()
-def _ablated_metrics(
-    model, batch: TaskBatch, ablated: Bool[Tensor, "copies n_layers n_heads"], means: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Logit difference and accuracy of the clean prompts with each copy's heads ablated."""
-    B, S = batch.clean.shape
-    size = max(1, MAX_TOKENS // (B * S))
-    diffs, accs = [], []
-    for i in range(0, ablated.shape[0], size):
-        part = ablated[i : i + size]
-        C = part.shape[0]
-        with ablate_copies(model, part, means):
-            logits = model(batch.clean.to(model.cfg.device).repeat(C, 1))
-        rows = torch.arange(C * B)
-        last = logits[rows, batch.end.repeat(C).to(logits.device)]
-        d = (last[rows, batch.answer.repeat(C)] - last[rows, batch.wrong.repeat(C)]).view(C, B)
-        diffs.append(d.mean(1))
-        accs.append((d > 0).float().mean(1))
-    return torch.cat(diffs).cpu(), torch.cat(accs).cpu()
-
-
-def _outside(model, circuits: list[frozenset[Head]]) -> Tensor:
-    mask = torch.ones(len(circuits), model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+def _complement_masks(model, circuits: list[frozenset[Head]]) -> torch.Tensor:
+    """Masks that ablate everything *outside* each circuit."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    mask = torch.ones(len(circuits), L, H, dtype=torch.bool)
     for i, heads in enumerate(circuits):
         for l, h in heads:
-            if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
-                raise ValueError(f"head {l}.{h} does not exist in a {model.cfg.n_layers}x{model.cfg.n_heads} model")
+            if not (0 <= l < L and 0 <= h < H):
+                raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
             mask[i, l, h] = False
     return mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Faithfulness and minimality
+@dataclass
+class Faithfulness(Result):
+    """How much of the full model's logit difference a circuit recovers with every other head ablated.
+
+    ``faithfulness`` = circuit / full (mean logit differences); ``ci95``: its percentile bootstrap
+    interval over prompts; ``normalised`` = (circuit - empty) / (full - empty); accuracies are two-way
+    (answer beats wrong). ``ablation`` names the convention; ``prompts`` which prompts were used.
+    """
+
+    heads: list[str]
+    faithfulness: float
+    ci95: tuple[float, float]
+    normalised: float
+    logit_diff_full: float
+    logit_diff_circuit: float
+    logit_diff_empty: float
+    accuracy_full: float
+    accuracy_circuit: float
+    accuracy_empty: float
+    ablation: dict
+    prompts: str
+    n_prompts: int
+
+    def reaches(self, target: float) -> bool:
+        return self.faithfulness >= target
+
+
+def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    ratios = num[idx].mean(1) / den[idx].mean(1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return round(float(lo), 4), round(float(hi), 4)
 
 
 def faithfulness(
-    model, batch: TaskBatch, circuit: Circuit, *, kind: Literal["mean"] = "mean", reference: Reference = "corrupt"
-) -> dict[str, Any]:
-    """How much of the full model's logit difference the circuit alone recovers.
-
-    Every head outside ``circuit`` is mean-ablated (means over ``reference``, all positions).
-    Returns ``faithfulness`` (circuit / full), ``normalised`` ((circuit - empty) / (full - empty)),
-    the logit differences and accuracies of the full model, the circuit and the empty circuit,
-    and what was ablated over which dataset.
-    """
-    if kind != "mean":
-        raise ValueError("faithfulness supports kind='mean' (mean-ablation over a reference dataset)")
-    means, ref_name = _reference_means(model, batch, reference)
+    model: "HookedTransformer",
+    batch: TaskBatch,
+    circuit: Circuit,
+    *,
+    ablation: Ablation = Ablation(),
+    reference: TaskBatch | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    prompts: str = "",
+) -> Faithfulness:
+    """Faithfulness of ``circuit`` on ``batch`` with every other head ablated by ``ablation``
+    (default: mean over the corrupted prompts, every position, BOS excluded). One batched run
+    evaluates the full model, the circuit and the empty circuit."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    full, empty = frozenset((l, h) for l in range(L) for h in range(H)), frozenset()
-    diffs, accs = _ablated_metrics(model, batch, _outside(model, [full, circuit.heads, empty]), means)
-    d_full, d_circ, d_empty = (float(x) for x in diffs)
-    return {
-        "faithfulness": round(d_circ / d_full, 4),
-        "normalised": round((d_circ - d_empty) / (d_full - d_empty), 4),
-        "logit_diff_full": round(d_full, 4),
-        "logit_diff_circuit": round(d_circ, 4),
-        "logit_diff_empty": round(d_empty, 4),
-        "accuracy_full": round(float(accs[0]), 4),
-        "accuracy_circuit": round(float(accs[1]), 4),
-        "accuracy_empty": round(float(accs[2]), 4),
-        "n_heads": len(circuit),
-        "heads": circuit.names(),
-        "ablation": f"{kind}-ablation of every head outside the circuit (hook_z, all positions)",
-        "reference": f"means over all real tokens of the {ref_name}",
-        "n_prompts": len(batch),
-    }
+    everything = frozenset((l, h) for l in range(L) for h in range(H))
+    run = run_ablations(model, batch, _complement_masks(model, [everything, circuit.heads, frozenset()]),
+                        ablation, reference=reference)
+    d = run.logit_diff.double().numpy()
+    full, circ, empty = d.mean(1)
+    if abs(full) < 1e-9 or abs(full - empty) < 1e-9:
+        raise ValueError("the full model's logit difference is 0 (or equals the fully ablated model's): "
+                         "faithfulness is undefined; check the task batch")
+    acc = run.accuracy.numpy()
+    return Faithfulness(
+        heads=circuit.names(), faithfulness=round(float(circ / full), 4),
+        ci95=_bootstrap_ratio(d[1], d[0], n_boot, seed), normalised=round(float((circ - empty) / (full - empty)), 4),
+        logit_diff_full=round(float(full), 4), logit_diff_circuit=round(float(circ), 4),
+        logit_diff_empty=round(float(empty), 4), accuracy_full=round(float(acc[0]), 4),
+        accuracy_circuit=round(float(acc[1]), 4), accuracy_empty=round(float(acc[2]), 4),
+        ablation=ablation.to_dict(), prompts=prompts or f"{batch.task} ({len(batch)} prompts)", n_prompts=len(batch),
+    )
+
+
+def faithfulness_by_convention(
+    model: "HookedTransformer", batch: TaskBatch, circuit: Circuit, *,
+    conventions: dict[str, Ablation] = CONVENTIONS, **kwargs,
+) -> dict[str, Faithfulness]:
+    """:func:`faithfulness` under each named ablation convention (default :data:`CONVENTIONS`)."""
+    return {name: faithfulness(model, batch, circuit, ablation=a, **kwargs) for name, a in conventions.items()}
 
 
 def minimality(
-    model, batch: TaskBatch, circuit: Circuit, *, reference: Reference = "corrupt"
+    model: "HookedTransformer", batch: TaskBatch, circuit: Circuit, *, ablation: Ablation = Ablation()
 ) -> dict[str, float]:
-    """For each circuit head: the drop in faithfulness when it is ablated too (one batched forward)."""
-    means, _ = _reference_means(model, batch, reference)
+    """For each circuit head v: (circuit - circuit without v) / full, in mean logit difference
+    (one batched run)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     heads = sorted(circuit.heads)
-    sets = [frozenset((l, h) for l in range(L) for h in range(H)), circuit.heads]
-    sets += [circuit.heads - {v} for v in heads]
-    diffs, _ = _ablated_metrics(model, batch, _outside(model, sets), means)
-    d_full, d_circ = float(diffs[0]), float(diffs[1])
-    return {head_name(v): round((d_circ - float(d)) / d_full, 4) for v, d in zip(heads, diffs[2:])}
+    sets = [frozenset((l, h) for l in range(L) for h in range(H)), circuit.heads] + [circuit.heads - {v} for v in heads]
+    d = run_ablations(model, batch, _complement_masks(model, sets), ablation).mean_logit_diff
+    full, circ = float(d[0]), float(d[1])
+    return {head_name(v): round((circ - float(x)) / full, 4) for v, x in zip(heads, d[2:])}
+
+
+def k_grid(n_heads: int, dense_up_to: int = 40) -> list[int]:
+    """The k at which a faithfulness curve is evaluated: every k up to ``dense_up_to``, then a
+    geometric grid (x1.25) up to all heads. Between grid points :func:`smallest_k` bisects."""
+    ks = list(range(min(n_heads, dense_up_to) + 1))
+    k = float(ks[-1])
+    while ks[-1] < n_heads:
+        k *= 1.25
+        ks.append(min(n_heads, int(round(k))))
+    return sorted(set(ks))
 
 
 def faithfulness_curve(
-    model, batch: TaskBatch, scores: HeadScores, *, ks: list[int] | None = None, absolute: bool = True,
-    reference: Reference = "corrupt",
+    model: "HookedTransformer", batch: TaskBatch, scores: HeadScores, *, ks: list[int] | None = None,
+    absolute: bool = True, ablation: Ablation = Ablation(),
 ) -> dict[int, float]:
-    """Faithfulness of the top-k circuit for every k in ``ks`` (default 0..n_heads), one batched pass."""
-    means, _ = _reference_means(model, batch, reference)
+    """Faithfulness of the top-k circuit (by ``|score|``) for every k in ``ks`` (default
+    :func:`k_grid`), one batched run."""
     n = scores.scores.numel()
-    ks = list(range(n + 1)) if ks is None else list(ks)
+    ks = k_grid(n) if ks is None else [int(k) for k in ks]
     order = scores.top(n, absolute=absolute)
-    full = frozenset(order)
-    diffs, _ = _ablated_metrics(model, batch, _outside(model, [full] + [frozenset(order[:k]) for k in ks]), means)
-    return {k: round(float(d) / float(diffs[0]), 4) for k, d in zip(ks, diffs[1:])}
+    sets = [frozenset(order)] + [frozenset(order[:k]) for k in ks]
+    d = run_ablations(model, batch, _complement_masks(model, sets), ablation).mean_logit_diff
+    return {k: round(float(x) / float(d[0]), 4) for k, x in zip(ks, d[1:])}
+
+
+def smallest_k(
+    model: "HookedTransformer", batch: TaskBatch, scores: HeadScores, curve: dict[int, float], target: float, *,
+    absolute: bool = True, ablation: Ablation = Ablation(),
+) -> int | None:
+    """The smallest k > 0 whose top-k circuit reaches ``target``: the first grid point of ``curve``
+    that does, refined by bisection inside the grid gap before it (assumes the curve rises within a
+    gap). ``None`` when no k on the curve reaches it."""
+    ks = sorted(k for k in curve if k > 0)
+    hit = next((k for k in ks if curve[k] >= target), None)
+    if hit is None:
+        return None
+    lo = max([k for k in ks if k < hit], default=0)
+    while hit - lo > 1:
+        mid = (lo + hit) // 2
+        f = faithfulness_curve(model, batch, scores, ks=[mid], absolute=absolute, ablation=ablation)[mid]
+        curve[mid] = f
+        lo, hit = (lo, mid) if f >= target else (mid, hit)
+    return hit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,79 +258,119 @@ def faithfulness_curve(
 
 
 @dataclass
-class CircuitDiscovery:
-    """Everything :func:`discover_circuit` found for one task (``to_dict()`` is JSON-able)."""
+class CircuitDiscovery(Result):
+    """Everything :func:`discover_circuit` found for one task.
+
+    ``scores``: every registered scorer's head scores on the selection prompts; ``circuit``: the head
+    set chosen from ``method``'s scores; ``selection``: its faithfulness on the selection prompts
+    (default convention); ``heldout``: faithfulness on disjoint held-out prompts under every
+    convention; ``robust``: conventions under which it reaches ``target`` on held-out prompts (the
+    head set is called a circuit only with two or more); ``reached_target``: whether the chosen k
+    reached the target on the selection prompts (False when discovery fell back to the most faithful
+    k); ``curve``: faithfulness by k on the selection prompts.
+    """
 
     task: str
     model: str
     scores: dict[str, HeadScores]
     circuit: Circuit
-    faithfulness: dict[str, Any]
+    selection: Faithfulness
+    heldout: dict[str, Faithfulness]
+    robust: list[str]
+    reached_target: bool
     minimality: dict[str, float]
     curve: dict[int, float]
     timings: dict[str, float]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_robust(self) -> bool:
+        return len(self.robust) >= 2
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "model": self.model,
-            "scores": {k: v.to_dict() for k, v in self.scores.items()},
-            "circuit": self.circuit.to_dict(),
-            "faithfulness": self.faithfulness,
-            "minimality": self.minimality,
-            "faithfulness_by_k": {str(k): v for k, v in self.curve.items()},
-            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-            "meta": self.meta,
-        }
+        out = super().to_dict()
+        out["scores"] = {k: v.to_dict() for k, v in self.scores.items()}
+        out["circuit"] = self.circuit.to_dict()
+        out["curve"] = {str(k): v for k, v in self.curve.items()}
+        out["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return out
+
+
+def split_prompts(task: str, tokenizer, n: int, *, seed: int = 0) -> tuple[TaskBatch, TaskBatch]:
+    """Two disjoint batches of ``n`` prompts (selection, held-out): ``2n`` prompts built with one seed
+    (templates cycle, so both halves cover them), alternate prompts to each half, duplicates of a
+    selection prompt dropped from the held-out half."""
+    from .tasks import task_batch
+
+    both = task_batch(task, tokenizer, 2 * n, seed=seed)
+    sel = both[list(range(0, 2 * n, 2))]
+    seen = set(sel.prompts)
+    held = both[[i for i in range(1, 2 * n, 2) if both.prompts[i] not in seen]]
+    return sel, held
 
 
 def discover_circuit(
-    model,
+    model: "HookedTransformer",
     task: str,
     *,
     n_prompts: int = 64,
-    method: Literal["act_patch", "attribution", "path_patch"] = "act_patch",
-    direction: Literal["noising", "denoising"] = "noising",
+    method: str = "act_patch",
+    direction: Direction = "noising",
+    scorers: list[str] | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
     target: float = 0.85,
+    ablation: Ablation = Ablation(),
+    conventions: dict[str, Ablation] = CONVENTIONS,
+    n_boot: int = 1000,
     seed: int = 0,
     progress: bool = False,
 ) -> CircuitDiscovery:
-    """Patching scores by every method, a circuit from one of them, and its faithfulness.
+    """Head scores by every registered method, a circuit from ``method``'s scores, and its faithfulness.
 
-    Runs on ``task_batch(task, model.tokenizer, n_prompts, seed=seed)`` (held-out prompts): head
-    activation patching (noising and denoising), attribution patching and path patching to the
-    logits (all noising unless ``direction`` says otherwise, normalised logit difference), each
-    timed. The circuit is chosen from ``method``'s scores by ``top_k`` / ``threshold``; with neither,
-    the smallest top-k whose faithfulness reaches ``target`` (else the most faithful k).
+    ``n_prompts`` selection prompts and as many held-out ones (:func:`split_prompts`). The circuit is
+    chosen by ``top_k`` / ``threshold``; with neither, the smallest top-k whose faithfulness (under
+    ``ablation``) reaches ``target`` on the selection prompts (:func:`smallest_k`; else the most
+    faithful k, and ``reached_target`` is False). Held-out faithfulness under every convention.
     """
-    from .patching import act_patch_heads, attribution_patch_heads, path_patch, timed
-    from .tasks import task_batch
-
-    batch = task_batch(task, model.tokenizer, n_prompts, seed=seed)
-    other = "denoising" if direction == "noising" else "noising"
+    names = list(HEAD_SCORERS) if scorers is None else list(scorers)
+    unknown = [n for n in [method, *names] if n not in HEAD_SCORERS]
+    if unknown:
+        raise ValueError(f"unknown head-scoring method {unknown[0]!r}: use one of {tuple(HEAD_SCORERS)} "
+                         "(or register_scorer a new one)")
+    if method not in names:
+        names.append(method)
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+    sel, held = split_prompts(task, model.tokenizer, n_prompts, seed=seed)
     scores, timings = {}, {}
-    scores["act_patch"], timings["act_patch"] = timed(act_patch_heads, model, batch, direction=direction, progress=progress)
-    scores[f"act_patch_{other}"], timings[f"act_patch_{other}"] = timed(
-        act_patch_heads, model, batch, direction=other, progress=progress)
-    scores["attribution"], timings["attribution"] = timed(attribution_patch_heads, model, batch, direction=direction)
-    scores["path_patch"], timings["path_patch"] = timed(path_patch, model, batch, progress=progress)
-    if method not in ("act_patch", "attribution", "path_patch"):
-        raise ValueError(f"unknown method {method!r}: use 'act_patch', 'attribution' or 'path_patch'")
+    for name in names:
+        t0 = time.perf_counter()
+        scores[name] = HEAD_SCORERS[name](model, sel, direction=direction, progress=progress)
+        timings[name] = time.perf_counter() - t0
     chosen = scores[method]
     t0 = time.perf_counter()
-    curve = faithfulness_curve(model, batch, chosen)
+    curve = faithfulness_curve(model, sel, chosen, ablation=ablation)
+    reached = True
     if top_k is None and threshold is None:
-        reached = [k for k, f in curve.items() if f >= target and k > 0]
-        top_k = min(reached) if reached else max(curve, key=curve.get)
+        top_k = smallest_k(model, sel, chosen, curve, target, ablation=ablation)
+        if top_k is None:
+            reached = False
+            top_k = max(curve, key=curve.get)
     circuit = select_circuit(chosen, top_k=top_k, threshold=threshold)
-    faith = faithfulness(model, batch, circuit)
-    mini = minimality(model, batch, circuit)
+    selection = faithfulness(model, sel, circuit, ablation=ablation, n_boot=n_boot, seed=seed,
+                             prompts=f"{task} selection prompts ({len(sel)})")
+    reached = reached and selection.reaches(target)
     timings["faithfulness"] = time.perf_counter() - t0
-    meta = {"n_prompts": len(batch), "seed": seed, "method": method, "direction": direction,
-            "target": target, "top_k": top_k, "threshold": threshold,
-            "reached_target": faith["faithfulness"] >= target, **batch.meta}
-    return CircuitDiscovery(task=task, model=model.cfg.model_name or "", scores=scores, circuit=circuit,
-                            faithfulness=faith, minimality=mini, curve=curve, timings=timings, meta=meta)
+    t0 = time.perf_counter()
+    heldout = faithfulness_by_convention(model, held, circuit, conventions=conventions, n_boot=n_boot, seed=seed,
+                                         prompts=f"{task} held-out prompts ({len(held)})")
+    mini = minimality(model, held, circuit, ablation=ablation)
+    timings["heldout"] = time.perf_counter() - t0
+    meta = {"n_selection": len(sel), "n_heldout": len(held), "seed": seed, "method": method,
+            "direction": direction, "target": target, "top_k": top_k, "threshold": threshold,
+            "ablation": ablation.to_dict(), **sel.meta}
+    return CircuitDiscovery(
+        task=task, model=model.cfg.model_name or "", scores=scores, circuit=circuit, selection=selection,
+        heldout=heldout, robust=[n for n, f in heldout.items() if f.reaches(target)], reached_target=reached,
+        minimality=mini, curve=curve, timings=timings, meta=meta)

@@ -4,98 +4,129 @@ task, against random head sets; and the whole overlap-and-reuse analysis (notebo
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from .overlap import HeadSet, as_head_set, compare
-from .types import Circuit, HeadScores, TaskBatch, head_name
+from .interventions import Ablation, HeadSetDraws, live_heads, run_ablations, sample_head_sets
+from .overlap import (
+    HeadSet,
+    TestRow,
+    TestTable,
+    as_head_set,
+    circuit_rank_test,
+    default_top_k,
+    empirical_p,
+    rank_correlation,
+    set_overlap,
+    test_table,
+    top_set,
+    topk_overlap_curve,
+)
+from .results import Result
+from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+
+def random_controls(model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0) -> HeadSetDraws:
+    """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
+    ``heads``; when a layer has too few, size-matched draws from the live heads; when those are too few,
+    from all heads outside ``heads``. ``how`` says which (and why)."""
+    try:
+        return sample_head_sets(model, n_draws, like=heads, exclude=heads, seed=seed)
+    except ValueError as matched:
+        try:
+            d = sample_head_sets(model, n_draws, size=len(heads), exclude=heads, seed=seed)
+        except ValueError:
+            every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=heads, seed=seed)
+            d.how += " (from all heads: too few live heads)"
+        d.how += f" (not layer-matched: {matched})"
+        return d
+
+
+@dataclass
+class CrossTaskAblation(Result):
+    """One circuit's heads ablated on one task, against random head sets (:func:`cross_task_ablation`).
+
+    ``clean`` / ``ablated`` / ``random_mean``: two-way accuracy, top-1 accuracy, logit difference and
+    normalised logit difference ((x - corrupt) / (clean - corrupt): 1 = clean, 0 = corrupted).
+    ``p_value``: (1 + #random sets whose normalised logit difference is at most the circuit's) / (1 + n),
+    one-sided, "the circuit hurts more than random heads" (:func:`circuitlib.overlap.empirical_p`; exact
+    under "the circuit is one of the n + 1 equally likely sets" when every set was evaluated).
+    """
+
+    circuit: list[str]
+    circuit_task: str | None
+    measured_task: str
+    ablation: dict
+    n_prompts: int
+    clean: dict
+    corrupt_logit_diff: float
+    ablated: dict
+    random_how: str
+    n_random: int
+    exhaustive: bool
+    random_mean: dict
+    random_std_normalised: float
+    p_value: float
+    p_how: str
 
 
 @torch.no_grad()
 def cross_task_ablation(
-    model,
+    model: "HookedTransformer",
     circuit: HeadSet,
     batch: TaskBatch,
     *,
-    kind: str = "mean",
-    at: str = "all",
-    n_random: int = 10,
+    ablation: Ablation = Ablation(),
+    n_random: int = 2000,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Remove ``circuit``'s heads and measure ``batch``'s task; compare with random head sets.
+) -> CrossTaskAblation:
+    """Ablate ``circuit``'s heads and measure ``batch``'s task, against :func:`random_controls`.
 
-    Ablation: ``kind`` ("mean" = each head's mean z over ``batch.corrupt``, "zero") at ``at``
-    ("all" positions by default, since circuit heads of another task may act before END; "end" =
-    END only), all sets in batched forward passes (:func:`circuitlib.ablation.ablation_curves`).
-    Random sets have the circuit's size and are drawn (seeded) from the heads *outside* the circuit
-    (from all heads when the circuit holds more than half of them; ``random_pool`` says which: then
-    random sets share many heads with the circuit and the comparison is weak; ablate a circuit's
-    core, its top heads, instead).
-    Metrics at END: accuracy (answer beats wrong), logit difference, and normalised logit
-    difference (1 = clean, 0 = corrupted).
-    ``empirical_p`` = (1 + #{random draws at least as harmful}) / (1 + n_random) (so never below
-    1 / (1 + n_random)); ``z_score`` = (circuit - random mean) / random std of the normalised logit
-    difference (negative: the circuit hurts more than random heads).
+    Default ablation: mean over the measured task's corrupted prompts, every position, BOS excluded
+    (a circuit of another task may act before END). Everything in one batched run.
     """
-    from .ablation import ablation_curves
-    from .metrics import logit_diff, normalise
-
     heads = sorted(as_head_set(circuit))
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    everything = [(l, h) for l in range(n_layers) for h in range(n_heads)]
-    for head in heads:
-        if head not in everything:
-            raise ValueError(f"head {head_name(head)} does not exist in a {n_layers}x{n_heads} model")
-    outside = [hd for hd in everything if hd not in set(heads)]
-    pool = outside if len(outside) >= len(heads) else everything
-    rng = np.random.default_rng(seed)
-    draws = [[pool[i] for i in sorted(rng.choice(len(pool), size=len(heads), replace=False))]
-             for _ in range(n_random)]
-    curves = ablation_curves(model, batch, [[], heads, *draws], kind=kind, at=at)
-    ld_corrupt = float(logit_diff(model(batch.corrupt.to(model.cfg.device)), batch))
-    ld_clean = curves["logit_diff"][0]
+    draws = random_controls(model, heads, n_random, seed=seed)
+    run = run_ablations(model, batch, [[], heads, *draws.sets], ablation)
+    corrupt = model(batch.corrupt.to(model.cfg.device))
+    rows = torch.arange(len(batch))
+    last = corrupt[rows, batch.end]
+    ld_corrupt = float((last[rows, batch.answer] - last[rows, batch.wrong]).mean())
+    ld = run.mean_logit_diff.double().numpy()
+    if abs(ld[0] - ld_corrupt) < 1e-9:
+        raise ValueError(f"the {batch.task} clean and corrupted prompts give the same logit difference: the "
+                         "normalised metric is undefined; use a corruption that changes the answer")
+    norm = (ld - ld_corrupt) / (ld[0] - ld_corrupt)
+    acc, top1 = run.accuracy.numpy(), run.top1_accuracy.numpy()
 
-    def entry(i: int) -> dict[str, float]:
-        ld = curves["logit_diff"][i]
-        return {"accuracy": curves["accuracy"][i], "logit_diff": ld,
-                "normalised": float(normalise(ld, ld_clean, ld_corrupt))}
+    def at(i):
+        return {"accuracy": round(float(acc[i]), 4), "top1_accuracy": round(float(top1[i]), 4),
+                "logit_diff": round(float(ld[i]), 4), "normalised": round(float(norm[i]), 4)}
 
-    ablated = entry(1)
-    random = [{"heads": [head_name(h) for h in d], **entry(2 + j)} for j, d in enumerate(draws)]
-    rand_norm = np.array([d["normalised"] for d in random])
-    rand_acc = np.array([d["accuracy"] for d in random])
-    return {
-        "circuit": [head_name(h) for h in heads],
-        "circuit_task": circuit.task if isinstance(circuit, Circuit) else None,
-        "measured_task": batch.task,
-        "kind": kind,
-        "at": at,
-        "mean_over": "measured task's corrupted prompts" if kind == "mean" else None,
-        "n_prompts": len(batch),
-        "clean": entry(0),
-        "corrupt_logit_diff": ld_corrupt,
-        "ablated": ablated,
-        "random": {
-            "n_draws": n_random,
-            "random_pool": "outside the circuit" if pool is outside else "all heads (circuit > half the model)",
-            "accuracy_mean": float(rand_acc.mean()) if random else None,
-            "accuracy_std": float(rand_acc.std()) if random else None,
-            "normalised_mean": float(rand_norm.mean()) if random else None,
-            "normalised_std": float(rand_norm.std()) if random else None,
-            "draws": random,
-        },
-        "empirical_p": float((1 + (rand_norm <= ablated["normalised"]).sum()) / (1 + n_random)),
-        "z_score": float((ablated["normalised"] - rand_norm.mean()) / rand_norm.std())
-        if n_random > 1 and rand_norm.std() > 0 else None,
-    }
+    rand = slice(2, None)
+    r_norm = norm[rand]
+    pv = empirical_p(float(norm[1]), r_norm, alternative="less")
+    return CrossTaskAblation(
+        circuit=[head_name(h) for h in heads], circuit_task=circuit.task if isinstance(circuit, Circuit) else None,
+        measured_task=batch.task, ablation=ablation.to_dict(), n_prompts=len(batch), clean=at(0),
+        corrupt_logit_diff=round(ld_corrupt, 4), ablated=at(1), random_how=draws.how, n_random=len(draws),
+        exhaustive=draws.exhaustive,
+        random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
+                     "logit_diff": round(float(ld[rand].mean()), 4), "normalised": round(float(r_norm.mean()), 4)},
+        random_std_normalised=round(float(r_norm.std()), 4), p_value=pv.p_value, p_how=pv.how)
 
 
 def reuse_matrix(
-    model, circuits: dict[str, HeadSet], batches: dict[str, TaskBatch], **kwargs
-) -> dict[str, dict[str, Any]]:
+    model: "HookedTransformer", circuits: dict[str, HeadSet], batches: dict[str, TaskBatch], **kwargs
+) -> dict[str, dict[str, CrossTaskAblation]]:
     """:func:`cross_task_ablation` for every (ablated circuit, measured task) pair.
 
     ``result[circuit_task][measured_task]``; the diagonal is each circuit's own task (a positive
@@ -107,77 +138,117 @@ def reuse_matrix(
     }
 
 
-def default_core_size(n_total: int, circuit_size: int) -> int:
-    """A circuit's core: its top heads, at most a quarter of the model (toy: 6 of 24 heads)."""
-    return max(1, min(circuit_size, max(3, n_total // 4)))
+MIN_DRAWS_IN_FAMILY = 2000
+
+
+@dataclass
+class ReuseAnalysis(Result):
+    """The overlap-and-reuse analysis (:func:`reuse_analysis`), shown alike by notebook 04 and the report.
+
+    ``pairs["a|b"]``: MAPS vs MAPS (:class:`~circuitlib.overlap.Comparison` over the live heads), circuit
+    vs circuit (set overlap), |patching| vs |patching|; ``per_task[t]``: MAPS vs |patching| and the
+    circuit's heads under MAPS; ``reuse[c][t]``: :class:`CrossTaskAblation` of c's circuit on task t;
+    ``table``: the one family of tests, Holm-corrected over its rows; ``apart``: random-draw rows kept
+    out of the family because too few draws were made for their p to reach the corrected bar.
+    """
+
+    tasks: list[str]
+    relations: dict[str, str]
+    live_heads: list[str]
+    circuits: dict[str, list[str]]
+    pairs: dict[str, dict]
+    per_task: dict[str, dict]
+    reuse: dict[str, dict[str, CrossTaskAblation]]
+    table: TestTable
+    apart: TestTable | None
+    notes: list[str]
 
 
 def reuse_analysis(
-    model,
+    model: "HookedTransformer",
     relation_scores: dict[str, HeadScores],
     patching: dict[str, HeadScores],
     circuits: dict[str, Circuit],
     batches: dict[str, TaskBatch],
     *,
-    core_size: int | None = None,
-    n_random: int = 30,
-    n_permutations: int = 10_000,
+    n_random: int = MIN_DRAWS_IN_FAMILY,
+    n_permutations: int = 20_000,
+    alpha: float = 0.05,
     seed: int = 0,
-) -> dict[str, Any]:
-    """The whole overlap-and-reuse analysis of notebook 04 as one JSON-able dict (for the report).
+) -> ReuseAnalysis:
+    """Do the tasks' circuits share heads, do MAPS scores find them, and does removing one task's
+    circuit hurt another task? One family of tests, Holm-corrected (:func:`circuitlib.overlap.test_table`).
 
-    Per task (keys of ``circuits``): ``relation_scores[task]`` = MAPS scores of the task's relation,
-    ``patching[task]`` = causal head scores, ``circuits[task]`` its circuit, ``batches[task]`` the
-    prompts for cross-task ablation. The *core* of a circuit = its ``core_size`` heads with the
-    largest |patching| score (default :func:`default_core_size`). Returns, for every pair of tasks
-    ``"a|b"``: MAPS vs MAPS, circuits vs circuits, cores vs cores, |patching| vs |patching|; per
-    task MAPS vs |patching| / circuit / core; the reuse matrix of core ablations; and ``p_values``,
-    a flat list ``{"test", "value", "p"}`` of the headline tests.
+    Per task (keys of ``circuits``): ``relation_scores[task]`` = MAPS static scores of the task's relation
+    (tasks without one are left out of the MAPS rows), ``patching[task]`` = causal head scores (compared as
+    |score|), ``circuits[task]``, ``batches[task]`` (prompts for the cross-task ablations).
+
+    Rank statistics are taken over the **live heads** only (:func:`circuitlib.interventions.live_heads`):
+    on the embedded model the switched-off heads tie at zero and would make any two scorings look alike
+    ("alive vs dead"); on a pretrained model every head is live. Cross-task ablation: mean-ablation
+    (:func:`cross_task_ablation`) against ``n_random`` random sets (:func:`random_controls`); with fewer
+    than ``MIN_DRAWS_IN_FAMILY`` draws those rows go to ``apart`` instead of the family.
     """
     tasks = list(circuits)
     n_total = model.cfg.n_layers * model.cfg.n_heads
-    size = core_size or min(default_core_size(n_total, len(circuits[t])) for t in tasks)
-    cores = {t: Circuit.of(patching[t].top(size, absolute=True), t, circuits[t].model,
-                           how=f"core: top {size} by |{patching[t].method}|") for t in tasks}
+    live = live_heads(model)
     kw = dict(n_permutations=n_permutations, seed=seed)
-    out: dict[str, Any] = {"n_heads": n_total, "core_size": size,
-                           "cores": {t: c.names() for t, c in cores.items()}, "pairs": {}, "per_task": {}}
-    tests: list[dict[str, Any]] = []
-
-    def test(name: str, value, p) -> None:
-        tests.append({"test": name, "value": value, "p": p})
-
+    rows: list[TestRow] = []
+    notes: list[str] = []
+    pairs: dict[str, dict] = {}
+    per_task: dict[str, dict] = {}
+    relations = {t: relation_scores[t].target for t in tasks if t in relation_scores}
+    k = default_top_k(len(live))
     for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
-            pair = {
-                "maps": compare(relation_scores[a], relation_scores[b], **kw),
-                "circuits": compare(circuits[a], circuits[b], n_total=n_total)["set"],
-                "cores": compare(cores[a], cores[b], n_total=n_total)["set"],
-                "patching": compare(patching[a], patching[b], absolute=True, **kw),
+        for b in tasks[i + 1:]:
+            pair: dict[str, Any] = {
+                "circuits": set_overlap(circuits[a], circuits[b], n_total),
+                "patching": rank_correlation(patching[a], patching[b], heads=live, absolute=True, **kw),
             }
-            out["pairs"][f"{a}|{b}"] = pair
-            m, pt = pair["maps"], pair["patching"]
-            test(f"MAPS {a} vs {b}: Spearman (all heads)", m["rank"]["rho"], m["rank"]["p_value"])
-            test(f"MAPS {a} vs {b}: Spearman (within layers)", m["rank"]["rho"], m["rank_within_layers"]["p_value"])
-            test(f"MAPS {a} vs {b}: top-{m['top_k']} shared", m["set"]["size_intersection"], m["set"]["p_value"])
-            test(f"circuits {a} vs {b}: shared heads", pair["circuits"]["size_intersection"], pair["circuits"]["p_value"])
-            test(f"cores {a} vs {b}: shared heads", pair["cores"]["size_intersection"], pair["cores"]["p_value"])
-            test(f"|patching| {a} vs {b}: Spearman (within layers)", pt["rank"]["rho"], pt["rank_within_layers"]["p_value"])
+            rows.append(TestRow.from_result(f"circuits {a} vs {b}: shared heads", pair["circuits"],
+                                            statistic="size_intersection"))
+            if pair["patching"]["p_value"] is not None:
+                rows.append(TestRow.from_result(f"|patching| {a} vs {b}: Spearman (live heads)", pair["patching"],
+                                                statistic="rho"))
+            if a in relations and b in relations and relations[a] != relations[b]:
+                ra, rb = relation_scores[a], relation_scores[b]
+                pair["maps"] = rank_correlation(ra, rb, heads=live, **kw)
+                pair["maps_top"] = set_overlap(top_set(ra, k, seed=seed), top_set(rb, k, seed=seed + 1), n_total)
+                pair["maps_topk_curve"] = topk_overlap_curve(ra, rb, seed=seed)
+                if pair["maps"]["p_value"] is not None:
+                    rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: Spearman (live heads)",
+                                                    pair["maps"], statistic="rho"))
+                rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: top-{k} heads shared",
+                                                pair["maps_top"], statistic="size_intersection"))
+            pairs[f"{a}|{b}"] = pair
     for t in tasks:
-        entry = {
-            "maps_vs_patching": compare(relation_scores[t], patching[t], absolute=True, **kw),
-            "maps_vs_circuit": compare(relation_scores[t], circuits[t], seed=seed),
-            "maps_vs_core": compare(relation_scores[t], cores[t], seed=seed),
-        }
-        out["per_task"][t] = entry
-        r = entry["maps_vs_patching"]
-        test(f"{t}: MAPS vs |patching| Spearman (within layers)", r["rank"]["rho"], r["rank_within_layers"]["p_value"])
-        rt = entry["maps_vs_core"]["rank_test"]
-        test(f"{t}: core heads' MAPS AUROC", rt["auroc"], rt["p_value"])
-    out["reuse"] = reuse_matrix(model, cores, batches, n_random=n_random, seed=seed)
+        if t not in relations:
+            notes.append(f"{t}: no MAPS relation registered, left out of the MAPS rows")
+            continue
+        entry = {"maps_vs_patching": rank_correlation(relation_scores[t], patching[t], heads=live, **kw),
+                 "circuit_under_maps": circuit_rank_test(relation_scores[t], circuits[t], **kw)}
+        per_task[t] = entry
+        if entry["maps_vs_patching"]["p_value"] is not None:
+            rows.append(TestRow.from_result(f"{t}: MAPS {relations[t]} vs |patching|: Spearman (live heads)",
+                                            entry["maps_vs_patching"], statistic="rho"))
+        if entry["circuit_under_maps"]["p_value"] is not None:
+            rows.append(TestRow.from_result(f"{t}: circuit heads' MAPS {relations[t]} scores: AUROC",
+                                            entry["circuit_under_maps"], statistic="auroc"))
+    reuse = reuse_matrix(model, circuits, batches, n_random=n_random, seed=seed)
+    draws_rows = []
     for c in tasks:
         for t in tasks:
-            r = out["reuse"][c][t]
-            test(f"remove {c} core -> {t}: normalised logit diff", r["ablated"]["normalised"], r["empirical_p"])
-    out["p_values"] = tests
-    return out
+            r = reuse[c][t]
+            draws_rows.append(TestRow(f"remove {c} circuit -> {t}: normalised logit diff vs random sets", "normalised",
+                                      r.ablated["normalised"], r.p_value, r.p_how, r.n_random, 1 / (1 + r.n_random)))
+    apart = None
+    if n_random >= MIN_DRAWS_IN_FAMILY:
+        rows += draws_rows
+    else:
+        apart = test_table(draws_rows, alpha=alpha)
+        notes.append(f"cross-task ablation rows are kept apart from the family: {n_random} random draws give p >= "
+                     f"1/{n_random + 1}, too coarse for the corrected bar (the family needs >= {MIN_DRAWS_IN_FAMILY})")
+    return ReuseAnalysis(
+        tasks=tasks, relations=relations, live_heads=[head_name(h) for h in live],
+        circuits={t: [head_name(h) for h in sorted(as_head_set(c_))] for t, c_ in circuits.items()},
+        pairs=pairs, per_task=per_task, reuse=reuse, table=test_table(rows, alpha=alpha), apart=apart, notes=notes)

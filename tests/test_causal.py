@@ -1,93 +1,126 @@
-"""Ablation experiments: MAPS causal check, batched ablation (circuitlib.causal, circuitlib.interventions)."""
+"""MAPS's causal check and top-vs-random ablation (circuitlib.causal) against the ablation oracle."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
-from circuitlib import causal, report, scoring
-from circuitlib.ablation import ablation_curves, run_ablated
-from circuitlib.metrics import accuracy, logit_diff
-from circuitlib.tasks import capital_batch, load_relation, task_batch
+from circuitlib import causal
+from circuitlib.interventions import live_heads
+from circuitlib.scoring import static_scores_many
+from circuitlib.tasks import capital_batch, task_batch
+from circuitlib.tasks.maps_prompts import MAPS_CAUSAL_TEMPLATES, relation_prompt_batch, template_fits
 from circuitlib.types import HeadScores
+from oracle import ablate
 
-RELATIONS = ["name_copying", "country_to_capital_wikidata"]
+CAPITAL = "country_to_capital_wikidata"
 
-@pytest.mark.parametrize("at", ["end", "all"])
-@pytest.mark.parametrize("kind", ["zero", "mean"])
-def test_vectorised_ablation_curves_match_one_set_at_a_time(toy, kind, at):
+
+def test_maps_m_rule():
+    assert [causal.maps_m(n) for n in (24, 299, 300, 384, 499, 500, 999, 1000, 1440, 1500, 4000)] == \
+        [30, 30, 50, 50, 50, 100, 100, 150, 150, 250, 250]
+
+
+def test_default_m_is_maps_unless_too_large_for_the_model():
+    assert causal.default_m(384) == 50 and causal.default_m(1440) == 150
+    assert causal.default_m(24) == 3  # 30 > 24 / 4: gpt2-medium's ratio, round(24 * 50 / 384)
+
+
+def test_relation_heads_positive_only_ties_in_authors_order():
+    s = HeadScores(torch.tensor([[0.5, 0.0, 0.2], [0.2, 0.9, 0.0]]), "maps_static", "r", "m")
+    # ranks: 1.1 (0.9), 0.0 (0.5), then the tie 0.2 between flat 2 (0.2) and flat 3 (1.0): higher flat index first
+    assert causal.relation_heads(s, 10) == [(1, 1), (0, 0), (1, 0), (0, 2)]
+    assert causal.relation_heads(s, 2) == [(1, 1), (0, 0)]
+
+
+def test_capital_prompts_are_the_maps_template(toy):
+    assert template_fits(toy.tokenizer, CAPITAL) and not template_fits(toy.tokenizer, "name_copying")
+    b = relation_prompt_batch(CAPITAL, toy.tokenizer)
+    assert b.prompts[0] == MAPS_CAUSAL_TEMPLATES[CAPITAL].replace("<X>", b.prompts[0].split()[3])
+    assert b.meta["bos"] and int(b.clean[0, 0]) == toy.tokenizer.bos_token_id
+    assert (b.answer != b.wrong).all()
+    assert len(b) == len(__import__("circuitlib").tasks.load_relation(CAPITAL, toy.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def capital_check(toy):
+    return causal.causal_check(toy, CAPITAL, n_random=3, n_extra_random=50, extra_tasks=["ioi"], n_prompts=40)
+
+
+def test_causal_check_top_curve_matches_oracle(toy, capital_check):
+    res = capital_check
+    batch = causal.relation_prompts(toy, CAPITAL, n=40)
+    heads = [tuple(map(int, h.split("."))) for h in res.top.heads]
+    scores = static_scores_many(toy, [CAPITAL])[CAPITAL]
+    assert heads == causal.relation_heads(scores, 3) and all(scores[h] > 0 for h in heads)
+    for i in range(len(heads) + 1):
+        diff, top1 = ablate(toy, batch, heads[:i], kind="zero", positions="end")
+        assert res.top.top1_accuracy[i] == pytest.approx(float(top1.float().mean()), abs=1e-6)
+        assert res.top.accuracy[i] == pytest.approx(float((diff > 0).float().mean()), abs=1e-6)
+        assert res.top.logit_diff[i] == pytest.approx(float(diff.mean()), abs=2e-3)
+    ioi = task_batch("ioi", toy.tokenizer, 40)
+    _, top1 = ablate(toy, ioi, heads, kind="zero", positions="end")
+    assert res.extra_tasks["ioi"].top1_accuracy[-1] == pytest.approx(float(top1.float().mean()), abs=1e-6)
+
+
+def test_causal_check_random_draws_avoid_relation_heads_and_json(capital_check):
+    res = capital_check
+    assert len(res.random) == 3
+    for c in res.random:
+        assert len(c.heads) == res.m and not set(c.heads) & set(res.top.heads)
+    assert res.ablation["kind"] == "zero" and res.ablation["positions"] == "end"
+    d = json.loads(res.to_json())
+    assert d["summary"]["m"] == res.m
+
+
+def test_control_follows_the_papers_rule(toy):
+    """A fabricated name-copying scoring on heads disjoint from the capital heads makes name copying a
+    control (< 15% shared, clean top-1 within 0.2): the capital heads are then ablated on its prompts."""
+    real = static_scores_many(toy, [CAPITAL])
+    cap_heads = causal.relation_heads(real[CAPITAL], 3)
+    fake = torch.zeros(3, 8)
+    free = [(l, h) for l in range(3) for h in range(8) if (l, h) not in cap_heads]
+    for i, (l, h) in enumerate(free[: len(cap_heads)]):
+        fake[l, h] = 1.0 - 0.01 * i
+    scores = {**real, "name_copying": HeadScores(fake, "maps_static", "name_copying", "toy")}
+    res = causal.causal_check(toy, CAPITAL, scores=scores, n_random=1, n_extra_random=10, n_prompts=40)
+    cand = {c["relation"]: c for c in res.control_candidates}
+    copying = task_batch("copying", toy.tokenizer, 40)
+    clean_top1 = float(ablate(toy, copying, [], kind="zero", positions="end")[1].float().mean())
+    accepted = abs(clean_top1 - res.top.top1_accuracy[0]) < 0.2
+    assert cand["name_copying"]["accepted"] == accepted and cand["name_copying"]["shared"] == 0
+    if accepted:
+        _, top1 = ablate(toy, copying, cap_heads, kind="zero", positions="end")
+        assert res.controls["name_copying"].top1_accuracy[-1] == pytest.approx(float(top1.float().mean()), abs=1e-6)
+    # with the real scores the two relations share their top heads: no control
+    res2 = causal.causal_check(toy, CAPITAL, n_random=1, n_extra_random=10, n_prompts=40)
+    assert res2.controls == {} or all(c["shared"] < 0.15 for c in res2.control_candidates if c.get("accepted"))
+
+
+def test_causal_check_without_positive_heads_is_a_clear_error(toy):
+    zero = {CAPITAL: HeadScores(torch.zeros(3, 8), "maps_static", CAPITAL, "toy")}
+    with pytest.raises(ValueError, match="above 0"):
+        causal.causal_check(toy, CAPITAL, scores=zero)
+
+
+def test_top_vs_random_against_oracle(toy):
     batch = capital_batch(toy.tokenizer, 24, seed=1)
-    sets = [[], [(0, 1)], [(0, 1), (2, 3), (1, 5)], [(0, h) for h in range(toy.cfg.n_heads)]]
-    curves = ablation_curves(toy, batch, sets, kind=kind, at=at, max_rows=48)  # forces several groups
-    for heads, acc, ld in zip(sets, curves["accuracy"], curves["logit_diff"]):
-        logits = run_ablated(toy, batch, heads, kind=kind, at=at)
-        assert acc == pytest.approx(accuracy(logits, batch))
-        assert ld == pytest.approx(float(logit_diff(logits, batch)), abs=1e-4)
-    assert curves["logit_diff"][-1] != pytest.approx(curves["logit_diff"][0], abs=0.1)  # the sets do bite
-
-
-def test_causal_check_is_jsonable_and_random_draws_avoid_relation_heads(toy):
-    res = causal.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=2, n_prompts=16)
-    json.dumps(res)
-    assert res["ablation"]["kind"] == "zero"
-    assert len(res["top"]["accuracy"]) == 4 and res["m"] == [0, 1, 2, 3]
-    # the toy's two valid relations share their top heads: no default control qualifies, a forced one
-    # reports the overlap
-    assert res["controls"] == {}
-    forced = causal.causal_check(toy, "country_to_capital_wikidata", m_max=3, n_random=1, n_prompts=16,
-                                  controls=["name_copying"])
-    assert forced["controls"]["name_copying"]["shared_with_top"] == 3
-    for draw in res["random"]["heads"]:
-        assert not set(draw) & set(res["top"]["heads"])
-    # m = 0 ablates nothing: every curve starts at the clean accuracy
-    starts = [res["top"]["accuracy"][0]] + [d["accuracy"][0] for d in res["random"]["draws"]]
-    assert len(set(starts)) == 1
-
-
-def test_control_relations_must_barely_overlap():
-    def hs(name, top):
-        t = torch.zeros(2, 4)
-        for rank, (l, h) in enumerate(top):
-            t[l, h] = 1.0 - 0.1 * rank
-        return HeadScores(t, "maps_static", name, "m")
-
-    scores = {"r": hs("r", [(0, 0), (0, 1), (0, 2), (0, 3)]), "same": hs("same", [(0, 0), (0, 1), (0, 2), (1, 0)]),
-              "one": hs("one", [(0, 0), (1, 1), (1, 2), (1, 3)]), "none": hs("none", [(1, 0), (1, 1), (1, 2), (1, 3)])}
-    assert causal.control_relations("r", scores, m=4) == ["none", "one"]  # least overlap first
-    assert causal.control_relations("r", scores, m=4, n=1) == ["none"]
-    assert causal.control_relations("r", scores, m=4, max_shared=0) == ["none"]
-
-
-def test_causal_check_needs_a_task(toy):
-    with pytest.raises(ValueError, match="no task"):
-        causal.causal_check(toy, "adj_antonym")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference heads, CLI, the trained toy model
-
-
-@pytest.mark.parametrize("relation", RELATIONS)
-def test_toy_relation_heads_matter_more_than_random_heads(toy, relation):
-    """MAPS's causal claim on the embedded model: zero-ablating the top heads by static score at
-    the last position takes the relation's task to chance; as many random heads barely matter."""
-    res = causal.causal_check(toy, relation, n_random=5)
-    s = res["summary"]
-    assert res["task"] == causal.TASK_OF_RELATION[relation]
-    assert s["clean_accuracy"] >= 0.95 and s["top_accuracy"] <= 0.6
-    assert s["random_accuracy"] >= s["clean_accuracy"] - 0.1
-    assert s["top_logit_diff"] < 0.25 * s["clean_logit_diff"] < 0.25 * s["random_logit_diff"] + 1
-
-
-def test_relation_summary_is_what_the_report_stores(toy):
-    out = report.relation_summary(toy, causal_kwargs=dict(m_max=2, n_random=2, n_prompts=16))
-    text = json.dumps(out, allow_nan=False)  # strict JSON: undefined r is None, not NaN
-    assert set(out) == set(RELATIONS) and text
-    for name, entry in out.items():
-        static = HeadScores.from_dict(entry["static"])
-        assert entry["k"] == static.k == load_relation(name, toy.tokenizer).k
-        assert entry["pairs_used"] == static.meta["pairs_used"]
-        assert [t["head"] for t in entry["top_heads"]] == [f"{l}.{h}" for l, h in static.top(10)]
-        for r in entry["r_static_dynamic"].values():
-            assert r is None or -1.0 <= r <= 1.0
-        assert entry["ablation"]["relation"] == name and entry["ablation"]["ablation"]["kind"] == "zero"
+    top = [(0, 0), (0, 5)]
+    r = causal.top_vs_random(toy, batch, top, n_draws=5)
+    live = [h for h in live_heads(toy) if h not in top]
+    import itertools
+    sets = [list(c) for c in itertools.combinations(live, 2)]
+    assert r.exhaustive == (len(sets) <= 5)
+    diff, top1 = ablate(toy, batch, top)
+    assert r.top["top1_accuracy"] == pytest.approx(float(top1.float().mean()))
+    assert r.top["accuracy"] == pytest.approx(float((diff > 0).float().mean()))
+    n_correct = int((diff > 0).sum())
+    assert r.binomial_p_above_chance == pytest.approx(stats.binom.sf(n_correct - 1, len(batch), 0.5))
+    full = ablate(toy, batch, [])[1].float().mean()
+    if r.exhaustive:
+        drops = [float(full - ablate(toy, batch, s)[1].float().mean()) for s in sets]
+        assert r.drop_random["top1_accuracy"] == pytest.approx(np.mean(drops), abs=1e-6)
+        hits = sum(d >= r.drop_top["top1_accuracy"] - 1e-9 for d in drops)
+        assert r.p_random_as_harmful == pytest.approx((1 + hits) / (1 + len(sets)))

@@ -1,4 +1,4 @@
-"""Cross-task ablation and the reuse analysis (circuitlib.reuse)."""
+"""Cross-task ablation and the reuse analysis (circuitlib.reuse) against the oracle and direct calls."""
 
 import json
 
@@ -7,58 +7,66 @@ import pytest
 import torch
 
 from circuitlib import overlap, reuse
+from circuitlib.interventions import live_heads
+from circuitlib.tasks import ioi_batch, task_batch
 from circuitlib.types import Circuit, HeadScores
-
-def _draws(heads, model, n, seed):
-    """The random sets cross_task_ablation draws: same size, from outside the circuit, seeded."""
-    outside = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
-    assert len(outside) >= len(heads)
-    rng = np.random.default_rng(seed)
-    return [[outside[i] for i in sorted(rng.choice(len(outside), size=len(heads), replace=False))] for _ in range(n)]
+from oracle import ablate
 
 
-def test_cross_task_ablation_on_toy(toy):
-    from circuitlib.ablation import run_ablated
-    from circuitlib.metrics import accuracy, logit_diff
-    from circuitlib.tasks import ioi_batch
-
+def test_cross_task_ablation_matches_oracle_and_p_from_draws(toy):
     batch = ioi_batch(toy.tokenizer, 16, seed=0)
-    heads = [(2, h) for h in range(toy.cfg.n_heads)]  # the whole last layer
-    res = reuse.cross_task_ablation(toy, Circuit.of(heads, "x", "toy"), batch, n_random=3)
-    # the batched multi-set ablation agrees with ablating this one set alone (hook context manager)
-    alone = run_ablated(toy, batch, heads, at="all")
-    assert res["ablated"]["accuracy"] == pytest.approx(accuracy(alone, batch))
-    assert res["ablated"]["logit_diff"] == pytest.approx(float(logit_diff(alone, batch)), abs=1e-4)
-    for draw, heads_drawn in zip(res["random"]["draws"], _draws(heads, toy, 3, 0)):
-        ref = run_ablated(toy, batch, heads_drawn, at="all")
-        assert draw["heads"] == [f"{l}.{h}" for l, h in heads_drawn]
-        assert draw["logit_diff"] == pytest.approx(float(logit_diff(ref, batch)), abs=1e-4)
-    assert res["random"]["n_draws"] == 3 and len(res["random"]["draws"]) == 3
-    assert 1 / 4 <= res["empirical_p"] <= 1
-    norms = np.array([d["normalised"] for d in res["random"]["draws"]])
-    assert res["z_score"] == pytest.approx((res["ablated"]["normalised"] - norms.mean()) / norms.std())
-    assert res["clean"]["normalised"] == 1.0
-    json.dumps(res)
-    empty = reuse.cross_task_ablation(toy, [], batch, n_random=1)
-    assert empty["ablated"]["normalised"] == pytest.approx(1.0)
-    big = reuse.cross_task_ablation(toy, [(l, h) for l in range(3) for h in range(7)], batch, n_random=1)
-    assert big["random"]["random_pool"].startswith("all heads")
+    heads = [(0, 1), (0, 5)]
+    res = reuse.cross_task_ablation(toy, Circuit.of(heads, "x", "toy"), batch, n_random=50)
+    clean, _ = ablate(toy, batch, [])
+    with torch.no_grad():
+        corrupt_logits = toy(batch.corrupt)
+    rows = torch.arange(len(batch))
+    ld_c = float((corrupt_logits[rows, batch.end, batch.answer] - corrupt_logits[rows, batch.end, batch.wrong]).mean())
+    diff, top1 = ablate(toy, batch, heads)
+    norm = (float(diff.mean()) - ld_c) / (float(clean.mean()) - ld_c)
+    assert res.ablated["normalised"] == pytest.approx(norm, abs=2e-3)
+    assert res.ablated["top1_accuracy"] == pytest.approx(float(top1.float().mean()))
+    # the random sets: layer-matched live heads outside the circuit (layer 0 keeps 0.0, 0.2, 0.4: all 3 pairs)
+    draws = reuse.random_controls(toy, heads, 50)
+    live = set(live_heads(toy))
+    norms = []
+    for s in draws.sets:
+        assert sorted(l for l, _ in s) == [0, 0] and not set(s) & set(heads) and set(s) <= live
+        d, _ = ablate(toy, batch, s)
+        norms.append((float(d.mean()) - ld_c) / (float(clean.mean()) - ld_c))
+    assert draws.exhaustive and len(draws) == 3
+    hits = sum(n <= norm + 1e-6 for n in norms)
+    assert res.p_value == pytest.approx((1 + hits) / (1 + len(norms)))
+    assert res.random_mean["normalised"] == pytest.approx(np.mean(norms), abs=2e-3)
+    json.loads(res.to_json())
     with pytest.raises(ValueError, match="does not exist"):
         reuse.cross_task_ablation(toy, [(5, 0)], batch)
 
 
-def test_reuse_analysis_is_json_and_consistent(toy):
-    from circuitlib.tasks import task_batch
+def test_random_controls_fall_back_when_a_layer_is_short(toy):
+    heads = [(1, 6), (1, 0), (1, 1)]  # layer 1 has one live head
+    d = reuse.random_controls(toy, heads, 20)
+    assert "not layer-matched" in d.how and all(len(s) == 3 for s in d.sets)
 
+
+def test_reuse_analysis_cells_equal_direct_calls(toy):
     g = torch.Generator().manual_seed(0)
-    rel = {t: HeadScores(torch.rand(3, 8, generator=g), "maps_static", t, "toy") for t in ("ioi", "capitals")}
-    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in ("ioi", "capitals")}
-    circuits = {t: Circuit.of(patch[t].top(10, absolute=True), t, "toy") for t in patch}
+    rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),
+           "capitals": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "country_to_capital_wikidata", "toy")}
+    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in rel}
+    circuits = {t: Circuit.of(patch[t].top(2, absolute=True), t, "toy") for t in patch}
     batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
-    res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=2, n_permutations=200)
-    json.loads(json.dumps(res))
-    assert res["core_size"] == 6 == reuse.default_core_size(24, 10)
-    assert set(res["cores"]["ioi"]) == {f"{l}.{h}" for l, h in patch["ioi"].top(6, absolute=True)}
-    assert res["pairs"]["ioi|capitals"]["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
-    assert set(res["reuse"]) == {"ioi", "capitals"} and set(res["reuse"]["ioi"]) == {"ioi", "capitals"}
-    assert all(0 <= t["p"] <= 1 for t in res["p_values"])
+    res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20, n_permutations=20_000)
+    live = live_heads(toy)
+    assert res.pairs["ioi|capitals"]["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
+    direct = overlap.rank_correlation(rel["ioi"], rel["capitals"], heads=live)
+    assert res.pairs["ioi|capitals"]["maps"]["rho"] == pytest.approx(direct["rho"])
+    assert res.pairs["ioi|capitals"]["maps"]["p_value"] == pytest.approx(direct["p_value"])
+    cell = reuse.cross_task_ablation(toy, circuits["ioi"], batches["capitals"], n_random=20)
+    assert res.reuse["ioi"]["capitals"].to_dict() == cell.to_dict()
+    # 20 draws cannot reach the corrected bar: those rows are kept apart from the family
+    assert res.apart is not None and len(res.apart.rows) == 4
+    assert not any("remove" in r.name for r in res.table.rows)
+    names = [r.name for r in res.table.rows]
+    assert "circuits ioi vs capitals: shared heads" in names
+    json.loads(res.to_json())

@@ -36,7 +36,6 @@ def test_capital_accuracy_holds_in_every_template(model):
         b = capital_batch(model.tokenizer, 60, templates=[template], seed=5)
         # custom template lists have no held-out split: these are mixed seen/unseen combinations
         assert accuracy(model(b.clean), b) >= 0.9, template
-    assert len(CAPITAL_TEMPLATES) >= 3
 
 
 def _important_heads(model, batch, n: int = 3) -> list:
@@ -45,20 +44,20 @@ def _important_heads(model, batch, n: int = 3) -> list:
 
 
 def _check_ablation_floor(model, batch) -> None:
-    """The issue's floor: top-3 ablation drops accuracy by >= 0.5, 3 random heads by < 0.1 on average.
+    """The embedded model's ablation floor, stated once (issue 2, kept by issue 9):
 
-    Top-1 accuracy (the answer is the model's first choice) must drop by >= 0.5. The two-way accuracy
-    (IO beats S; the capital beats the corrupt country's capital) has chance level 0.5, so from 1.0 a
-    drop of 0.5 is a drop to chance, the most a symmetric ablation can do: it must end at chance, up
-    to sampling noise (0.5 + 0.05 on 200 prompts, about 1.4 standard errors).
-    Mean-ablation at all positions (means over the corrupted prompts), 30 draws of 3 random heads.
+    - the task's top-3 heads (activation patching), mean-ablated at every position (means over the
+      corrupted prompts, BOS excluded), drop its top-1 accuracy by >= 0.5;
+    - sets of 3 live heads from outside the top 3 cost < 0.1 top-1 and two-way accuracy on average
+      (every such set when there are few);
+    - after ablating the top 3, the two-way accuracy (chance 0.5) is not above chance: a one-sided
+      exact binomial test does not reject 0.5 at the 0.05 level.
     """
     r = top_vs_random(model, batch, _important_heads(model, batch))
-    for metric in ("accuracy", "top1_accuracy"):
-        assert r[metric]["clean"] >= 0.95, (batch.task, r)
-        assert r[metric]["drop_random"] < 0.1, (batch.task, metric, r)
-    assert r["top1_accuracy"]["drop_top"] >= 0.5, (batch.task, r)
-    assert r["accuracy"]["top"] <= 0.55, (batch.task, r)
+    assert r.clean["accuracy"] >= 0.95 and r.clean["top1_accuracy"] >= 0.95, r
+    assert r.drop_top["top1_accuracy"] >= 0.5, r
+    assert r.drop_random["top1_accuracy"] < 0.1 and r.drop_random["accuracy"] < 0.1, r
+    assert r.binomial_p_above_chance >= 0.05, r
 
 
 @pytest.mark.parametrize("task", ["ioi", "capitals"])

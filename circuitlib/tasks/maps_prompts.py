@@ -1,0 +1,120 @@
+"""Relation prompts for MAPS's causal check (experiment 2 of Elhelo & Geva 2024).
+
+The MAPS authors prompt each relation with one fixed template (their ``experiment2_causal.py``), fill
+it with every single-token source (``" " + word``, MAPS's filter), and read the next token at the last
+position; the answer is the target's single token (with its leading space). Their GPT-2 / Pythia
+pipeline prepends no BOS (the tokenizer adds none); circuitlib follows that for tokenizers that add no
+BOS and prepends BOS for the embedded model, which never saw a sequence without one.
+
+A model whose tokenizer cannot spell a relation's template (the embedded model's word-level
+vocabulary has no ``->`` or ``;``) gets the task registered for that relation instead
+(:data:`circuitlib.tasks.TASK_SPECS`, e.g. name copying -> the ``copying`` task); the causal check
+says which prompts it used.
+
+For the two-way accuracy circuitlib adds a wrong answer per prompt: the target of another pair (a
+seeded derangement over pairs with a different target), with that pair's source in the corrupted
+prompt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..types import TaskBatch
+from .relations import load_relation
+
+#: One template per relation, as the MAPS authors' experiment 2 uses them ("<X>" = the source word).
+MAPS_CAUSAL_TEMPLATES: dict[str, str] = {
+    "country_to_capital_wikidata": "The capital of <X> is",
+    "country_to_official_language_wikidata": "The official language of <X> is",
+    "product_by_company": "Nesquik is made by Nestlé; Mustang is made by Ford; <X> is made by",
+    "object_superclass": "A <X> is a kind of",
+    "adj_comparative": " lovely-> lovelier; edgy-> edgier; <X>->",
+    "verb_past_tense": " hike->hiked; purchase-> purchased; <X>->",
+    "word_first_letter": " word-> w, o, r, d; cat-> c, a, t; <X>->",
+    "word_last_letter": " word-> d, r, o, w; cat-> t, a, c; <X>->",
+    "year_to_following": " 1300-> 1301; 1000-> 1001; <X>->",
+    "general_copying_english_500": " walk-> walk; cat-> cat; water-> water; <X>->",
+    "name_copying": " John-> John; Donna-> Donna; <X>->",
+    "entity_to_pronoun": " mother-> she; father-> he; tribe-> they; actress-> she; apartment-> it; <X>->",
+    "english_to_spanish": " apartment-> departamento; computer-> computadora; tribe-> tribu; <X>->",
+}
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether circuitlib prepends BOS to MAPS prompts for this tokenizer: the embedded model's
+    word-level tokenizer yes (trained that way); tokenizers that add none themselves (GPT-2, Pythia) no."""
+    probe = tokenizer("a").input_ids if callable(tokenizer) else tokenizer.encode("a")
+    bos = tokenizer.bos_token_id
+    if bos is not None and probe and probe[0] == bos:
+        return True
+    return getattr(tokenizer, "unk_token", None) == "[UNK]"  # circuitlib's word-level tokenizer
+
+
+def template_fits(tokenizer, relation: str) -> bool:
+    """Whether ``tokenizer`` spells the relation's MAPS template without unknown tokens."""
+    if relation not in MAPS_CAUSAL_TEMPLATES:
+        return False
+    ids = tokenizer.encode(MAPS_CAUSAL_TEMPLATES[relation].replace("<X>", ""), add_special_tokens=False)
+    unk = tokenizer.unk_token_id
+    return unk is None or unk not in ids
+
+
+def relation_prompt_batch(
+    relation: str, tokenizer, *, n: int | None = None, seed: int = 0, bos: bool | None = None, model_name: str = ""
+) -> TaskBatch:
+    """MAPS's causal-check prompts for ``relation`` as a :class:`TaskBatch` (every single-token pair,
+    or ``n`` of them drawn with ``seed``). ``bos``: prepend BOS (default :func:`adds_bos`).
+
+    Positions: ``SRC`` (the source token) and ``END`` (last token). ``answer``: the target token;
+    ``wrong`` / ``corrupt``: another pair's target / prompt (see the module docstring).
+    """
+    if relation not in MAPS_CAUSAL_TEMPLATES:
+        raise ValueError(f"MAPS's causal check has no template for {relation!r}; it covers "
+                         f"{', '.join(sorted(MAPS_CAUSAL_TEMPLATES))}")
+    if not template_fits(tokenizer, relation):
+        raise ValueError(f"this tokenizer cannot spell the {relation} template "
+                         f"{MAPS_CAUSAL_TEMPLATES[relation]!r} (unknown tokens); use the relation's task instead")
+    template = MAPS_CAUSAL_TEMPLATES[relation]
+    pairs = load_relation(relation, tokenizer)
+    bos = adds_bos(tokenizer) if bos is None else bos
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(pairs)) if n is None or n >= len(pairs) else np.sort(rng.choice(len(pairs), n, replace=False))
+    tgt = pairs.tgt[idx]
+    if len(set(tgt.tolist())) < 2:
+        raise ValueError(f"{relation} has fewer than two distinct targets; no wrong answer can be drawn")
+    while True:  # derangement with a different target for every prompt
+        other = rng.permutation(len(idx))
+        if (tgt[other] != tgt).all():
+            break
+    prefix = [int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)] if bos else []
+
+    def encode(word: str) -> list[int]:
+        return prefix + list(tokenizer.encode(template.replace("<X>", word), add_special_tokens=False))
+
+    clean = [encode(pairs.src_words[i]) for i in idx]
+    corrupt = [encode(pairs.src_words[idx[j]]) for j in other]
+    lengths = {len(c) for c in clean + corrupt}
+    if len(lengths) != 1:
+        raise ValueError(f"{relation} prompts tokenize to different lengths {sorted(lengths)}; MAPS batches them "
+                         "unpadded, so every source must be one token inside the template")
+    src_pos = []
+    for c, i in zip(clean, idx):
+        where = [p for p, t in enumerate(c) if t == int(pairs.src[i])]
+        src_pos.append(where[-1] if where else len(c) - 2)
+    S = lengths.pop()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix[0] if prefix else 0
+    return TaskBatch(
+        task=f"maps:{relation}",
+        clean=torch.tensor(clean),
+        corrupt=torch.tensor(corrupt),
+        answer=tgt.clone(),
+        wrong=tgt[other].clone(),
+        positions={"SRC": torch.tensor(src_pos), "END": torch.full((len(idx),), S - 1)},
+        prompts=[template.replace("<X>", pairs.src_words[i]) for i in idx],
+        corrupt_prompts=[template.replace("<X>", pairs.src_words[idx[j]]) for j in other],
+        pad_id=int(pad),
+        meta={"model": model_name, "template": template, "bos": bos, "relation": relation,
+              "source": "MAPS experiment 2 template"},
+    )
