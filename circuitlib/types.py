@@ -170,6 +170,10 @@ class TaskBatch:
     token of each prompt (where the answer is read). Task-specific positions (IOI: ``IO``, ``S1``,
     ``S2``; capitals: ``COUNTRY``) index the same rows. ``answer`` / ``wrong`` are the correct and the
     competing next-token ids (IOI: IO vs S name; capitals: the capital vs the corrupt country's capital).
+    ``template`` (optional): each prompt's template identifier (the task builders fill it with the
+    template text, slots in brackets). In the builders' batches, prompts sharing an id have the same
+    token count and the same tokens outside the template's slots (names, places, countries, ...), in
+    clean and corrupt prompts alike: what per-position template means (Wang et al.'s mean ablation) need.
     """
 
     task: str
@@ -182,8 +186,14 @@ class TaskBatch:
     corrupt_prompts: list[str]
     pad_id: int
     meta: dict[str, Any] = field(default_factory=dict)
+    template: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.template is not None and len(self.template) != len(self):
+            raise ValueError(
+                f"template must give one id per prompt: got {len(self.template)} ids for {len(self)} prompts "
+                "(pass template=None when the prompts have no templates)"
+            )
         if self.clean.shape != self.corrupt.shape:
             raise ValueError(
                 f"clean and corrupt token tensors must have the same shape (same prompts, same "
@@ -222,6 +232,7 @@ class TaskBatch:
             corrupt_prompts=[self.corrupt_prompts[i] for i in rows],
             pad_id=self.pad_id,
             meta=dict(self.meta),
+            template=None if self.template is None else [self.template[i] for i in rows],
         )
 
 

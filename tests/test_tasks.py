@@ -1,6 +1,9 @@
 """Tasks and relation sets: templates, positions, corruptions, the MAPS single-token filter."""
 
+import contextlib
 import re
+import signal
+import zlib
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from circuitlib.tasks import (
     task_batch,
 )
 from circuitlib.tasks.capitals import heldout_template
+from circuitlib.tasks.ioi import fill
 from circuitlib.toy.corpus import build_tokenizer, generate
 from circuitlib.types import TaskBatch
 
@@ -31,12 +35,48 @@ def tokenizer(request):
     return build_tokenizer() if request.param == "toy" else gpt2_tokenizer()
 
 
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail (instead of hanging) when a builder loops forever."""
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def wang_abba(template: str) -> str:
+    """Wang et al.'s ABBA construction as in their ioi_dataset.py: scan the BABA template character by
+    character, turn the first clause's "[B]" into "[A]" and its first "[A]" into "[B]", then stop."""
+    chars, first_clause = list(template), True
+    for j in range(1, len(chars) - 1):
+        if "".join(chars[j - 1 : j + 2]) == "[B]" and first_clause:
+            chars[j] = "A"
+        elif "".join(chars[j - 1 : j + 2]) == "[A]" and first_clause:
+            first_clause = False
+            chars[j] = "B"
+    return "".join(chars)
+
+
 def test_wang_templates():
-    assert len(BABA_TEMPLATES) == len(ABBA_TEMPLATES) == 15
-    for baba, abba in zip(BABA_TEMPLATES, ABBA_TEMPLATES):
-        # ABBA swaps the first two names; the rest of the sentence is identical.
-        assert baba.index("[B]") < baba.index("[A]") and abba.index("[A]") < abba.index("[B]")
-        assert baba.replace("[A]", "#").replace("[B]", "#") == abba.replace("[A]", "#").replace("[B]", "#")
+    # Wang et al. 2022 (ioi_dataset.py): 15 BABA templates; hand-copied examples below.
+    assert len(BABA_TEMPLATES) == len(ABBA_TEMPLATES) == 15 and len(set(BABA_TEMPLATES)) == 15
+    assert BABA_TEMPLATES[0] == "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]"
+    assert BABA_TEMPLATES[13] == "The [PLACE] [B] and [A] went to had a [OBJECT]. [B] gave it to [A]"
+    assert BABA_TEMPLATES[14] == "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to [A]"
+    # ABBA = BABA with the first [B] and [A] swapped, written out by hand ...
+    assert ABBA_TEMPLATES[0] == "Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to [A]"
+    assert ABBA_TEMPLATES[13] == "The [PLACE] [A] and [B] went to had a [OBJECT]. [B] gave it to [A]"
+    # ... and for all 15 by Wang et al.'s own character-level construction
+    assert ABBA_TEMPLATES == [wang_abba(t) for t in BABA_TEMPLATES]
+    # a filled prompt, by hand: ABBA order, the final IO name cut off
+    assert fill(ABBA_TEMPLATES[6], "Mary", "John", "store", "drink") == (
+        "When Mary and John got a drink at the store, John decided to give it to")
 
 
 @pytest.mark.parametrize("corruption", ["ABC", "flip"])
@@ -63,10 +103,112 @@ def test_ioi_positions_and_corruptions(tokenizer, corruption):
     assert (b.clean[:, 0] == tokenizer.bos_token_id).all()
 
 
-def test_ioi_uses_every_template_and_alternates_baba_abba(tokenizer):
-    b = ioi_batch(tokenizer, 60, split="any")
-    io_first = (b.positions["IO"] < b.positions["S1"]).tolist()
-    assert io_first[:15] == [False] * 15 and io_first[15:30] == [True] * 15
+@pytest.mark.parametrize("split", ["any", "heldout"])
+def test_ioi_uses_every_template_and_alternates_baba_abba(tokenizer, split):
+    b = ioi_batch(tokenizer, 60, split=split)
+    abba = (b.positions["IO"] < b.positions["S1"]).tolist()  # read off token positions, not template ids
+    for i in range(len(b) - 7):  # every batch of 8 consecutive prompts holds both orders
+        assert 0 < sum(abba[i : i + 8]) < 8, f"prompts {i}..{i + 7} are all {'ABBA' if abba[i] else 'BABA'}"
+    assert sum(abba) == 30
+    # each prompt is its template filled in (checked by a regex over the template text) ...
+    for prompt, template in zip(b.prompts, b.template):
+        pattern = re.escape(template.rsplit(" [A]", 1)[0])
+        for slot in ("A", "B", "PLACE", "OBJECT"):
+            pattern = pattern.replace(re.escape(f"[{slot}]"), r"\w+")
+        assert re.fullmatch(pattern, prompt), (template, prompt)
+    # ... and all 30 templates are used, each twice
+    assert sorted(b.template) == sorted(2 * (BABA_TEMPLATES + ABBA_TEMPLATES))
+
+
+def _crc_heldout(key: str) -> bool:
+    return zlib.crc32(key.encode()) % 5 == 0  # the split's definition (one combination in five)
+
+
+def test_ioi_split_that_cannot_be_met_is_one_clear_error():
+    """Three names, none held out with some template: used to loop forever."""
+    tok = build_tokenizer()
+    names = ["John", "Mary", "Anna"]
+    template = next(t for t in BABA_TEMPLATES + ABBA_TEMPLATES
+                    if not any(_crc_heldout(f"ioi:{t}:{a}") for a in names))
+    with time_limit(20), pytest.raises(ValueError, match="0 of the 3 single-token names") as info:
+        ioi_batch(tok, 8, names=names, templates=[template], split="heldout")
+    assert template in str(info.value) and "split='any'" in str(info.value)
+    assert len(ioi_batch(tok, 8, names=names, templates=[template], split="any")) == 8
+    with pytest.raises(ValueError, match="unknown split"):
+        ioi_batch(tok, 8, split="test")
+
+
+def test_capital_split_that_cannot_be_met_is_one_clear_error(monkeypatch):
+    """Countries whose held-out template is not the one asked for: used to loop forever."""
+    import circuitlib.tasks.capitals as capitals
+
+    tok = build_tokenizer()
+    template = CAPITAL_TEMPLATES[0]
+    own = lambda c: CAPITAL_TEMPLATES[zlib.crc32(f"capital:{c}".encode()) % 5]  # noqa: E731
+    pairs = [(c, cap) for c, cap in capitals.country_capital_pairs() if own(c) != template][:3]
+    assert len(capital_batch(tok, 4, split="heldout", templates=[template])) == 4  # all pairs: fine
+    monkeypatch.setattr(capitals, "country_capital_pairs", lambda: pairs)
+    with time_limit(20), pytest.raises(ValueError, match="0 of the 3 single-token country/capital pairs") as info:
+        capital_batch(tok, 4, split="heldout", templates=[template])
+    assert template in str(info.value)
+    assert len(capital_batch(tok, 4, split="train", templates=[template])) == 4
+
+
+def test_bounded_draws_end_in_a_named_error():
+    from circuitlib.tasks._common import MAX_DRAWS, draw_until
+
+    calls = []
+    with pytest.raises(ValueError, match=f"the constraint .no match in {MAX_DRAWS} random draws"):
+        draw_until(lambda: calls.append(1), lambda x: False, error="the constraint")
+    assert len(calls) == MAX_DRAWS
+
+
+def _filler_positions(tokenizer, row: torch.Tensor, end: int, words: set[str]) -> list[int]:
+    return [p for p in range(end + 1) if tokenizer.decode([int(row[p])]).strip() in words]
+
+
+@pytest.mark.parametrize("task", ["ioi", "capitals", "copying"])
+def test_prompts_sharing_a_template_id_line_up_position_by_position(tokenizer, task):
+    """What per-position template means need: prompts with one template id have the same token count,
+    their slot fillers (names, places, objects, countries) at the same positions, as many as the
+    template text has slots, and identical tokens everywhere else (clean and corrupt prompts)."""
+    from circuitlib.tasks.capitals import country_capital_pairs
+    from circuitlib.tasks.copying import copy_names
+    from circuitlib.tasks.ioi import NAMES, OBJECTS, PLACES
+
+    b = task_batch(task, tokenizer, 60, seed=4)
+    words = {"ioi": set(NAMES) | set(PLACES) | set(OBJECTS), "capitals": {c for c, _ in country_capital_pairs()},
+             "copying": set(copy_names())}[task]
+    assert b.template is not None and len(b.template) == len(b)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(b.template):
+        groups.setdefault(t, []).append(i)
+    assert max(len(g) for g in groups.values()) >= 2  # there is something to compare
+    for template, rows in groups.items():
+        n_slots = len(re.findall(r"\[[A-Z0-9]+\]", template)) - (1 if task == "ioi" else 0)  # IOI: last [A] cut
+        ends = {int(b.end[i]) for i in rows}
+        assert len(ends) == 1, template
+        end = ends.pop()
+        slots = {tuple(_filler_positions(tokenizer, m[i], end, words)) for m in (b.clean, b.corrupt) for i in rows}
+        assert len(slots) == 1, template
+        slots = list(slots.pop())
+        assert len(slots) == n_slots, (template, slots)
+        keep = [p for p in range(end + 1) if p not in slots]
+        tokens = torch.cat([b.clean[rows][:, keep], b.corrupt[rows][:, keep]])
+        assert (tokens == tokens[0]).all(), template
+        for name in b.positions:
+            assert len({int(b.positions[name][i]) for i in rows}) == 1, (template, name)
+
+
+def test_template_ids_survive_sub_batches_and_must_match_the_prompts():
+    import dataclasses
+
+    b = ioi_batch(build_tokenizer(), 10)
+    sub = b[[7, 2]]
+    assert sub.template == [b.template[7], b.template[2]] and sub.prompts == [b.prompts[7], b.prompts[2]]
+    assert b[2:4].template == b.template[2:4]
+    with pytest.raises(ValueError, match="one id per prompt"):
+        dataclasses.replace(b, template=b.template[:-1])
 
 
 def test_capital_batch(tokenizer):
@@ -75,8 +217,9 @@ def test_capital_batch(tokenizer):
     assert (b.clean[rows, b.positions["COUNTRY"]] != b.corrupt[rows, b.positions["COUNTRY"]]).all()
     assert ((b.clean != b.corrupt).sum(1) == 1).all()
     assert (b.answer != b.wrong).all()
-    templates = {p.replace(w, "[C]") for p, w in zip(b.prompts, _countries(b))}
-    assert len(templates) >= 3
+    # prompt i is template i % 5 with its country filled in (countries read back from the text)
+    for i, (prompt, country) in enumerate(zip(b.prompts, _countries(b))):
+        assert prompt == CAPITAL_TEMPLATES[i % 5].replace("[C]", country) and b.template[i] == CAPITAL_TEMPLATES[i % 5]
 
 
 def _countries(b: TaskBatch) -> list[str]:
@@ -171,8 +314,16 @@ def test_too_few_pairs_is_one_clear_error():
         load_relation("verb_past_tense", gpt2_tokenizer(), min_pairs=200)
 
 
-def test_capital_templates_count():
-    assert len(CAPITAL_TEMPLATES) >= 3
+def test_capital_templates():
+    # written out by hand: five templates, one [C] slot each, the answer follows the last word
+    assert CAPITAL_TEMPLATES == [
+        "The capital of [C] is",
+        "The capital city of [C] is",
+        "In [C], the capital is",
+        "Q: What is the capital of [C]? A:",
+        "The government of [C] sits in",
+    ]
+    assert CAPITAL_TEMPLATES[3].replace("[C]", "France") == "Q: What is the capital of France? A:"
 
 
 def test_copying_batch_repeats_a_name_list(tokenizer):
@@ -184,10 +335,17 @@ def test_copying_batch_repeats_a_name_list(tokenizer):
     diff = b.clean != b.corrupt
     assert (diff.sum(1) == 1).all() and diff[rows, b.positions["FIRST"]].all()
     assert (b.corrupt[rows, b.positions["FIRST"]] == b.wrong).all()
+    comma = tokenizer.encode(" ,", add_special_tokens=False)
     for i, prompt in enumerate(b.prompts):
         first, second = prompt.split(" , ")
-        assert first.split()[:-1] == second.split()  # the list is cut right before its last name
+        names = first.split()
+        assert names[:-1] == second.split()  # the list is cut right before its last name
         assert tokenizer.decode([int(b.wrong[i])]).strip() not in prompt.split()
+        # every name, the first one too, is its single " name" token at both mentions (GPT-2 used to
+        # encode the text-initial name as another token, or two)
+        ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in names]
+        expected = [tokenizer.bos_token_id] + sum(ids, []) + comma + sum(ids[:-1], [])
+        assert b.clean[i, : int(b.end[i]) + 1].tolist() == expected, prompt
     assert {len(p.split(" , ")[0].split()) for p in b.prompts} == {2, 3, 4, 5}
     assert task_batch("copying", tokenizer, 4).task == "copying"
     with pytest.raises(ValueError, match="lengths"):

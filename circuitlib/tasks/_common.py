@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -16,6 +16,20 @@ def heldout(key: str, fraction: int = 5) -> bool:
     Deterministic (CRC32 of ``key``): one combination in ``fraction`` is held out.
     """
     return zlib.crc32(key.encode()) % fraction == 0
+
+
+T = TypeVar("T")
+MAX_DRAWS = 10_000  # rejection-sampling bound: a builder gives up (ValueError) after this many draws
+
+
+def draw_until(draw: Callable[[], T], ok: Callable[[T], bool], *, error: str) -> T:
+    """``draw()`` until ``ok`` holds, at most :data:`MAX_DRAWS` times; then ``ValueError(error)``
+    (``error`` names the constraint that could not be met and what to do)."""
+    for _ in range(MAX_DRAWS):
+        x = draw()
+        if ok(x):
+            return x
+    raise ValueError(f"{error} (no match in {MAX_DRAWS} random draws)")
 
 
 def bos_id(tokenizer) -> int:
@@ -58,8 +72,17 @@ def batch_from_rows(
     """Tokenize prompt rows into a right-padded :class:`TaskBatch`.
 
     Each row has ``clean``, ``corrupt`` (texts), ``answer``, ``wrong`` (words with a leading space)
-    and ``marks`` (position name -> word; the n-th repeat of a word takes its n-th occurrence).
+    and ``marks`` (position name -> word; the n-th repeat of a word takes its n-th occurrence), and
+    optionally ``template`` (the prompt's template id -> :attr:`TaskBatch.template`; all rows or none).
     """
+    if not rows:
+        raise ValueError(f"no prompts to tokenize: ask the {task} builder for n >= 1 prompts")
+    has_template = [("template" in row) for row in rows]
+    if any(has_template) and not all(has_template):
+        raise ValueError(
+            f"{sum(has_template)} of {len(rows)} prompt rows carry a template id: give every row a "
+            "'template' (or none), so TaskBatch.template has one id per prompt"
+        )
     clean_ids, corrupt_ids, answers, wrongs = [], [], [], []
     positions: dict[str, list[int]] = {"END": []}
     for row in rows:
@@ -108,4 +131,5 @@ def batch_from_rows(
         corrupt_prompts=[r["corrupt"] for r in rows],
         pad_id=pad,
         meta={"model": model_name, **(meta or {})},
+        template=[str(r["template"]) for r in rows] if all(has_template) else None,
     )

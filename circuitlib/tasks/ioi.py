@@ -2,7 +2,8 @@
 
 "When Mary and John went to the store, John gave a drink to" -> " Mary". The IO (indirect object)
 is the name that appears once; S (subject) appears twice (S1, S2). Templates: the 15 BABA
-templates of Wang et al. and their 15 ABBA twins (first two names swapped). Corruptions:
+templates of Wang et al. and their 15 ABBA twins (first two names swapped); batches alternate them
+(BABA 1, ABBA 1, BABA 2, ABBA 2, ...), so any two consecutive prompts hold one of each. Corruptions:
 ``"ABC"`` (the S2 name replaced by a third name) and ``"flip"`` (S2 replaced by the IO name), both
 keeping every prompt's token count so clean and corrupt positions line up.
 """
@@ -13,7 +14,7 @@ import random
 from typing import Literal
 
 from ..types import TaskBatch
-from ._common import batch_from_rows, heldout, single_token_words
+from ._common import batch_from_rows, draw_until, heldout, single_token_words
 
 BABA_TEMPLATES = [
     "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
@@ -41,7 +42,8 @@ def _abba(template: str) -> str:
 
 
 ABBA_TEMPLATES = [_abba(t) for t in BABA_TEMPLATES]
-TEMPLATES = BABA_TEMPLATES + ABBA_TEMPLATES
+TEMPLATES = BABA_TEMPLATES + ABBA_TEMPLATES  # the embedded model's corpus draws from this list (order kept)
+ALTERNATING = [t for pair in zip(BABA_TEMPLATES, ABBA_TEMPLATES) for t in pair]  # ioi_batch's default order
 
 NAMES = (
     "Aaron Adam Alan Alex Alice Amy Anderson Andre Andrew Andy Anna Anthony Arthur Austin Blake "
@@ -79,16 +81,22 @@ def ioi_batch(
     split: Split = "heldout",
     model_name: str = "",
 ) -> TaskBatch:
-    """``n`` IOI prompts (alternating BABA / ABBA templates) with their corruptions.
+    """``n`` IOI prompts with their corruptions.
 
+    Templates: by default BABA and ABBA alternate (:data:`ALTERNATING`: BABA 1, ABBA 1, BABA 2, ...,
+    so every batch of >= 2 consecutive prompts holds both orders); a ``templates`` list is cycled in
+    its own order. ``TaskBatch.template`` holds each prompt's template.
     Names, places and objects are filtered to words that are one token (with a leading space) in
     ``tokenizer``. ``answer`` is the IO name, ``wrong`` the S name. Positions: ``IO`` and ``S1``
     (first clause), ``S2`` (second mention of S), ``END`` (last prompt token). BOS is prepended.
     ``split``: ``"heldout"`` draws only (template, IO name) combinations that the embedded model never
-    saw in training, ``"train"`` only seen ones, ``"any"`` both.
+    saw in training, ``"train"`` only seen ones, ``"any"`` both; a template without any such IO name
+    among ``names`` is one ``ValueError``.
     """
     if corruption not in ("ABC", "flip"):
         raise ValueError(f"unknown IOI corruption {corruption!r}: use 'ABC' or 'flip'")
+    if split not in ("heldout", "train", "any"):
+        raise ValueError(f"unknown split {split!r}: use 'heldout', 'train' or 'any'")
     rng = random.Random(seed)
     name_pool = single_token_words(tokenizer, names or NAMES)
     places = single_token_words(tokenizer, PLACES)
@@ -98,15 +106,17 @@ def ioi_batch(
             "the tokenizer keeps fewer than 3 single-token names (or no place/object): IOI needs "
             "names that encode to one token with a leading space"
         )
-    templates = templates or TEMPLATES
+    templates = templates or ALTERNATING
+    eligible = {t: sum(_in_split(t, a, split) for a in name_pool) for t in dict.fromkeys(templates)}
+    for template in dict.fromkeys(templates[i % len(templates)] for i in range(min(n, len(templates)))):
+        if not eligible[template]:
+            raise ValueError(_split_error(template, split, 0, len(name_pool)))
     rows = []
     for i in range(n):
-        t_idx = i % len(templates)
-        template = templates[t_idx]
-        while True:
-            a, b, c = rng.sample(name_pool, 3)
-            if split == "any" or heldout(f"ioi:{template}:{a}") == (split == "heldout"):
-                break
+        template = templates[i % len(templates)]
+        a, b, c = draw_until(
+            lambda: rng.sample(name_pool, 3), lambda abc, t=template: _in_split(t, abc[0], split),
+            error=_split_error(template, split, eligible[template], len(name_pool)))
         place, obj = rng.choice(places), rng.choice(objects)
         # Corrupt S2 only: ABC puts a third name there, flip puts the IO name there.
         marked = fill(_mark_s2(template), a, b, place, obj)
@@ -124,6 +134,19 @@ def ioi_batch(
         )
     meta = {"corruption": corruption, "seed": seed, "split": split}
     return batch_from_rows(tokenizer, rows, task="ioi", model_name=model_name, meta=meta)
+
+
+def _in_split(template: str, io_name: str, split: Split) -> bool:
+    return split == "any" or heldout(f"ioi:{template}:{io_name}") == (split == "heldout")
+
+
+def _split_error(template: str, split: Split, n_ok: int, n_names: int) -> str:
+    seen = "never saw" if split == "heldout" else "saw"
+    return (
+        f"split={split!r} needs (template, IO name) combinations the embedded model {seen} in training; "
+        f"{n_ok} of the {n_names} single-token names give one with template {template!r}: pass more names, "
+        "other templates, or split='any'"
+    )
 
 
 def _mark_s2(template: str) -> str:
