@@ -190,11 +190,13 @@ def permutation_test(
     :class:`Labellings`) to one value each, vectorised; the observed value is
     ``statistic(identity)``. If ``relabellings.count <= max_exact`` all of them are enumerated and
     ``p = #{extreme} / count``; else ``n_permutations`` (>= 20,000) seeded random ones are drawn and
-    ``p = (1 + #{extreme}) / (1 + n_permutations)``. ``alternative``: ``"two-sided"`` counts
+    ``p = (1 + #{extreme}) / (1 + n_permutations)`` (``n_permutations < 20,000`` is a ValueError even when
+    the test turns out exact). ``alternative``: ``"two-sided"`` counts
     ``|T| >= |t|`` (for statistics centred at 0 under the null, such as rho), ``"greater"``
     ``T >= t``, ``"less"`` ``T <= t``; all with a tolerance of ``1e-9 * max(1, |t|)``.
     """
     _check_alternative(alternative)
+    _check_n_permutations(n_permutations)  # also when exact: the same call must not fail only on larger inputs
     observed = float(np.asarray(statistic(relabellings.identity[None]))[0])
     if not np.isfinite(observed):
         raise ValueError(f"the observed statistic is {observed}: check the inputs for NaN / constant values")
@@ -220,7 +222,6 @@ def permutation_test(
             min_p=float(extreme(null, most).sum() / count),
             how=f"exact, {count:,} {noun}",
         )
-    _check_n_permutations(n_permutations)
     rng = np.random.default_rng(seed)
     hits = 0
     for start in range(0, n_permutations, _CHUNK):
