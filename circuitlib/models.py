@@ -17,18 +17,33 @@ All TransformerLens-specific calls stay here (and in ``circuitlib/toy/``), so th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
+import re
+import socket
+import sys
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 TOY_DIR = Path(__file__).parent / "toy" / "checkpoint"
-GPT2_FAMILY = {"gpt2", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+# TransformerLens's official names of the models that use GPT-2's tokenizer (aliases such as
+# "gpt2-small" resolve to these): they get the offline GPT-2 tokenizer.
+GPT2_FAMILY = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
 GPT2_MEDIUM_SHAPE = dict(
     n_layers=24, d_model=1024, n_heads=16, d_head=64, d_mlp=4096, d_vocab=50257, n_ctx=1024
 )
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+# TransformerLens 3.x warns on every HookedTransformer it builds; only this warning is silenced.
+_TL_DEPRECATION = r".*HookedTransformer is deprecated"
 
 
 class ModelUnavailableError(RuntimeError):
@@ -42,10 +57,33 @@ def _offline_hint() -> str:
     )
 
 
+def _cause(exc: BaseException, *, prefer: str | None = None) -> str:
+    """``Type: first line of the message`` of an exception (or its first line containing ``prefer``),
+    for one-line error messages; terminal colour codes removed."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln]
+    preferred = [ln for ln in lines if prefer and prefer in ln]
+    text = (preferred or lines or [""])[0]
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _tl_quiet():
+    """TransformerLens's deprecation warning filtered (by message) and its prints sent to stderr.
+
+    TransformerLens prints "Moving model to device" / "Loaded pretrained model" to stdout; a library
+    call must leave stdout to its caller (``python -m circuitlib ... --json`` prints pure JSON there).
+    """
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.filterwarnings("ignore", message=_TL_DEPRECATION)
+        yield
+
+
 def _quiet_transformer_lens():
-    """Import TransformerLens with its 3.x deprecation warning silenced (kept out of notebook outputs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """Import TransformerLens (its HookedTransformer deprecation warning is filtered where models are built)."""
+    with _tl_quiet():
         import transformer_lens  # noqa: F401
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     return HookedTransformer, HookedTransformerConfig
@@ -57,8 +95,11 @@ def load_model(
     """Load a ``HookedTransformer`` by name: ``"toy"``, a TransformerLens model name, or a local HF dir.
 
     Unprocessed weights unless ``processed=True`` (then LayerNorm folded, writes and unembedding
-    centred). Raises :class:`ModelUnavailableError` with a one-sentence reason when the model is
-    unknown or cannot be fetched.
+    centred). A TransformerLens name is looked up in the Hugging Face cache first
+    (``$HF_HOME/hub``) and loaded from there without network; only a model missing from the cache is
+    downloaded, and only when hub access is on and the hub is reachable. Raises
+    :class:`ModelUnavailableError` with a one-sentence reason (and the underlying error chained as
+    its cause) when the model is unknown or cannot be loaded.
     """
     if name == "toy" or Path(name).resolve() == TOY_DIR.resolve():
         model = load_checkpoint(TOY_DIR, device=device)
@@ -68,80 +109,254 @@ def load_model(
         return model
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_local_hf(path, processed=processed, device=device, dtype=dtype)
-    if name.startswith((".", "/", "~")):
+        model = _load_local_hf(path, processed=processed, device=device, dtype=dtype)
+        model.cfg.model_name = str(path)
+        return model
+    if path.exists():
+        raise ModelUnavailableError(
+            f"{name!r} is a file, not a model directory: pass the folder that holds config.json and the weights."
+        )
+    if name.startswith((".", "/", "~")) or os.sep in name and not _is_known(name):
         raise ModelUnavailableError(
             f"No model directory at {name!r}. Pass an existing local Hugging Face model "
             "directory, 'toy', or a TransformerLens model name such as 'gpt2-medium'."
         )
-    return _load_hub(name, processed=processed, device=device, dtype=dtype)
-
-
-def _load_hub(name: str, *, processed: bool, device: str, dtype: torch.dtype):
-    HookedTransformer, _ = _quiet_transformer_lens()
-    _check_known(name)
-    loader = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = loader(name, device=device, dtype=dtype)
-    except (OSError, ConnectionError, TimeoutError) as exc:
-        raise ModelUnavailableError(
-            f"Could not fetch {name!r} from the Hugging Face hub (no network or not in the local "
-            f"cache: {type(exc).__name__}). {_offline_hint()}"
-        ) from None
+    official = _check_known(name)
+    snapshot = _cached_snapshot(official)
+    if snapshot is not None:
+        model = _load_local_hf(snapshot, processed=processed, device=device, dtype=dtype,
+                               fallback_tokenizer=official in GPT2_FAMILY, label=name)
+    else:
+        _require_hub(name, official)
+        model = _load_hub(official, processed=processed, device=device, dtype=dtype)
     model.cfg.model_name = name
     return model
 
 
-def _check_known(name: str) -> None:
-    """Raise one clear error for a name that is neither 'toy', a local directory nor a TransformerLens model."""
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face hub and its cache
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _repo_candidates(official: str) -> list[str]:
+    # The GPT-2 checkpoints moved to the openai-community organisation; the hub still redirects the
+    # short name, and a cache may hold either.
+    return [official] + ([f"openai-community/{official}"] if official in GPT2_FAMILY else [])
+
+
+def _cached_snapshot(official: str, need: tuple[str, ...] = WEIGHT_FILES) -> Path | None:
+    """The cached snapshot directory of a hub model (``refs/main``) with config.json and one of ``need``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in _repo_candidates(official):
+        found = try_to_load_from_cache(repo, "config.json")
+        if isinstance(found, str):
+            snapshot = Path(found).parent
+            if any((snapshot / f).exists() for f in need):
+                return snapshot
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether a TCP connection to the hub endpoint opens (skipped, assumed yes, behind a proxy)."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True, ""
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return False, f"{host}:{port} unreachable ({_cause(exc)})"
+    return True, ""
+
+
+def _require_hub(name: str, official: str) -> None:
+    """Fail at once, instead of after the hub client's retries, when a download cannot work."""
+    where = f"the Hugging Face cache ({_hub_cache()})"
+    if _hub_offline():
+        raise ModelUnavailableError(
+            f"{name!r} is not in {where} and hub access is off (HF_HUB_OFFLINE=1): download it once "
+            f"with network and HF_HUB_OFFLINE=0, or set HF_HOME to a filled cache. {_offline_hint()}"
+        )
+    ok, why = _hub_reachable()
+    if not ok:
+        raise ModelUnavailableError(
+            f"{name!r} is not in {where} and the hub cannot be reached: {why}. {_offline_hint()}"
+        )
+
+
+def _load_hub(official: str, *, processed: bool, device: str, dtype: torch.dtype):
+    """Download through TransformerLens (network on, model not cached)."""
+    HookedTransformer, _ = _quiet_transformer_lens()
+    loader = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
+    try:
+        with _tl_quiet():
+            model = loader(official, device=device, dtype=dtype)
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise ModelUnavailableError(
+            f"Could not fetch {official!r} from the Hugging Face hub ({_cause(exc)}). {_offline_hint()}"
+        ) from exc
+    return model
+
+
+def _is_known(name: str) -> bool:
+    try:
+        _check_known(name)
+    except ModelUnavailableError:
+        return False
+    return True
+
+
+def _check_known(name: str) -> str:
+    """TransformerLens's official name for ``name``; one clear error for an unknown name."""
     _quiet_transformer_lens()
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from difflib import get_close_matches
+
+    from transformer_lens.loading_from_pretrained import get_official_model_name, make_model_alias_map
 
     try:
-        get_official_model_name(name)
-    except ValueError:
+        return get_official_model_name(name)
+    except ValueError as exc:
+        close = get_close_matches(name.lower(), list(make_model_alias_map()), n=3, cutoff=0.75)
+        hint = f" (close TransformerLens names: {', '.join(close)})" if close else ""
         raise ModelUnavailableError(
-            f"Unknown model {name!r}: use 'toy', a TransformerLens model name such as "
-            "'gpt2-medium', or the path of a local Hugging Face model directory."
-        ) from None
+            f"Unknown model {name!r}{hint}: no directory of that name either. Use 'toy', a TransformerLens "
+            "model name such as 'gpt2-medium', or the path of a local Hugging Face model directory."
+        ) from exc
 
 
-def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dtype):
-    """A local Hugging Face directory: weights converted by TransformerLens, no hub access."""
-    HookedTransformer, _ = _quiet_transformer_lens()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# ---------------------------------------------------------------------------------------------
+# Local Hugging Face directories (save_pretrained output, or a hub cache snapshot)
 
+
+def _read_hf_config(path: Path) -> dict:
     if not (path / "config.json").exists():
         raise ModelUnavailableError(
             f"{str(path)!r} has no config.json: a local model must be a Hugging Face model "
             "directory (save_pretrained output)."
         )
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelUnavailableError(f"Cannot read {str(path / 'config.json')!r}: {_cause(exc)}") from exc
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{str(path / 'config.json')!r} is not a JSON object")
+    return config
+
+
+def _check_weights(path: Path) -> None:
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise ModelUnavailableError(
+            f"{str(path)!r} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): copy the "
+            "weight files into it, or write them with model.save_pretrained(directory)."
+        )
+
+
+def _dir_tokenizer(path: Path, *, fallback_gpt2: bool = False):
+    """The tokenizer saved in a model directory; GPT-2's offline one if asked and none is saved."""
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        if fallback_gpt2:
+            return gpt2_tokenizer()
+        raise ModelUnavailableError(
+            f"{str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save them with "
+            "tokenizer.save_pretrained(directory); for a GPT-2 fine-tune: python -c \"from circuitlib.models "
+            f"import gpt2_tokenizer; gpt2_tokenizer().save_pretrained('{path}')\""
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelUnavailableError(f"Cannot load the tokenizer in {str(path)!r}: {_cause(exc)}") from exc
+    if len(tok.get_vocab()) < 2:
+        raise ModelUnavailableError(
+            f"The tokenizer in {str(path)!r} has an empty vocabulary: its tokenizer files are incomplete "
+            "(re-save them with tokenizer.save_pretrained(directory))."
+        )
+    return tok
+
+
+@contextlib.contextmanager
+def _tl_config_source(path: Path, config: dict):
+    """A directory TransformerLens can read the config from.
+
+    transformers 5 writes no ``n_ctx`` into a GPT-2 ``config.json`` (4 kept it when the model came from
+    the hub), and TransformerLens 3's conversion reads ``hf_config.n_ctx``: for such a directory the
+    config is copied to a temporary directory with ``n_ctx`` = ``n_positions`` (GPT-2's context length).
+    """
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
+        with tempfile.TemporaryDirectory(prefix="circuitlib-config-") as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
+            yield tmp
+    else:
+        yield str(path)
+
+
+def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dtype,
+                   fallback_tokenizer: bool = False, label: str | None = None):
+    """A local Hugging Face directory: weights converted by TransformerLens, no hub access.
+
+    Weights from ``model.safetensors`` or a legacy ``pytorch_model.bin`` (read by transformers with
+    ``torch.load(weights_only=True)``: a pickle holding anything but tensors is refused).
+    """
+    label = label or str(path)
+    config = _read_hf_config(path)
+    _check_weights(path)
+    tokenizer = _dir_tokenizer(path, fallback_gpt2=fallback_tokenizer)
+    HookedTransformer, _ = _quiet_transformer_lens()
+    from transformers import AutoModelForCausalLM
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
 
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = get_pretrained_model_config(str(path), fold_ln=processed, device=device, dtype=dtype)
-        state = get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
-        model = HookedTransformer(cfg, move_to_device=False)
-        model.load_and_process_state_dict(
-            state, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
-            fold_value_biases=processed,
-        )
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except pickle.UnpicklingError as exc:
+        raise ModelUnavailableError(
+            f"Cannot load the weights of {label!r}: the pytorch_model.bin in {str(path)!r} holds pickled "
+            "objects other than tensors, and circuitlib reads .bin files only with "
+            f"torch.load(weights_only=True) ({_cause(exc, prefer='WeightsUnpickler error')}). Where you "
+            "trust the file, convert it to model.safetensors; otherwise use a safetensors copy."
+        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelUnavailableError(f"Cannot load the weights of {label!r} from {str(path)!r}: {_cause(exc)}") from exc
+    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    try:
+        with _tl_quiet(), _tl_config_source(path, config) as source:
+            cfg = get_pretrained_model_config(source, fold_ln=processed, device=device, dtype=dtype)
+            state = get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
+            model = HookedTransformer(cfg, move_to_device=False)
+            model.load_and_process_state_dict(
+                state, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+                fold_value_biases=processed,
+            )
+    except (AttributeError, KeyError, ValueError, NotImplementedError) as exc:
+        raise ModelUnavailableError(
+            f"TransformerLens cannot convert {label!r} ({arch}) from {str(path)!r}: {_cause(exc)}"
+        ) from exc
+    del hf_model
     attach_tokenizer(model, tokenizer)
-    model.to(device)
-    model.cfg.model_name = str(path)
+    model.to(device, print_details=False)
+    model.eval()
     return model
 
 
 def _process(model) -> None:
     """TransformerLens's standard weight processing, in place (fold LN, centre writes and unembed)."""
     state = model.state_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _tl_quiet():
         model.load_and_process_state_dict(
             state, fold_ln=True, center_writing_weights=True, center_unembed=True
         )
@@ -154,7 +369,8 @@ def _process(model) -> None:
 def build_model(cfg: dict, tokenizer=None, *, device: str = "cpu"):
     """A fresh ``HookedTransformer`` from a config dict, with ``tokenizer`` attached offline."""
     HookedTransformer, HookedTransformerConfig = _quiet_transformer_lens()
-    model = HookedTransformer(HookedTransformerConfig(**cfg, device=device))
+    with _tl_quiet():
+        model = HookedTransformer(HookedTransformerConfig(**cfg, device=device))
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)
     return model
@@ -268,24 +484,40 @@ def _gpt2_bpe_files() -> tuple[Path, Path]:
 def load_tokenizer(name: str = "toy"):
     """The tokenizer of a model, without loading its weights.
 
-    GPT-2 family names use the offline GPT-2 tokenizer (identical to the hub's); a local directory its
-    own tokenizer files; other TransformerLens names the hub (or its cache).
+    In this order: ``"toy"``; a local directory, with its own tokenizer files (a clear error if it has
+    none); a GPT-2 family name (exactly a TransformerLens name or alias of gpt2, gpt2-medium, ...,
+    distilgpt2), with the offline GPT-2 tokenizer, identical to the hub's; any other TransformerLens
+    name, from the Hugging Face cache or hub. Anything else is an unknown model.
     """
     if name == "toy":
         return load_word_tokenizer(TOY_DIR / "tokenizer.json")
-    if name in GPT2_FAMILY or name.startswith("gpt2"):
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _dir_tokenizer(path)
+    if path.exists():
+        raise ModelUnavailableError(
+            f"{name!r} is a file, not a model directory: pass the folder that holds the tokenizer files."
+        )
+    if name.startswith((".", "/", "~")):
+        raise ModelUnavailableError(
+            f"No model directory at {name!r}. Pass an existing local Hugging Face model "
+            "directory, 'toy', or a TransformerLens model name such as 'gpt2-medium'."
+        )
+    official = _check_known(name)
+    if official in GPT2_FAMILY:
         return gpt2_tokenizer()
+    snapshot = _cached_snapshot(official, need=TOKENIZER_FILES)
+    if snapshot is not None:
+        return _dir_tokenizer(snapshot)
+    _require_hub(name, official)
     from transformers import AutoTokenizer
 
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        _check_known(name)
     try:
-        return AutoTokenizer.from_pretrained(path if path.is_dir() else name)
+        return AutoTokenizer.from_pretrained(official)
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(
-            f"Could not load the tokenizer of {name!r} ({type(exc).__name__}). {_offline_hint()}"
-        ) from None
+            f"Could not load the tokenizer of {name!r} ({_cause(exc)}). {_offline_hint()}"
+        ) from exc
 
 
 def random_model(shape: dict | str = "gpt2-medium", *, seed: int = 0, tokenizer=None, device: str = "cpu"):
