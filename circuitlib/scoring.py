@@ -4,52 +4,107 @@
 
     m_s = x_s · W_V^h · W_O^h · W_U          score = fraction of pairs whose target is in top-k(m_s)
 
-Conventions (they change numbers):
+Every convention below changes numbers. Where the MAPS authors' code (``amitelhelo/MAPS``,
+``src/maps.py``, ``src/utils.py``, ``src/experiment1_correlative.py``) fixes one, circuitlib follows it.
 
 - ``x_s`` (:func:`maps_inputs`): the raw token embedding ``W_E[s]`` for layer 0; for layers >= 1 the
   output of block 0's MLP applied to ``LN2_0(W_E[s])`` (the MLP output alone, not embedding + MLP).
   Attention-only models (the embedded toy model) have no MLP: there ``x_s = W_E[s]`` at every layer.
 - No positional embedding, no biases (``b_V``, ``b_O``), no final LayerNorm; the model's weights as
-  loaded (``load_model`` gives unprocessed weights, as MAPS uses).
-- ``k``: the relation's default (1 for copying relations, 10 otherwise) unless given. "In the top-k"
-  means fewer than ``k`` vocabulary entries score strictly higher than the target.
+  loaded (``load_model`` gives unprocessed weights, as MAPS uses). Grouped-query attention: a query
+  head uses its key/value group's ``W_V`` (TransformerLens's ``W_V`` repeats it per query head, the
+  same matrix the authors' ``get_w_vo`` picks).
+- Pairs: MAPS's single-token filter (``" " + word`` is one token on both sides, >= 30 pairs;
+  :mod:`circuitlib.tasks.relations`).
+- ``k``: 1 for copying relations, 10 otherwise (Llama-3: below), unless given.
+- **Ties**: a target is a hit when fewer than ``k`` *other* vocabulary entries score **at least as
+  high** as the target. This is membership in ``torch.topk(m_s, k)`` (the authors' test) whenever
+  that is well defined; when the target ties with other entries across the k-th place, ``topk``
+  keeps an arbitrary subset of the tied entries, and circuitlib counts the target as a **miss**. A
+  head whose OV output is exactly zero (every entry ties) therefore scores 0, never 1. Ties are
+  recognised when the logits are bitwise equal; an entry within float rounding of the target can
+  land on either side, as in any float top-k.
 - **Suppression** score: the same test on ``-m_s`` (the head pushes the target *down*).
 
-**Dynamic score** (:func:`dynamic_scores`): prompts from a neutral template containing the source
-("This is a document about [X]", BOS prepended); the head's output at the last position through
-``W_O`` and ``W_U`` (again no ``b_O``, no final LN), same top-k test, averaged over prompts.
-"With context" = the normal forward pass; "without context" = the head's last-position attention
-forced onto the source token while everything downstream sees the clean run (MAPS's construction),
-which makes the head's output exactly its value vector at the source position in the clean run.
+**Model-specific conventions, keyed by model name** (:func:`maps_conventions`), as the authors'
+code applies them (``utils.get_k``; ``apply_first_mlp`` in ``experiment1_correlative`` and
+``experiment2_causal``). Names are matched as substrings of ``model.cfg.model_name``,
+case-insensitively (the authors match case-sensitively; ``llama-30b``, the original LLaMA, is not
+taken for Llama-3):
 
-Speed: every score reduces to "how many vocabulary entries beat the target logit?". We count that
-over vocabulary chunks of growing size and stop a (head, pair) as soon as ``k`` entries beat its
+- name contains ``Llama-3``: ``k = 3`` for copying relations, ``k = 25`` otherwise (copying: "copying"
+  in the relation's name, the authors' test);
+- name contains ``Llama-3.1-70B``: no first-MLP input: ``x_s = W_E[s]`` at every layer;
+- the embedded model (name ``toy``, or circuitlib's word-level tokenizer): BOS on dynamic prompts
+  (below). Every other model: ``k`` = 1 / 10, first-MLP inputs, BOS as below.
+
+HeadScores ``meta`` records the inputs, the ``k`` rule, the tie rule and which name rules fired.
+
+**Dynamic score** (:func:`dynamic_scores`), the authors' experiment 1: each template in
+:data:`MAPS_TEMPLATES` (``"No <X> means no"``, ``"The story of <X> contains"``, ``"This is a
+document about <X>"``, ``"When I think about <X> I think about"``) is filled with every pair's source
+word; the head's output at the **last position** goes through ``W_O`` and ``W_U`` (no ``b_O``, no
+final LN) and takes the same top-k test; a template's score is the fraction of pairs that hit.
+
+- "With context" = the normal forward pass. "Without context" = the head's last-position attention
+  forced onto the source token while everything downstream sees the clean run (the authors'
+  construction), which makes the head's output exactly its value vector (``b_V`` included) at the
+  source position of the clean run (grouped-query attention: its key/value group's vector).
+- **BOS** (``bos=``): by default as the authors' pipeline tokenizes — a fresh Hugging Face
+  tokenizer's default: no BOS for GPT-2 / Pythia / GPT-Neo / GPT-J (their tokenizers add none; this
+  holds even when TransformerLens attached a BOS-adding tokenizer to the model), BOS when the
+  tokenizer adds one itself (Llama, ...). The embedded model **keeps BOS**: it was trained with BOS
+  on every sequence and never saw one without it. ``bos=True`` / ``False`` overrides.
+- **Source position**: where the template's placeholder falls (the authors read it off the first
+  prompt; all prompts share it since every source is one token). Prompts of different lengths are
+  right-padded (the authors' batch requires equal lengths); "last position" is each prompt's own.
+- **Templates**: all four by default; templates with words the tokenizer does not know are dropped
+  and named in ``meta["templates_dropped"]`` (the embedded model's word-level vocabulary spells only
+  "This is a document about <X>"). ``HeadScores.scores`` is the mean of the per-template maps;
+  ``meta["per_template"]`` keeps each map.
+- **Correlation** (:func:`static_dynamic_correlation`): Pearson r over all templates pooled, as the
+  authors compute it: the static map repeated once per template against the per-template dynamic
+  maps (``n_templates * n_layers * n_heads`` points) — not r against the mean map.
+
+Speed: every score reduces to "how many vocabulary entries reach the target logit?". We count that
+over vocabulary chunks of growing size and stop a (head, pair) as soon as ``k`` entries reach its
 target, so most of the ``|V|``-wide products are never computed; the rows of all heads of a block
 of layers and all relations' unique sources go through one matrix product per chunk, and no
-``|V| x |V|`` (or per-head ``W_O W_U``) matrix is ever formed. Results are exact: identical top-k
-membership to ``torch.topk`` on the full logits, up to floating-point ties.
+``|V| x |V|`` (or per-head ``W_O W_U``) matrix is ever formed. Results are exact (the tie rule above).
 
-Where things are: :func:`causal_check` (top heads vs random vs control heads, ablated) is here and
-uses :func:`circuitlib.ablation.ablation_curves`; :func:`relation_summary` bundles everything the
-report stores per relation.
+The MAPS causal check lives in :mod:`circuitlib.causal`; what the report stores per relation in
+:func:`circuitlib.report.relation_summary`.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .tasks import load_relation
-from .tasks._common import encode, word_id
-from .types import Head, HeadScores, RelationPairs, head_name, parse_head
+from .tasks._common import bos_id, pad_id, word_id
+from .types import Head, HeadScores, RelationPairs, parse_head
 
-DYNAMIC_TEMPLATE = "This is a document about [X]"
+#: The four templates of the MAPS authors' experiment 1 (``experiment1_correlative.TEMPLATES``).
+MAPS_TEMPLATES: tuple[str, ...] = (
+    "No <X> means no",
+    "The story of <X> contains",
+    "This is a document about <X>",
+    "When I think about <X> I think about",
+)
+DYNAMIC_TEMPLATE = "This is a document about <X>"  # dynamic_prompts' default (one template)
+_PLACEHOLDERS = ("<X>", "[X]")  # the authors' placeholder; circuitlib's older one still works
+#: Architectures whose Hugging Face tokenizer adds no BOS by default (so MAPS's prompts have none).
+NO_BOS_ARCHITECTURES = frozenset({
+    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTNeoForCausalLM", "GPTJForCausalLM",
+})
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
 _FIRST_CHUNK = 256
 _MAX_CHUNK = 16384
@@ -57,29 +112,112 @@ _MAX_ELEMENTS = 2**26  # logits per vocabulary chunk (256 MiB in float32)
 
 
 # ---------------------------------------------------------------------------------------------
+# Model-specific conventions
+
+
+@dataclass(frozen=True)
+class MapsConventions:
+    """The MAPS conventions that depend on the model, decided from its name (see module docstring).
+
+    ``k_copying`` / ``k_other``: default ``k`` for copying / other relations (``None`` = the
+    relation's own default, 1 / 10). ``first_mlp``: layers >= 1 read ``MLP_0(LN2_0(W_E[s]))``.
+    ``embedded``: circuitlib's embedded model (BOS on dynamic prompts). ``notes``: which rules fired.
+    """
+
+    model: str
+    k_copying: int | None = None
+    k_other: int | None = None
+    first_mlp: bool = True
+    embedded: bool = False
+    notes: tuple[str, ...] = ()
+
+
+def maps_conventions(model) -> MapsConventions:
+    """The MAPS conventions for ``model`` (a ``HookedTransformer`` or a model name)."""
+    name = model if isinstance(model, str) else _model_name(model)
+    low = name.lower()
+    kw, notes = {}, []
+    if re.search(r"llama-3(?!\d)", low):  # Llama-3, Llama-3.1, ...; not the original llama-30b
+        kw.update(k_copying=3, k_other=25)
+        notes.append("Llama-3 (by name): k = 3 for copying relations, 25 otherwise")
+    if re.search(r"llama-3\.1-70b", low):
+        kw.update(first_mlp=False)
+        notes.append("Llama-3.1-70B (by name): no first-MLP input, x_s = W_E[s] at every layer")
+    tok = None if isinstance(model, str) else getattr(model, "tokenizer", None)
+    if name == "toy" or getattr(tok, "unk_token", None) == "[UNK]":
+        kw.update(embedded=True)
+        notes.append("embedded model: trained with BOS on every sequence, so dynamic prompts keep BOS")
+    return MapsConventions(model=name, notes=tuple(notes), **kw)
+
+
+def default_k(model, relation: RelationPairs) -> int:
+    """MAPS's ``k`` for ``relation`` on ``model``: the authors' ``get_k`` (Llama-3: 3 / 25 by
+    whether "copying" is in the relation's name), else the relation's own (1 copying, 10 otherwise)."""
+    conv = maps_conventions(model)
+    if conv.k_copying is not None and "copying" in relation.name:
+        return conv.k_copying
+    if conv.k_other is not None and "copying" not in relation.name:
+        return conv.k_other
+    return relation.k
+
+
+def _k_rule(conv: MapsConventions) -> str:
+    if conv.k_copying is not None:
+        return f"{conv.k_copying} for copying relations, {conv.k_other} otherwise (by model name)"
+    return "1 for copying relations, 10 otherwise"
+
+
+def dynamic_bos(model) -> tuple[bool, str]:
+    """Whether dynamic prompts start with BOS by default, and why (see module docstring)."""
+    if maps_conventions(model).embedded:
+        return True, "BOS: the embedded model was trained with BOS on every sequence"
+    arch = getattr(model.cfg, "original_architecture", None)
+    if arch in NO_BOS_ARCHITECTURES:
+        return False, f"no BOS: {arch}'s tokenizer adds none (as in MAPS's pipeline)"
+    tok = model.tokenizer
+    probe = tok("a").input_ids
+    adds = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
+    return adds, ("BOS: the tokenizer adds one (as in MAPS's pipeline)" if adds
+                  else "no BOS: the tokenizer adds none (as in MAPS's pipeline)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Inputs and the core top-k counter
 
 
 @torch.no_grad()
-def maps_inputs(model, token_ids: Int[Tensor, " n_tok"]) -> Float[Tensor, "n_layers n_tok d_model"]:
+def maps_inputs(
+    model, token_ids: Int[Tensor, " n_tok"], *, first_mlp: bool | None = None
+) -> Float[Tensor, "n_layers n_tok d_model"]:
     """MAPS's per-layer input ``x_s`` for each token: ``W_E[s]`` at layer 0, ``MLP_0(LN2_0(W_E[s]))``
-    (MLP output only) at layers >= 1. Attention-only models: ``W_E[s]`` at every layer.
+    (MLP output only) at layers >= 1. ``W_E[s]`` at every layer for attention-only models and when
+    ``first_mlp`` is False (default: :func:`maps_conventions`, i.e. False for Llama-3.1-70B).
     No positional embedding."""
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).to(model.W_E.device)
     emb = model.W_E[token_ids]
     n_layers = model.cfg.n_layers
-    if model.cfg.attn_only or model.cfg.d_mlp is None:
+    if first_mlp is None:
+        first_mlp = maps_conventions(model).first_mlp
+    if model.cfg.attn_only or model.cfg.d_mlp is None or not first_mlp:
         return emb[None].expand(n_layers, -1, -1).clone()
     block = model.blocks[0]
     mlp_out = block.mlp(block.ln2(emb[None]))[0]
     return torch.cat([emb[None], mlp_out[None].expand(n_layers - 1, -1, -1)])
 
 
+def _inputs_note(model) -> str:
+    if model.cfg.attn_only or model.cfg.d_mlp is None:
+        return "W_E[s] at every layer (attention-only model)"
+    if not maps_conventions(model).first_mlp:
+        return "W_E[s] at every layer (no first-MLP input for this model, by name)"
+    return "layer 0: W_E[s]; layers >= 1: MLP_0(LN2_0(W_E[s]))"
+
+
 def _check_k(k: int, d_vocab: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_vocab:
         raise ValueError(
             f"k must be an integer in [1, {d_vocab}] (the vocabulary size); got {k!r}. MAPS uses "
-            "k=1 for copying relations and k=10 otherwise."
+            "k=1 for copying relations and k=10 otherwise (Llama-3: 3 and 25)."
         )
     return k
 
@@ -95,11 +233,15 @@ def topk_hits(
     suppression: bool = False,
 ) -> Bool[Tensor, " n_pairs"]:
     """Whether each pair's target is in the top-k of ``rows[row_of_pair] @ W_U`` (of its negation
-    with ``suppression``): fewer than ``k`` other entries strictly higher.
+    with ``suppression``): fewer than ``k`` *other* entries score at least as high as the target.
+
+    That is ``target in torch.topk(logits, k).indices`` (MAPS's test) whenever the answer does not
+    depend on how ``topk`` breaks ties; a target tied with other entries across the k-th place is a
+    miss (so an all-zero row is a miss for every target).
 
     ``W_U_T`` is the unembedding transposed and contiguous (``W_U.T.contiguous()``, one row per
     vocabulary entry), so each vocabulary chunk is a contiguous block. Exact early-exit count over
-    chunks (first 256 entries, then doubling): a pair stops once ``k`` entries beat its target.
+    chunks (first 256 entries, then doubling): a pair stops once ``k`` entries reach its target.
     Never forms more than ``live rows x chunk`` logits.
     """
     sign = -1.0 if suppression else 1.0
@@ -114,10 +256,10 @@ def topk_hits(
         used, inv = torch.unique(row_of_pair[live], return_inverse=True)
         end = min(start + max(_FIRST_CHUNK, min(size, _MAX_ELEMENTS // live.numel())), d_vocab)
         logits = sign * (rows[used] @ W_U_T[start:end].T)
-        above = logits[inv] > thr[live, None]
+        reach = logits[inv] >= thr[live, None]  # a tie counts against the target
         own = (targets[live] >= start) & (targets[live] < end)  # never count the target itself
-        above[own.nonzero()[:, 0], targets[live][own] - start] = False
-        count[live] += above.sum(-1)
+        reach[own.nonzero()[:, 0], targets[live][own] - start] = False
+        count[live] += reach.sum(-1)
         live = live[count[live] < k[live]]
         start, size = end, min(2 * size, _MAX_CHUNK)
     return count < k
@@ -145,7 +287,8 @@ def static_scores(
     """MAPS static (or, with ``suppression``, suppression) score of every head for one relation.
 
     ``relation``: a :class:`RelationPairs` or a relation name (loaded with the model's tokenizer).
-    ``k`` defaults to the relation's (1 copying, 10 otherwise). See the module docstring for ``x_s``.
+    ``k`` defaults to :func:`default_k` (1 copying, 10 otherwise; Llama-3: 3 / 25). See the module
+    docstring for ``x_s`` and ties.
     """
     pairs = _as_pairs(model, relation)
     return static_scores_many(model, [pairs], k=k, suppression=suppression)[pairs.name]
@@ -168,7 +311,8 @@ def static_scores_many(
     """
     rels = [_as_pairs(model, r) for r in relations]
     d_vocab, L, H = model.cfg.d_vocab, model.cfg.n_layers, model.cfg.n_heads
-    ks = [_check_k(k if k is not None else r.k, d_vocab) for r in rels]
+    conv = maps_conventions(model)
+    ks = [_check_k(k if k is not None else default_k(model, r), d_vocab) for r in rels]
     if any(len(r) == 0 for r in rels):
         raise ValueError("a relation has no pairs left after the single-token filter; nothing to score")
     sources, src_index = torch.unique(torch.cat([r.src for r in rels]), return_inverse=True)
@@ -204,7 +348,10 @@ def static_scores_many(
             model=_model_name(model),
             k=kk,
             meta={"pairs_used": len(r), "pairs_total": r.total, "suppression": suppression,
-                  "inputs": "layer 0: W_E[s]; layers >= 1: MLP_0(LN2_0(W_E[s])) (W_E[s] if attn-only)",
+                  "inputs": _inputs_note(model),
+                  "k_rule": "given" if k is not None else _k_rule(conv),
+                  "ties": "a target tied with other entries across the k-th place is a miss",
+                  "model_conventions": list(conv.notes),
                   "weights": "as loaded (unprocessed by default); no biases, no final LN"},
         )
     return out
@@ -241,51 +388,69 @@ def top_mapped_tokens(
 # Dynamic scores
 
 
+def _placeholder(template: str) -> str:
+    for ph in _PLACEHOLDERS:
+        if ph in template:
+            return ph
+    raise ValueError(f"template {template!r} has no <X> (or [X]) placeholder for the source word")
+
+
+def template_fits(tokenizer, template: str) -> bool:
+    """Whether ``tokenizer`` spells ``template`` (without its placeholder) with no unknown token."""
+    ids = tokenizer.encode(template.replace(_placeholder(template), ""), add_special_tokens=False)
+    unk = tokenizer.unk_token_id
+    # (the offline GPT-2 wrapper names <|endoftext|> its unk token: byte-level BPE never emits it)
+    return unk is None or unk not in ids
+
+
+def default_templates(tokenizer) -> tuple[list[str], dict[str, str]]:
+    """:data:`MAPS_TEMPLATES` the tokenizer can spell, and the dropped ones with the reason."""
+    kept = [t for t in MAPS_TEMPLATES if template_fits(tokenizer, t)]
+    dropped = {t: "words unknown to the tokenizer" for t in MAPS_TEMPLATES if t not in kept}
+    return kept, dropped
+
+
 def dynamic_prompts(
-    model, pairs: RelationPairs, template: str = DYNAMIC_TEMPLATE
+    model, pairs: RelationPairs, template: str = DYNAMIC_TEMPLATE, *, bos: bool | None = None
 ) -> tuple[Int[Tensor, "n seq"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """Token ids of ``template`` filled with each source word (BOS prepended, right-padded), the
-    position of the source token and of the last token in each prompt."""
-    if "[X]" not in template:
-        raise ValueError(f"template {template!r} has no [X] placeholder for the source word")
+    """Token ids of ``template`` filled with each source word (right-padded), the position of the
+    source token and of the last token in each prompt.
+
+    ``bos``: prepend BOS; default :func:`dynamic_bos` (none for GPT-2 / Pythia, as MAPS; yes for the
+    embedded model). The source position is where the template's placeholder falls (the authors
+    take it from the first prompt; all prompts share it when the source is one token).
+    """
+    ph = _placeholder(template)
+    use_bos = dynamic_bos(model)[0] if bos is None else bool(bos)
+    tok = model.tokenizer
+    head = [bos_id(tok)] if use_bos else []
+    prefix = template[: template.index(ph)].rstrip(" ")
+    at = len(head) + (len(tok.encode(prefix, add_special_tokens=False)) if prefix else 0)
     rows, src_pos = [], []
-    for word, tok in zip(pairs.src_words, pairs.src.tolist()):
-        ids = encode(model.tokenizer, template.replace("[X]", word))
-        where = [i for i, t in enumerate(ids) if t == tok]
-        if not where:
-            raise ValueError(
-                f"source {word!r} is not one token inside {template.replace('[X]', word)!r}: put a "
-                "space before [X] in the template (MAPS's single-token filter uses ' ' + word)"
-            )
+    for word, s in zip(pairs.src_words, pairs.src.tolist()):
+        text = template.replace(ph, word)
+        ids = head + list(tok.encode(text, add_special_tokens=False))
+        if not (at < len(ids) and ids[at] == s):
+            where = [i for i, t in enumerate(ids) if t == s]
+            if len(where) != 1:
+                raise ValueError(
+                    f"source {word!r} is not one token at the placeholder of {text!r}: put a space before "
+                    f"{ph} in the template (MAPS's single-token filter uses ' ' + word)"
+                )
+            at_word = where[0]
+        else:
+            at_word = at
         rows.append(ids)
-        src_pos.append(where[-1])
+        src_pos.append(at_word)
     seq = max(len(r) for r in rows)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else rows[0][0]
+    pad = pad_id(tok)
     tokens = torch.tensor([r + [pad] * (seq - len(r)) for r in rows], dtype=torch.long)
     return tokens, torch.tensor(src_pos), torch.tensor([len(r) - 1 for r in rows])
 
 
 @torch.no_grad()
-def dynamic_scores(
-    model,
-    relation: RelationPairs | str,
-    *,
-    template: str = DYNAMIC_TEMPLATE,
-    context: bool = True,
-    k: int | None = None,
-    suppression: bool = False,
-    batch_size: int = 64,
-) -> HeadScores:
-    """MAPS dynamic score of every head: top-k test on the head's last-position output ``z W_O W_U``.
-
-    ``context=True``: the normal forward pass. ``context=False``: the head's last-position attention
-    forced onto the source token with all other heads' outputs clean — its output is then its value
-    vector ``v`` (``b_V`` included, as in the forward pass) at the source position of the clean run.
-    One forward pass per prompt batch serves all heads.
-    """
-    pairs = _as_pairs(model, relation)
-    k = _check_k(k if k is not None else pairs.k, model.cfg.d_vocab)
-    tokens, src_pos, end = dynamic_prompts(model, pairs, template)
+def _dynamic_hits_one_template(model, pairs, template, *, context, k, suppression, bos, batch_size):
+    tokens, src_pos, end = dynamic_prompts(model, pairs, template, bos=bos)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hook = "hook_z" if context else "hook_v"
     W_O, W_U_T = model.W_O, model.W_U.T.contiguous()
@@ -297,31 +462,111 @@ def dynamic_scores(
         )
         rows_idx = torch.arange(tokens[sl].shape[0])
         pos = end[sl] if context else src_pos[sl]
-        z = torch.stack([cache[f"blocks.{l}.attn.{hook}"][rows_idx, pos] for l in range(L)])  # [L,b,H,e]
+        per_layer = []
+        for l in range(L):
+            z = cache[f"blocks.{l}.attn.{hook}"][rows_idx, pos]  # [b, H (or n_kv_heads for v), e]
+            if z.shape[1] != H:  # grouped-query attention: hook_v has one vector per key/value group
+                z = z.repeat_interleave(H // z.shape[1], dim=1)
+            per_layer.append(z)
+        z = torch.stack(per_layer)  # [L, b, H, e]
         out = torch.einsum("lbhe,lhem->lhbm", z, W_O)  # [L, H, b, d]
         b = z.shape[1]
         rows = out.reshape(L * H * b, -1)
         tgt = pairs.tgt[sl].repeat(L * H)
         hits.append(topk_hits(rows, W_U_T, torch.arange(L * H * b), tgt, k,
                               suppression=suppression).view(L, H, b))
-    score = torch.cat(hits, dim=-1).float().mean(-1)
+    return torch.cat(hits, dim=-1).float().mean(-1)
+
+
+@torch.no_grad()
+def dynamic_scores(
+    model,
+    relation: RelationPairs | str,
+    *,
+    templates: Sequence[str] | None = None,
+    template: str | None = None,
+    context: bool = True,
+    k: int | None = None,
+    suppression: bool = False,
+    bos: bool | None = None,
+    batch_size: int = 64,
+) -> HeadScores:
+    """MAPS dynamic score of every head: top-k test on the head's last-position output ``z W_O W_U``.
+
+    ``templates``: default :data:`MAPS_TEMPLATES` (those the tokenizer spells); ``template``: one
+    template instead. ``scores`` is the mean of the per-template maps, kept in
+    ``meta["per_template"]`` for :func:`static_dynamic_correlation`. ``bos``: default
+    :func:`dynamic_bos`. ``k``: default :func:`default_k`.
+
+    ``context=True``: the normal forward pass. ``context=False``: the head's last-position attention
+    forced onto the source token with all other heads' outputs clean — its output is then its value
+    vector ``v`` (``b_V`` included, as in the forward pass) at the source position of the clean run.
+    One forward pass per prompt batch and template serves all heads.
+    """
+    pairs = _as_pairs(model, relation)
+    k = _check_k(k if k is not None else default_k(model, pairs), model.cfg.d_vocab)
+    if template is not None and templates is not None:
+        raise ValueError("pass either template= (one) or templates= (several), not both")
+    dropped: dict[str, str] = {}
+    if template is not None:
+        templates = [template]
+    elif templates is None:
+        templates, dropped = default_templates(model.tokenizer)
+    templates = list(templates)
+    for t in templates:
+        _placeholder(t)
+    if not templates:
+        raise ValueError(f"no template to score with: the tokenizer spells none of {list(MAPS_TEMPLATES)}; "
+                         "pass templates=[...]")
+    if bos is None:
+        use_bos, bos_rule = dynamic_bos(model)
+    else:
+        use_bos, bos_rule = bool(bos), f"{'BOS' if bos else 'no BOS'}: given (bos={bool(bos)})"
+    per_template = {
+        t: _dynamic_hits_one_template(model, pairs, t, context=context, k=k, suppression=suppression,
+                                      bos=use_bos, batch_size=batch_size)
+        for t in templates
+    }
+    score = torch.stack(list(per_template.values())).mean(0)
     return HeadScores(
         scores=score,
         method=f"maps_dynamic_{'with' if context else 'without'}_context" + ("_suppression" if suppression else ""),
         target=pairs.name,
         model=_model_name(model),
         k=k,
-        meta={"pairs_used": len(pairs), "template": template, "context": context,
-              "suppression": suppression, "bos": True, "position": "last token",
+        meta={"pairs_used": len(pairs), "templates": templates, "templates_dropped": dropped,
+              "per_template": {t: m.tolist() for t, m in per_template.items()},
+              "aggregate": "scores = mean of the per-template maps; r pools the per-template maps",
+              "context": context, "suppression": suppression, "bos": use_bos, "bos_rule": bos_rule,
+              "position": "last token",
+              "model_conventions": list(maps_conventions(model).notes),
               "readout": "z W_O W_U (no b_O, no final LN)"},
     )
 
 
-def static_dynamic_correlation(static: HeadScores, dynamic: HeadScores) -> float:
-    """Pearson r between two score maps over all heads; ``nan`` if either map is constant."""
-    if static.scores.shape != dynamic.scores.shape:
-        raise ValueError(f"score maps differ in shape: {tuple(static.scores.shape)} vs {tuple(dynamic.scores.shape)}")
-    a, b = static.scores.flatten().double(), dynamic.scores.flatten().double()
+def _template_maps(dynamic: HeadScores | Sequence[HeadScores]) -> list[Tensor]:
+    if isinstance(dynamic, HeadScores):
+        per = dynamic.meta.get("per_template")
+        if per:
+            return [torch.tensor(m, dtype=torch.float64) for m in per.values()]
+        return [dynamic.scores.double()]
+    return [m for d in dynamic for m in _template_maps(d)]
+
+
+def static_dynamic_correlation(static: HeadScores, dynamic: HeadScores | Sequence[HeadScores]) -> float:
+    """Pearson r between static and dynamic scores, pooled over templates as the MAPS authors do.
+
+    ``dynamic``: a :func:`dynamic_scores` result (its per-template maps are used) or a sequence of
+    per-template maps. The static map is repeated once per template and correlated with the
+    concatenated dynamic maps (``n_templates * n_layers * n_heads`` points); with one template this
+    is r over the heads. ``nan`` if either side is constant.
+    """
+    maps = _template_maps(dynamic)
+    for m in maps:
+        if m.shape != static.scores.shape:
+            raise ValueError(f"score maps differ in shape: {tuple(static.scores.shape)} vs {tuple(m.shape)}")
+    a = static.scores.flatten().double().repeat(len(maps))
+    b = torch.cat([m.flatten() for m in maps])
     a, b = a - a.mean(), b - b.mean()
     denom = a.norm() * b.norm()
     return float("nan") if denom == 0 else float((a @ b) / denom)
@@ -339,5 +584,3 @@ def reference_heads(model_name: str) -> list[Head]:
     data = json.loads(REFERENCE_FILE.read_text())
     entry = data.get("models", {}).get(model_name)
     return [parse_head(h) for h in entry["heads"]] if entry else []
-
-
