@@ -21,11 +21,12 @@ authors' code runs it:
 
 circuitlib's extras, named as such in every result: the two-way accuracy (answer beats another pair's
 target) and the logit difference next to top-1 accuracy; ``extra_tasks`` (the relation's heads
-ablated on other tasks, e.g. IOI: not MAPS's control); and a layer-matched random baseline from the
-live heads with many draws and an empirical p-value.
+ablated on other tasks, e.g. IOI: not MAPS's control); and a random baseline from
+:func:`circuitlib.interventions.control_sets` (layer-matched live heads where the layers allow) with
+many draws and an empirical p-value.
 
 **Top vs random** (:func:`top_vs_random`): a task's top heads ablated against random sets of as many
-heads drawn from the live heads outside the top (all such sets when there are few).
+heads from :func:`circuitlib.interventions.control_sets` (all such sets when there are few).
 
 Every ablation goes through :mod:`circuitlib.interventions`.
 """
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from .interventions import Ablation, run_ablations, sample_head_sets
+from .interventions import Ablation, control_sets, run_ablations, sample_head_sets
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
@@ -226,9 +227,9 @@ def causal_check(
                             MAPS_ABLATION)[0] for t in extra_tasks}
 
     # circuitlib's extra: layer-matched draws from the live heads, all m heads ablated at once
-    extra_random: dict = {"n_draws": 0, "note": "no layer-matched live heads outside the relation's heads"}
+    extra_random: dict = {"n_draws": 0}
     try:
-        matched = sample_head_sets(model, n_extra_random, like=heads, exclude=heads, seed=seed)
+        matched = control_sets(model, heads, n_extra_random, seed=seed)
     except ValueError as exc:
         extra_random["note"] = str(exc)
     else:
@@ -320,11 +321,15 @@ def top_vs_random(
     ablation: Ablation = Ablation(),
     seed: int = 0,
 ) -> TopVsRandom:
-    """Ablate ``top`` vs random sets of ``len(top)`` heads from ``pool`` (default: the live heads)
-    outside ``top``: every such set when there are at most ``n_draws``, else ``n_draws`` seeded draws.
+    """Ablate ``top`` vs random sets of ``len(top)`` heads outside ``top``: from ``pool`` if given, else
+    :func:`circuitlib.interventions.control_sets` (live heads, layer-matched where the layers allow);
+    every such set when there are at most ``n_draws``, else ``n_draws`` seeded draws.
     Default ablation: mean over the corrupted prompts, every position, BOS excluded."""
     top = [(int(l), int(h)) for l, h in top]
-    draws = sample_head_sets(model, n_draws, size=len(top), pool=pool, exclude=top, seed=seed)
+    if pool is None:
+        draws = control_sets(model, top, n_draws, seed=seed)
+    else:
+        draws = sample_head_sets(model, n_draws, size=len(top), pool=pool, exclude=top, seed=seed)
     run = run_ablations(model, batch, [[], top, *draws.sets], ablation)
     acc, top1, ld = run.accuracy.numpy(), run.top1_accuracy.numpy(), run.mean_logit_diff.numpy()
 

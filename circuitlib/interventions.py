@@ -385,3 +385,19 @@ def sample_head_sets(
     sets = [sorted(avail[i] for i in rng.choice(len(avail), size=size, replace=False)) for _ in range(n_draws)]
     return HeadSetDraws(sets, avail, f"{n_draws} draws of {size} from {len(avail)} heads (seed {seed})")
 
+
+def control_sets(model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0) -> HeadSetDraws:
+    """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
+    ``heads``; when a layer has too few, size-matched draws from the live heads; when those are too few,
+    from all heads outside ``heads``. ``how`` says which (and why)."""
+    try:
+        return sample_head_sets(model, n_draws, like=heads, exclude=heads, seed=seed)
+    except ValueError as matched:
+        try:
+            d = sample_head_sets(model, n_draws, size=len(heads), exclude=heads, seed=seed)
+        except ValueError:
+            every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=heads, seed=seed)
+            d.how += " (from all heads: too few live heads)"
+        d.how += f" (not layer-matched: {matched})"
+        return d

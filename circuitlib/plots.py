@@ -90,12 +90,14 @@ def head_heatmaps(
     mark_label: str | None = None,
     annotate: bool | None = None,
     suptitle: str | None = None,
+    cbar_label: str | None = None,
     axes: Sequence[Any] | None = None,
 ) -> Figure:
     """Layer x head heatmaps side by side (the MAPS figure), with X marks on chosen heads.
 
     ``scores``: one panel per :class:`HeadScores`, all on the scale ``[vmin, vmax]``; each colour bar
-    is labelled with the panel's relation / task name. ``marks`` go on every panel: heads as
+    is labelled ``cbar_label`` (name the quantity, e.g. "MAPS score: fraction of pairs in top-k";
+    default: the score's method). ``marks`` go on every panel: heads as
     ``(layer, head)`` / ``"L.H"`` / a :class:`Circuit`, or a dict ``label -> heads`` for several
     marker sets (the legend names them; a bare set is called ``mark_label``, default "reference
     heads", a Circuit "<Task> circuit"). ``panel_marks`` gives
@@ -149,7 +151,7 @@ def head_heatmaps(
         for side in ax.spines.values():
             side.set_visible(False)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.85, pad=0.02, aspect=25)
-        cbar.set_label(pretty_name(hs.target), fontsize=10)
+        cbar.set_label(cbar_label or hs.method.replace("_", " "), fontsize=10)
         cbar.outline.set_visible(False)
         if annotate:
             _annotate_cells(ax, values, vmin, vmax, cmap)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .interventions import Ablation, HeadSetDraws, live_heads, run_ablations, sample_head_sets
+from .interventions import Ablation, control_sets, live_heads, run_ablations
 from .overlap import (
     HeadSet,
     TestRow,
@@ -31,23 +31,6 @@ from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-
-
-def random_controls(model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0) -> HeadSetDraws:
-    """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
-    ``heads``; when a layer has too few, size-matched draws from the live heads; when those are too few,
-    from all heads outside ``heads``. ``how`` says which (and why)."""
-    try:
-        return sample_head_sets(model, n_draws, like=heads, exclude=heads, seed=seed)
-    except ValueError as matched:
-        try:
-            d = sample_head_sets(model, n_draws, size=len(heads), exclude=heads, seed=seed)
-        except ValueError:
-            every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=heads, seed=seed)
-            d.how += " (from all heads: too few live heads)"
-        d.how += f" (not layer-matched: {matched})"
-        return d
 
 
 @dataclass
@@ -88,13 +71,13 @@ def cross_task_ablation(
     n_random: int = 2000,
     seed: int = 0,
 ) -> CrossTaskAblation:
-    """Ablate ``circuit``'s heads and measure ``batch``'s task, against :func:`random_controls`.
+    """Ablate ``circuit``'s heads and measure ``batch``'s task, against :func:`circuitlib.interventions.control_sets`.
 
     Default ablation: mean over the measured task's corrupted prompts, every position, BOS excluded
     (a circuit of another task may act before END). Everything in one batched run.
     """
     heads = sorted(as_head_set(circuit))
-    draws = random_controls(model, heads, n_random, seed=seed)
+    draws = control_sets(model, heads, n_random, seed=seed)
     run = run_ablations(model, batch, [[], heads, *draws.sets], ablation)
     corrupt = model(batch.corrupt.to(model.cfg.device))
     rows = torch.arange(len(batch))
@@ -122,6 +105,16 @@ def cross_task_ablation(
         random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
                      "logit_diff": round(float(ld[rand].mean()), 4), "normalised": round(float(r_norm.mean()), 4)},
         random_std_normalised=round(float(r_norm.std()), 4), p_value=pv.p_value, p_how=pv.how)
+
+
+def _top_live(scores: HeadScores, k: int, live: list[Head], seed: int) -> frozenset[Head]:
+    """The top-k heads among the live heads (ties broken at random, seeded)."""
+    masked = scores.scores.clone()
+    keep = torch.zeros_like(masked, dtype=torch.bool)
+    for l, h in live:
+        keep[l, h] = True
+    masked[~keep] = -float("inf")
+    return top_set(HeadScores(masked, scores.method, scores.target, scores.model), k, seed=seed)
 
 
 def reuse_matrix(
@@ -186,7 +179,7 @@ def reuse_analysis(
     Rank statistics are taken over the **live heads** only (:func:`circuitlib.interventions.live_heads`):
     on the embedded model the switched-off heads tie at zero and would make any two scorings look alike
     ("alive vs dead"); on a pretrained model every head is live. Cross-task ablation: mean-ablation
-    (:func:`cross_task_ablation`) against ``n_random`` random sets (:func:`random_controls`); with fewer
+    (:func:`cross_task_ablation`) against ``n_random`` random sets (:func:`circuitlib.interventions.control_sets`); with fewer
     than ``MIN_DRAWS_IN_FAMILY`` draws those rows go to ``apart`` instead of the family.
     """
     tasks = list(circuits)
@@ -199,10 +192,16 @@ def reuse_analysis(
     per_task: dict[str, dict] = {}
     relations = {t: relation_scores[t].target for t in tasks if t in relation_scores}
     k = default_top_k(len(live))
+    live_set = set(live)
+    # set tests draw from the live heads when every head involved is live (dead heads cannot be in a circuit)
+    in_live = all(as_head_set(c) <= live_set for c in circuits.values())
+    population = len(live) if in_live else n_total
+    if in_live and len(live) < n_total:
+        notes.append(f"set overlaps are tested within the {len(live)} live heads (every circuit head is live)")
     for i, a in enumerate(tasks):
         for b in tasks[i + 1:]:
             pair: dict[str, Any] = {
-                "circuits": set_overlap(circuits[a], circuits[b], n_total),
+                "circuits": set_overlap(circuits[a], circuits[b], population),
                 "patching": rank_correlation(patching[a], patching[b], heads=live, absolute=True, **kw),
             }
             rows.append(TestRow.from_result(f"circuits {a} vs {b}: shared heads", pair["circuits"],
@@ -213,7 +212,7 @@ def reuse_analysis(
             if a in relations and b in relations and relations[a] != relations[b]:
                 ra, rb = relation_scores[a], relation_scores[b]
                 pair["maps"] = rank_correlation(ra, rb, heads=live, **kw)
-                pair["maps_top"] = set_overlap(top_set(ra, k, seed=seed), top_set(rb, k, seed=seed + 1), n_total)
+                pair["maps_top"] = set_overlap(_top_live(ra, k, live, seed), _top_live(rb, k, live, seed + 1), len(live))
                 pair["maps_topk_curve"] = topk_overlap_curve(ra, rb, seed=seed)
                 if pair["maps"]["p_value"] is not None:
                     rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: Spearman (live heads)",
@@ -241,13 +240,13 @@ def reuse_analysis(
             r = reuse[c][t]
             draws_rows.append(TestRow(f"remove {c} circuit -> {t}: normalised logit diff vs random sets", "normalised",
                                       r.ablated["normalised"], r.p_value, r.p_how, r.n_random, 1 / (1 + r.n_random)))
-    apart = None
-    if n_random >= MIN_DRAWS_IN_FAMILY:
-        rows += draws_rows
-    else:
-        apart = test_table(draws_rows, alpha=alpha)
-        notes.append(f"cross-task ablation rows are kept apart from the family: {n_random} random draws give p >= "
-                     f"1/{n_random + 1}, too coarse for the corrected bar (the family needs >= {MIN_DRAWS_IN_FAMILY})")
+    few = [r for r in draws_rows if r.n < MIN_DRAWS_IN_FAMILY]
+    rows += [r for r in draws_rows if r.n >= MIN_DRAWS_IN_FAMILY]
+    apart = test_table(few, alpha=alpha) if few else None
+    if few:
+        notes.append(f"{len(few)} cross-task ablation rows are kept apart from the family: fewer than "
+                     f"{MIN_DRAWS_IN_FAMILY} random head sets were drawn (or exist: all of them were used), so their p "
+                     "cannot go below 1/(n + 1); such rows are reported, not tested")
     return ReuseAnalysis(
         tasks=tasks, relations=relations, live_heads=[head_name(h) for h in live],
         circuits={t: [head_name(h) for h in sorted(as_head_set(c_))] for t, c_ in circuits.items()},

@@ -47,7 +47,7 @@ def _inside_figure(fig) -> None:
 def test_head_heatmaps_values_marks_and_layout(shape, tmp_path):
     a, b = _scores(*shape, "name_copying", 0), _scores(*shape, "country_to_capital_wikidata", 1)
     marks = {"movers": [(1, 2), "2.5"], "IOI circuit": Circuit.of(["0.0"], "ioi", "m")}
-    fig = plots.head_heatmaps([a, b], marks)
+    fig = plots.head_heatmaps([a, b], marks, cbar_label="MAPS score: fraction of pairs in top-k")
     heat_axes = [ax for ax in fig.axes if ax.get_xlabel() == "layer"]
     assert len(heat_axes) == 2
     for ax, hs in zip(heat_axes, (a, b)):
@@ -62,7 +62,8 @@ def test_head_heatmaps_values_marks_and_layout(shape, tmp_path):
         assert cells == {(1, 2), (2, 5), (0, 0)}
         assert len(ax.get_xticklabels()) == shape[0] and len(ax.get_yticklabels()) == shape[1]
     cbar_labels = {ax.get_ylabel() for ax in fig.axes} - {"head"}
-    assert {"Name copying", "Country to capital"} <= cbar_labels
+    assert cbar_labels == {"MAPS score: fraction of pairs in top-k"}  # the quantity, not the task
+    assert [ax.get_title() for ax in heat_axes] == ["Name copying", "Country to capital"]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["movers", "IOI circuit"]
     _inside_figure(fig)
     fig.savefig(tmp_path / "fig.png")

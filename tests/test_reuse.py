@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuitlib import overlap, reuse
-from circuitlib.interventions import live_heads
+from circuitlib.interventions import control_sets, live_heads
 from circuitlib.tasks import ioi_batch, task_batch
 from circuitlib.types import Circuit, HeadScores
 from oracle import ablate
@@ -27,7 +27,7 @@ def test_cross_task_ablation_matches_oracle_and_p_from_draws(toy):
     assert res.ablated["normalised"] == pytest.approx(norm, abs=2e-3)
     assert res.ablated["top1_accuracy"] == pytest.approx(float(top1.float().mean()))
     # the random sets: layer-matched live heads outside the circuit (layer 0 keeps 0.0, 0.2, 0.4: all 3 pairs)
-    draws = reuse.random_controls(toy, heads, 50)
+    draws = control_sets(toy, heads, 50)
     live = set(live_heads(toy))
     norms = []
     for s in draws.sets:
@@ -45,7 +45,7 @@ def test_cross_task_ablation_matches_oracle_and_p_from_draws(toy):
 
 def test_random_controls_fall_back_when_a_layer_is_short(toy):
     heads = [(1, 6), (1, 0), (1, 1)]  # layer 1 has one live head
-    d = reuse.random_controls(toy, heads, 20)
+    d = control_sets(toy, heads, 20)
     assert "not layer-matched" in d.how and all(len(s) == 3 for s in d.sets)
 
 
