@@ -87,7 +87,10 @@ def relation_prompts(model: "HookedTransformer", relation: str, *, n: int | None
     from .tasks.maps_prompts import relation_prompt_batch, template_fits
 
     if template_fits(model.tokenizer, relation):
-        return relation_prompt_batch(relation, model.tokenizer, n=n, seed=seed, model_name=model.cfg.model_name or "")
+        from .scoring import dynamic_bos
+
+        return relation_prompt_batch(relation, model.tokenizer, bos=dynamic_bos(model)[0], n=n, seed=seed,
+                                     model_name=model.cfg.model_name or "")
     stand_in = [s.name for s in TASK_SPECS.values() if s.stands_in_for == relation]
     if not stand_in:
         raise ValueError(f"no prompts for {relation!r} on this model: its tokenizer cannot spell the MAPS template "

@@ -37,7 +37,7 @@ def test_relation_heads_positive_only_ties_in_authors_order():
 
 def test_capital_prompts_are_the_maps_template(toy):
     assert template_fits(toy.tokenizer, CAPITAL) and not template_fits(toy.tokenizer, "name_copying")
-    b = relation_prompt_batch(CAPITAL, toy.tokenizer)
+    b = relation_prompt_batch(CAPITAL, toy.tokenizer, bos=True)
     assert b.prompts[0] == MAPS_CAUSAL_TEMPLATES[CAPITAL].replace("<X>", b.prompts[0].split()[3])
     assert b.meta["bos"] and int(b.clean[0, 0]) == toy.tokenizer.bos_token_id
     assert (b.answer != b.wrong).all()

@@ -152,3 +152,12 @@ def test_attention_pattern_matches_cache(small_model):
     plt.close(fig)
     with pytest.raises(ValueError, match="does not exist"):
         plots.attention_pattern(small_model, tokens, 9, 0)
+
+
+def test_nbval_sanitizer_rounds_instead_of_truncating():
+    from nbval_rounding import round_floats
+
+    assert round_floats("faithfulness 0.4999") == round_floats("faithfulness 0.5001") == "faithfulness 0.50"
+    assert round_floats("0.494") != round_floats("0.506")  # a change of ~0.01 shows
+    assert round_floats("rho -0.0004, p 0.0056, head 1.6, 12.5") == "rho 0.00, p 0.01, head 1.6, 12.5"
+    assert round_floats("v1.2.345 and 3.14159") == "v1.2.345 and 3.14"

@@ -3,8 +3,9 @@
 The MAPS authors prompt each relation with one fixed template (their ``experiment2_causal.py``), fill
 it with every single-token source (``" " + word``, MAPS's filter), and read the next token at the last
 position; the answer is the target's single token (with its leading space). Their GPT-2 / Pythia
-pipeline prepends no BOS (the tokenizer adds none); circuitlib follows that for tokenizers that add no
-BOS and prepends BOS for the embedded model, which never saw a sequence without one.
+pipeline prepends no BOS (the tokenizer adds none); circuitlib decides BOS as for the dynamic scores
+(:func:`circuitlib.scoring.dynamic_bos`): none for GPT-2-style architectures, BOS where the tokenizer
+adds one, and BOS for the embedded model, which never saw a sequence without one.
 
 A model whose tokenizer cannot spell a relation's template (the embedded model's word-level
 vocabulary has no ``->`` or ``;``) gets the task registered for that relation instead
@@ -42,30 +43,19 @@ MAPS_CAUSAL_TEMPLATES: dict[str, str] = {
 }
 
 
-def adds_bos(tokenizer) -> bool:
-    """Whether circuitlib prepends BOS to MAPS prompts for this tokenizer: the embedded model's
-    word-level tokenizer yes (trained that way); tokenizers that add none themselves (GPT-2, Pythia) no."""
-    probe = tokenizer("a").input_ids if callable(tokenizer) else tokenizer.encode("a")
-    bos = tokenizer.bos_token_id
-    if bos is not None and probe and probe[0] == bos:
-        return True
-    return getattr(tokenizer, "unk_token", None) == "[UNK]"  # circuitlib's word-level tokenizer
-
-
 def template_fits(tokenizer, relation: str) -> bool:
     """Whether ``tokenizer`` spells the relation's MAPS template without unknown tokens."""
-    if relation not in MAPS_CAUSAL_TEMPLATES:
-        return False
-    ids = tokenizer.encode(MAPS_CAUSAL_TEMPLATES[relation].replace("<X>", ""), add_special_tokens=False)
-    unk = tokenizer.unk_token_id
-    return unk is None or unk not in ids
+    from ..scoring import template_fits as fits
+
+    return relation in MAPS_CAUSAL_TEMPLATES and fits(tokenizer, MAPS_CAUSAL_TEMPLATES[relation])
 
 
 def relation_prompt_batch(
-    relation: str, tokenizer, *, n: int | None = None, seed: int = 0, bos: bool | None = None, model_name: str = ""
+    relation: str, tokenizer, *, bos: bool, n: int | None = None, seed: int = 0, model_name: str = ""
 ) -> TaskBatch:
     """MAPS's causal-check prompts for ``relation`` as a :class:`TaskBatch` (every single-token pair,
-    or ``n`` of them drawn with ``seed``). ``bos``: prepend BOS (default :func:`adds_bos`).
+    or ``n`` of them drawn with ``seed``). ``bos``: prepend BOS (decide it with
+    :func:`circuitlib.scoring.dynamic_bos`, as the dynamic scores do).
 
     Positions: ``SRC`` (the source token) and ``END`` (last token). ``answer``: the target token;
     ``wrong`` / ``corrupt``: another pair's target / prompt (see the module docstring).
@@ -78,7 +68,6 @@ def relation_prompt_batch(
                          f"{MAPS_CAUSAL_TEMPLATES[relation]!r} (unknown tokens); use the relation's task instead")
     template = MAPS_CAUSAL_TEMPLATES[relation]
     pairs = load_relation(relation, tokenizer)
-    bos = adds_bos(tokenizer) if bos is None else bos
     rng = np.random.default_rng(seed)
     idx = np.arange(len(pairs)) if n is None or n >= len(pairs) else np.sort(rng.choice(len(pairs), n, replace=False))
     tgt = pairs.tgt[idx]
