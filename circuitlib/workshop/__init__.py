@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 from pathlib import Path
 from typing import Any, Callable
@@ -119,8 +120,8 @@ def participant_notebook(nb):
             cell.source = strip_solution(cell.source)
             cell.outputs, cell.execution_count = [], None
         elif cell.cell_type == "markdown" and ANSWER_TAG in tags:
-            first = cell.source.split("\n", 1)[0]
-            heading = first if first.startswith("**") or first.startswith("#") else "**Your answer**"
+            label = re.match(r"^(#+ [^\n]*|\*\*[^*\n]+\*\*)", cell.source)
+            heading = label.group(1) if label else "**Your answer**"
             cell.source = f"{heading}\n\n*Write your answer here, then compare with your neighbour or the instructor.*"
     return nb
 
