@@ -192,3 +192,62 @@ def test_no_network_no_cache_fails_fast_in_one_line(tmp_path):
     line = one_error_line(run.stderr)
     assert "not in the Hugging Face cache" in line and "127.0.0.1:9 unreachable" in line
     assert elapsed < 20  # mostly the process start; the hub client's retries alone took ~29 s
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing (the Makefile's install / wheelhouse logic, as a dry run: nothing is downloaded)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_dry_run(tmp_path, target, **variables):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "PYTHONWARNINGS")}
+    argv = ["make", "-n", target, f"VENV={tmp_path / 'venv'}", *(f"{k}={v}" for k, v in variables.items())]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def test_make_install_default_is_unchanged(tmp_path):
+    lines = make_dry_run(tmp_path, "install")
+    pip = [ln for ln in lines if " -m pip install" in ln]
+    assert len(pip) == 3
+    assert not any("--index-url" in ln or "--no-index" in ln for ln in pip)
+    assert pip[1].split()[-1] == "torch==2.13.0"  # torch before circuitlib's dependents pull another build
+    assert pip[2].startswith('PYTHONWARNINGS="ignore:Editable installation"') and pip[2].endswith('-e ".[dev]"')
+
+
+def test_make_install_cpu_torch_index_applies_to_torch_only(tmp_path):
+    url = "https://wheels.example/cpu"
+    pip = [ln for ln in make_dry_run(tmp_path, "install", TORCH_INDEX=url) if " -m pip install" in ln]
+    assert [f"--index-url {url}" in ln for ln in pip] == [False, True, False]
+
+
+def test_make_install_from_wheelhouse_uses_no_index(tmp_path):
+    wh = tmp_path / "usb" / "wheelhouse"
+    lines = make_dry_run(tmp_path, "install", WHEELHOUSE=wh, TORCH_INDEX="https://wheels.example/cpu")
+    pip = [ln for ln in lines if " -m pip install" in ln]
+    assert len(pip) == 3 and all(f"--no-index --find-links {wh}" in ln for ln in pip)
+    assert not any("--index-url" in ln for ln in pip)
+
+
+def test_make_wheelhouse_downloads_torch_then_the_rest(tmp_path):
+    wh, url = tmp_path / "wh", "https://wheels.example/cpu"
+    lines = make_dry_run(tmp_path, "wheelhouse", WHEELHOUSE=wh, TORCH_INDEX=url)
+    downloads = [ln for ln in lines if " -m pip download" in ln]
+    assert len(downloads) == 3 and all(f"-d {wh}" in ln for ln in downloads)
+    assert "pip" in downloads[0].split() and '"setuptools>=68"' in downloads[0]  # for the offline editable build
+    assert f"--index-url {url} torch==2.13.0" in downloads[1]
+    # the project's requirements (written from pyproject.toml) with the torch just downloaded in reach
+    assert f"--find-links {wh} torch==2.13.0 -r {wh}/requirements.txt" in downloads[2]
+    req_line = next(ln for ln in lines if "requirements.txt" in ln and "tomllib" in ln)
+    cmd = req_line.replace(f"> {wh}/requirements.txt", "")
+    reqs = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split("\n")
+    import tomllib
+
+    project = tomllib.loads(open(os.path.join(REPO, "pyproject.toml")).read())["project"]
+    assert [r for r in reqs if r] == project["dependencies"] + project["optional-dependencies"]["dev"]
