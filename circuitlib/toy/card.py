@@ -33,7 +33,7 @@ def card_numbers(model) -> dict:
     per_template = {
         t: evaluate(model, capital_batch(tok, 60, templates=[t], seed=1))["accuracy"] for t in CAPITAL_TEMPLATES
     }
-    ablation = {task: top_vs_random(model, batch, act_patch_heads(model, batch, direction="noising").top(3))
+    ablation = {task: top_vs_random(model, batch, act_patch_heads(model, batch, direction="noising").top(3)).to_dict()
                 for task, batch in batches.items()}
     return {"tasks": tasks, "capital_templates": per_template, "ablation": ablation}
 
@@ -51,23 +51,28 @@ def heads_section(model) -> tuple[list[str], dict]:
         maps = static_scores(model, relation[task])
         top_maps = maps.top(3)
         patch = found.scores["act_patch"]
+        held = ", ".join(f"{name} {f.faithfulness:.2f}" for name, f in found.heldout.items())
+        word = "circuit" if found.is_robust else "head set (not called a circuit: fewer than two conventions reach 0.85)"
         lines += [
-            f"- **{task}**: circuit {', '.join(circuit.names())} ({circuit.how}; faithfulness "
-            f"{found.faithfulness['faithfulness']:.2f}). Largest activation-patching effects: "
+            f"- **{task}**: {word} {', '.join(circuit.names())} ({circuit.how}; faithfulness on the selection "
+            f"prompts {found.selection.faithfulness:.2f}; held-out under each ablation convention: {held}). "
+            "Largest activation-patching effects: "
             + ", ".join(f"{l}.{h} ({patch[(l, h)]:.2f})" for l, h in patch.top(4, absolute=True))
             + f". Top MAPS `{relation[task]}` heads (k={maps.k}): "
             + ", ".join(f"{l}.{h} ({maps[(l, h)]:.2f})" for l, h in top_maps) + ".",
         ]
-        data[task] = {"circuit": circuit.names(), "maps_top": [f"{l}.{h}" for l, h in top_maps]}
+        data[task] = {"circuit": circuit.names(), "robust": found.robust, "maps_top": [f"{l}.{h}" for l, h in top_maps]}
     return lines, data
 
 
 def render(model, numbers: dict, heads_lines: list[str]) -> str:
-    from .train import head_norms
+    from ..interventions import live_heads
 
     ident = model_identity(model)
-    norms = head_norms(model).detach()
-    live = ", ".join(f"{l}.{h} ({norms[l, h]:.2f})" for l, h in zip(*torch.nonzero(norms > 0.1, as_tuple=True)))
+    live = live_heads(model)
+    ov = torch.einsum("lhde,lhem->lhdm", model.W_V, model.W_O).flatten(-2).norm(dim=-1).detach()
+    live_txt = ", ".join(f"{l}.{h} ({ov[l, h]:.3f})" for l, h in live)
+    n_heads = ident["n_layers"] * ident["n_heads"]
     meta = json.loads((TOY_DIR / "config.json").read_text())
     training = meta.get("training", {})
     size_kb = (TOY_DIR / "model.safetensors").stat().st_size // 1024
@@ -77,9 +82,10 @@ def render(model, numbers: dict, heads_lines: list[str]) -> str:
         for name, r in t.items()
     )
     numbers_rows = "\n".join(
-        f"| {task} | {', '.join(r['heads'])} | "
-        + " | ".join(f"{r[m]['clean']:.2f} -> {r[m]['top']:.2f} ({r[m]['drop_random']:.3f})"
-                     for m in ("accuracy", "top1_accuracy")) + " |"
+        f"| {task} | {', '.join(r['heads'])} | {r['clean']['top1_accuracy']:.2f} -> {r['top']['top1_accuracy']:.2f} "
+        f"| {r['drop_random']['top1_accuracy']:.3f} | {r['clean']['accuracy']:.2f} -> {r['top']['accuracy']:.2f} "
+        f"(binomial p above chance {r['binomial_p_above_chance']:.2f}) | {r['drop_random']['accuracy']:.3f} "
+        f"| {r['n_random']} ({r['random_how']}) |"
         for task, r in numbers["ablation"].items()
     )
     templ = "\n".join(f"| `{k}` | {v:.3f} |" for k, v in numbers["capital_templates"].items())
@@ -136,17 +142,26 @@ has no MLP):
 
 {chr(10).join(heads_lines)}
 
-Live heads (group-lasso norm ||W_V||_F + ||W_O||_F > 0.1): {live}. Mechanisms vary with the training seed;
-tests assert properties (floors, a MAPS-visible capital head among the important ones), not these indices.
+Live heads (OV weight norm ||W_V W_O||_F at least 1e-3 of the largest head's, `circuitlib.interventions.live_heads`;
+the group-lasso leaves the others at ~1e-12): **{len(live)} of {n_heads}**: {live_txt}. Mechanisms vary with the
+training seed; tests assert properties (floors, a MAPS-visible capital head among the important ones), not these indices.
+
+What {len(live)} live heads let a random-head control show: random sets are drawn from the live heads outside
+the heads under test, layer-matched where the layers allow (`circuitlib.interventions.control_sets`). With so
+few live heads there are only a handful of such sets (for a task's top 3, often a single one), so a "random heads
+cost little" result is an exhaustive statement about those few sets, not a sample, and a p-value against
+them cannot go below 1/(number of sets + 1). Drawn from all {n_heads} heads instead, random sets would be
+almost always dead heads and "random heads change nothing" would be forced.
 
 ## Ablation floor
-Mean-ablating (every position, means over the corrupted prompts) the 3 heads with the largest
-activation-patching effect vs 30 draws of 3 random heads, {N_EVAL} held-out prompts per task. The two-way
-accuracy has chance level 0.5, so a drop of 0.5 from 1.0 means "down to chance"; top-1 accuracy has no
-such ceiling. `tests/test_toy.py` asserts both.
+The 3 heads with the largest activation-patching effect, mean-ablated at every position (means over the
+corrupted prompts, BOS excluded), against every set (or 2,000 draws) of 3 live heads outside them, {N_EVAL}
+held-out prompts per task. `tests/test_toy.py` asserts, once and for every checkpoint: top-1 accuracy drops by
+>= 0.5; the random sets cost < 0.1 on average (top-1 and two-way); and after ablating the top 3 the two-way
+accuracy (chance 0.5) is not above chance (one-sided exact binomial test, p >= 0.05).
 
-| task | top-3 heads | accuracy: clean -> top-3 (random 3: mean drop) | top-1: clean -> top-3 (random 3: mean drop) |
-|---|---|---|---|
+| task | top-3 heads | top-1: clean -> top-3 ablated | top-1: mean drop, random sets | two-way: clean -> top-3 ablated | two-way: mean drop, random sets | random sets |
+|---|---|---|---|---|---|---|
 {numbers_rows}
 """
 
