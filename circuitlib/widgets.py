@@ -6,9 +6,14 @@
 - its OV view: for a few sample sources of the relation, the top tokens of
   ``m_s = x_s W_V W_O W_U`` (MAPS, :func:`circuitlib.scoring.top_mapped_tokens`), target highlighted;
 - its suppression view (the same on ``-m_s``);
-- its attention pattern on a chosen task prompt (clean prompt, BOS first, up to END).
+- its attention pattern on a chosen task prompt (clean prompt, BOS first, up to END);
+- its patching scores on the chosen task, one row per head-scoring method registered in
+  :data:`circuitlib.circuits.HEAD_SCORERS` (read when shown, so a method added with
+  :func:`circuitlib.circuits.register_scorer` appears without changes here), with the head's rank by
+  ``|score|`` and the direction (noising / denoising) each method reports.
 
-Every view is a plain method returning its data (:meth:`Explorer.select`, :meth:`Explorer.attention`)
+Every view is a plain method returning its data (:meth:`Explorer.select`, :meth:`Explorer.attention`,
+:meth:`Explorer.patching`)
 or a Figure (:meth:`Explorer.heatmap`, :meth:`Explorer.attention_figure`), so they can be called and
 tested without a browser; the widgets only wire them together.
 """
@@ -59,6 +64,7 @@ class Explorer:
         self.n_sources = n_sources
         self.n_tokens = n_tokens
         self._pairs: dict[str, RelationPairs | None] = {}
+        self._patching: dict[tuple[str, str, str], HeadScores] = {}
         self._widget = None
         self._hold = False  # True while one change updates several widgets: redraw once at the end
 
@@ -168,6 +174,55 @@ class Explorer:
         return HeadScores(values, method="attention", target=f"{task}: {query} -> {key}",
                           model=self.model.cfg.model_name, meta={"prompts": len(batch), "clean": True})
 
+    # -- patching ---------------------------------------------------------------------------
+
+    @staticmethod
+    def patching_methods() -> list[str]:
+        """The head-scoring methods registered in :data:`circuitlib.circuits.HEAD_SCORERS`, in
+        registry order (read at every call: a newly registered method shows up at once)."""
+        from .circuits import HEAD_SCORERS
+
+        return list(HEAD_SCORERS)
+
+    def patching_scores(self, task: str, method: str, *, direction: str = "noising") -> HeadScores:
+        """Every head's score on the ``task`` batch by the registered ``method`` (computed once, cached).
+
+        ``direction`` is passed to the scorer; a scorer that supports only one direction (path
+        patching: noising) records the one it used in ``meta["direction"]``.
+        """
+        from .circuits import HEAD_SCORERS
+
+        if method not in HEAD_SCORERS:
+            raise ValueError(f"unknown head-scoring method {method!r}: registered are {tuple(HEAD_SCORERS)}")
+        if direction not in ("noising", "denoising"):
+            raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+        key = (task, method, direction)
+        if key not in self._patching:
+            self._patching[key] = HEAD_SCORERS[method](self.model, self._batch(task), direction=direction)
+        return self._patching[key]
+
+    def patching(self, task: str, head: Head | str, *, direction: str = "noising") -> dict[str, Any]:
+        """The head's score under every registered head-scoring method on ``task`` (JSON-able).
+
+        Per method: ``score``, ``rank`` (1 = largest ``|score|`` of all heads), ``direction`` and
+        ``metric`` as the scorer recorded them; a method that fails on this task gets ``error``.
+        """
+        head = self._head(head)
+        methods: dict[str, dict[str, Any]] = {}
+        for name in self.patching_methods():
+            try:
+                hs = self.patching_scores(task, name, direction=direction)
+            except ValueError as exc:  # e.g. a scorer that needs positions this task lacks
+                methods[name] = {"error": str(exc)}
+                continue
+            order = hs.top(hs.scores.numel(), absolute=True)
+            methods[name] = {"score": round(hs[head], 4), "rank": order.index(head) + 1,
+                             "direction": hs.meta.get("direction", direction),
+                             "metric": hs.meta.get("metric", "")}
+        batch = self._batch(task)
+        return {"task": task, "head": head_name(head), "direction": direction, "n_prompts": len(batch),
+                "n_heads": self.model.cfg.n_layers * self.model.cfg.n_heads, "methods": methods}
+
     # -- figures ----------------------------------------------------------------------------
 
     def heatmap(self, relation: str, head: Head | str) -> Figure:
@@ -209,18 +264,21 @@ class Explorer:
                                  disabled=not tasks)
         n = len(self.batches[tasks[0]]) if tasks else 1
         self.prompt_w = w.IntSlider(value=0, min=0, max=max(0, n - 1), description="prompt", disabled=not tasks)
+        self.direction_w = w.Dropdown(options=["noising", "denoising"], value="noising", description="patching",
+                                      disabled=not tasks)
         self.heatmap_out, self.attention_out = w.Output(), w.Output()
-        self.views_html = w.HTML()
+        self.views_html, self.patching_html = w.HTML(), w.HTML()
         self.relation_w.observe(self._on_relation, names="value")
         for control in (self.head_w, self.source_w):
             control.observe(lambda _: None if self._hold else self.refresh(), names="value")
         self.task_w.observe(self._on_task, names="value")
         self.prompt_w.observe(lambda _: self._draw_attention(), names="value")
+        self.direction_w.observe(lambda _: self._draw_patching(), names="value")
         ui = w.VBox([
             w.HBox([self.relation_w, self.head_w, self.source_w]),
             w.HBox([self.heatmap_out, self.views_html]),
-            w.HBox([self.task_w, self.prompt_w]),
-            self.attention_out,
+            w.HBox([self.task_w, self.prompt_w, self.direction_w]),
+            w.HBox([self.attention_out, self.patching_html]),
         ])
         self.refresh()
         return ui
@@ -242,6 +300,7 @@ class Explorer:
     def _on_task(self, change) -> None:
         self.prompt_w.max = max(0, len(self.batches[change["new"]]) - 1)
         self._draw_attention()
+        self._draw_patching()
 
     def refresh(self) -> dict[str, Any]:
         """Redraw every view for the widgets' current choice; returns :meth:`select`'s data."""
@@ -261,6 +320,7 @@ class Explorer:
             display(fig)
             plt.close(fig)
         self._draw_attention()
+        self._draw_patching()
         return data
 
     def _draw_attention(self) -> None:
@@ -273,6 +333,12 @@ class Explorer:
             fig = self.attention_figure(self.task_w.value, self.prompt_w.value, self.head_w.value)
             display(fig)
             plt.close(fig)
+
+    def _draw_patching(self) -> None:
+        if not self.batches:
+            return
+        self.patching_html.value = _patching_html(
+            self.patching(self.task_w.value, self.head_w.value, direction=self.direction_w.value))
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -311,3 +377,24 @@ def _views_html(data: dict[str, Any]) -> str:
         body = "".join(rows) or "<tr><td colspan=2>(no sample sources for this scoring)</td></tr>"
         parts.append(f"<p style='margin-bottom:2px'><i>{title}</i></p><table>{body}</table>")
     return "<div style='font-size:12px;max-width:520px'>" + "".join(parts) + "</div>"
+
+
+def _patching_html(data: dict[str, Any]) -> str:
+    """The patching view: one row per registered head-scoring method."""
+    rows = []
+    for name, item in data["methods"].items():
+        if "error" in item:
+            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=3 style='color:#b00'>"
+                        f"{html.escape(item['error'])}</td></tr>")
+            continue
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{item['score']:+.2f}</td>"
+                    f"<td>{item['rank']} of {data['n_heads']}</td><td>{html.escape(str(item['direction']))}</td></tr>")
+    metrics = {item.get("metric") for item in data["methods"].values() if "error" not in item}
+    note = ("; metric: normalised logit difference, 1 = the head carries all of it, 0 = none, "
+            "&lt; 0 = it works against the answer" if metrics == {"normalised_logit_diff"} else
+            "; metrics: " + html.escape(", ".join(sorted(str(m) for m in metrics))))
+    head = (f"<p>patching scores of head <b>{data['head']}</b> on <b>{html.escape(data['task'])}</b> "
+            f"({data['n_prompts']} prompts{note})</p>")
+    table = ("<table><tr><th>method</th><th>score</th><th>rank by |score|</th><th>direction</th></tr>"
+             + "".join(rows) + "</table>")
+    return "<div style='font-size:12px;max-width:520px'>" + head + table + "</div>"

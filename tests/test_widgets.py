@@ -130,3 +130,66 @@ def test_attention_to_matches_the_per_prompt_view(explorer):
     both = Explorer(explorer.model, {"attention": hs}, explorer.batches)
     data = both.select("attention", hs.top(1)[0])
     assert data["rank"] == 1 and data["ov"] == []
+
+
+def _logit_diff_at_end(logits, batch):
+    rows = torch.arange(len(batch))
+    last = logits[rows, batch.end]
+    return (last[rows, batch.answer] - last[rows, batch.wrong]).mean().item()
+
+
+@torch.no_grad()
+def _patched_head(model, batch, head, direction):
+    """Head patching written out with one plain hook: the head's hook_z at every position taken
+    from the other run (noising: clean run, corrupted z; denoising: the reverse); normalised score."""
+    layer, h = head
+    clean = _logit_diff_at_end(model(batch.clean), batch)
+    corrupt = _logit_diff_at_end(model(batch.corrupt), batch)
+    base, source = (batch.clean, batch.corrupt) if direction == "noising" else (batch.corrupt, batch.clean)
+    _, cache = model.run_with_cache(source, names_filter=f"blocks.{layer}.attn.hook_z")
+    donor = cache[f"blocks.{layer}.attn.hook_z"]
+
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, h] = donor[:, :, h]
+        return z
+
+    patched = _logit_diff_at_end(model.run_with_hooks(base, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)]), batch)
+    normalised = (patched - corrupt) / (clean - corrupt)
+    return 1 - normalised if direction == "noising" else normalised
+
+
+def test_patching_view_uses_the_registry_and_matches_plain_patching(model, monkeypatch):
+    from circuitlib import circuits
+
+    batches = {"ioi": ioi_batch(model.tokenizer, 6, seed=0)}
+    ex = Explorer(model, {"name_copying": static_scores(model, "name_copying")}, batches, n_sources=2)
+    data = ex.patching("ioi", "1.6")
+    assert list(data["methods"]) == list(circuits.HEAD_SCORERS) and data["n_heads"] == 24
+    act = data["methods"]["act_patch"]
+    assert act["direction"] == "noising" and act["metric"] == "normalised_logit_diff"
+    assert act["score"] == pytest.approx(_patched_head(model, batches["ioi"], (1, 6), "noising"), abs=2e-3)
+    den = ex.patching("ioi", (0, 0), direction="denoising")["methods"]["act_patch"]
+    assert den["direction"] == "denoising"
+    assert den["score"] == pytest.approx(_patched_head(model, batches["ioi"], (0, 0), "denoising"), abs=2e-3)
+    # rank by |score|: recomputed from the plain-hook scores of every head
+    plain = {(l, h): abs(_patched_head(model, batches["ioi"], (l, h), "noising")) for l in range(3) for h in range(8)}
+    assert act["rank"] == 1 + sum(v > plain[(1, 6)] + 1e-3 for v in plain.values())
+
+    # a method registered later shows up in the data and in the widget without changes to the explorer
+    def spread(model, batch, *, direction, progress=False):
+        return HeadScores(torch.arange(24.0).reshape(3, 8) - 20, "spread", batch.task, "toy",
+                          meta={"direction": direction, "metric": "made up"})
+
+    monkeypatch.setitem(circuits.HEAD_SCORERS, "spread_for_test", spread)
+    row = ex.patching("ioi", "0.0")["methods"]["spread_for_test"]
+    assert row == {"score": -20.0, "rank": 1, "direction": "noising", "metric": "made up"}
+    assert ex.patching("ioi", "2.4")["methods"]["spread_for_test"]["rank"] == 24  # score 0: the smallest |score|
+    ex.widget
+    ex.head_w.value = "0.0"
+    assert "spread_for_test" in ex.patching_html.value and "-20.00" in ex.patching_html.value
+    ex.direction_w.value = "denoising"
+    assert "denoising" in ex.patching_html.value
+    with pytest.raises(ValueError, match="unknown head-scoring method"):
+        ex.patching_scores("ioi", "no_such_method")
+    plt.close("all")
