@@ -3,9 +3,12 @@
 ``load_model(name)`` takes
 
 - ``"toy"`` — the embedded model shipped with circuitlib (``circuitlib/toy/checkpoint``), offline;
-- a TransformerLens model name (``"gpt2"``, ``"gpt2-medium"``, ...), fetched from the Hugging Face hub
-  (or its local cache);
-- a path to a local Hugging Face model directory (``config.json`` + weights + tokenizer files).
+- a path to a local Hugging Face model directory (``save_pretrained`` output of transformers 4 or 5:
+  ``config.json`` + ``model.safetensors`` or a legacy ``pytorch_model.bin`` + tokenizer files); a local
+  directory wins over a model name of the same spelling;
+- a TransformerLens model name (``"gpt2"``, ``"gpt2-medium"``, ...), read from the Hugging Face cache
+  without network when it is there, else downloaded from the hub (hub access on and reachable; otherwise
+  one clear error at once).
 
 Weights are **unprocessed** by default, as in MAPS: no LayerNorm folding, no centering of the
 residual writes or the unembedding. ``processed=True`` gives TransformerLens's usual processing.
@@ -294,9 +297,11 @@ def _dir_tokenizer(path: Path, *, fallback_gpt2: bool = False):
 def _tl_config_source(path: Path, config: dict):
     """A directory TransformerLens can read the config from.
 
-    transformers 5 writes no ``n_ctx`` into a GPT-2 ``config.json`` (4 kept it when the model came from
-    the hub), and TransformerLens 3's conversion reads ``hf_config.n_ctx``: for such a directory the
-    config is copied to a temporary directory with ``n_ctx`` = ``n_positions`` (GPT-2's context length).
+    ``GPT2Config`` has no ``n_ctx`` field any more: ``save_pretrained`` writes one only when the config
+    carried it along (the hub's GPT-2 configs do; a config built in code, with transformers 4.57 or 5,
+    does not), and TransformerLens 3's conversion reads ``hf_config.n_ctx`` (AttributeError). For such a
+    directory the config is copied to a temporary directory with ``n_ctx`` = ``n_positions``, GPT-2's
+    context length.
     """
     if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
         with tempfile.TemporaryDirectory(prefix="circuitlib-config-") as tmp:
@@ -348,6 +353,9 @@ def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dty
         ) from exc
     del hf_model
     attach_tokenizer(model, tokenizer)
+    # (TransformerLens named the config's source, possibly the temporary directory above)
+    own_tokenizer = any((path / f).exists() for f in TOKENIZER_FILES)
+    model.cfg.tokenizer_name = str(path) if own_tokenizer else label
     model.to(device, print_details=False)
     model.eval()
     return model

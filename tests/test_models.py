@@ -162,7 +162,7 @@ def test_local_directory_loads_with_transformers_logits(hf_gpt2, tmp_path, layou
     ref = _reference_logits(hf_gpt2)
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
     assert model.cfg.n_ctx == N_POS  # from n_ctx, or n_positions when transformers 5 wrote no n_ctx
-    assert model.cfg.model_name == str(path)
+    assert model.cfg.model_name == model.cfg.tokenizer_name == str(path)
     assert model.tokenizer.encode("Hello world", add_special_tokens=False) == [15496, 995]
 
 
