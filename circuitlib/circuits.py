@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 import torch
 
-from .interventions import CONVENTIONS, Ablation, run_ablations
+from .interventions import CONVENTIONS, Ablation, head_masks, run_ablations
 from .results import Result
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
@@ -108,14 +108,7 @@ def select_circuit(
 
 def _complement_masks(model, circuits: list[frozenset[Head]]) -> torch.Tensor:
     """Masks that ablate everything *outside* each circuit."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    mask = torch.ones(len(circuits), L, H, dtype=torch.bool)
-    for i, heads in enumerate(circuits):
-        for l, h in heads:
-            if not (0 <= l < L and 0 <= h < H):
-                raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
-            mask[i, l, h] = False
-    return mask
+    return ~head_masks(model, circuits)
 
 
 @dataclass
