@@ -290,15 +290,29 @@ class CircuitDiscovery(Result):
 
 
 def split_prompts(task: str, tokenizer, n: int, *, seed: int = 0) -> tuple[TaskBatch, TaskBatch]:
-    """Two disjoint batches of ``n`` prompts (selection, held-out): ``2n`` prompts built with one seed
-    (templates cycle, so both halves cover them), alternate prompts to each half, duplicates of a
-    selection prompt dropped from the held-out half."""
+    """Two disjoint batches (selection, held-out) from ``2n`` prompts built with one seed: the prompts
+    of each template are shuffled (seeded) and dealt alternately to the two halves, so both halves
+    hold every template (and, for IOI, both name orders); a held-out prompt whose text is also a
+    selection prompt is dropped (tasks with few distinct held-out prompts, e.g. capitals, then give a
+    smaller held-out half: ``CircuitDiscovery.meta["n_heldout"]`` says how many)."""
+    import numpy as np
+
     from .tasks import task_batch
 
     both = task_batch(task, tokenizer, 2 * n, seed=seed)
-    sel = both[list(range(0, 2 * n, 2))]
+    groups: dict[str, list[int]] = {}
+    for i, tpl in enumerate(both.template or [str(i % 2) for i in range(len(both))]):
+        groups.setdefault(tpl, []).append(i)
+    rng = np.random.default_rng(seed)
+    sel_idx, held_idx = [], []
+    turn = 0
+    for rows in groups.values():
+        for r in rng.permutation(rows):
+            (sel_idx if turn % 2 == 0 else held_idx).append(int(r))
+            turn += 1
+    sel = both[sorted(sel_idx)]
     seen = set(sel.prompts)
-    held = both[[i for i in range(1, 2 * n, 2) if both.prompts[i] not in seen]]
+    held = both[[i for i in sorted(held_idx) if both.prompts[i] not in seen]]
     return sel, held
 
 

@@ -123,10 +123,17 @@ def test_bad_heads_and_method_raise_before_work(toy, batch, monkeypatch):
     assert not called
 
 
-def test_split_prompts_are_disjoint(toy):
-    sel, held = split_prompts("ioi", toy.tokenizer, 16)
-    assert len(sel) == 16 and 14 <= len(held) <= 16
+def test_split_prompts_are_disjoint_and_cover_templates_and_name_orders(toy):
+    from circuitlib.tasks import ABBA_TEMPLATES, BABA_TEMPLATES
+
+    sel, held = split_prompts("ioi", toy.tokenizer, 64)
+    assert len(sel) == 64 and 60 <= len(held) <= 64
     assert not set(sel.prompts) & set(held.prompts)
+    for half in (sel, held):  # both name orders in both halves (IOI batches alternate BABA / ABBA)
+        assert set(half.template) & set(BABA_TEMPLATES) and set(half.template) & set(ABBA_TEMPLATES)
+    # templates with two or more prompts appear in both halves
+    both = [t for t in set(sel.template) | set(held.template) if (sel.template + held.template).count(t) >= 2]
+    assert all(t in sel.template and t in held.template for t in both)
 
 
 @pytest.mark.parametrize("task", ["ioi", "capitals"])
