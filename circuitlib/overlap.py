@@ -401,11 +401,15 @@ def circuit_rank_test(
     scores: HeadScores,
     circuit: HeadSet,
     *,
+    heads: HeadSet | None = None,
     absolute: bool = False,
     n_permutations: int = MIN_MONTE_CARLO,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Do circuit heads score higher than the other heads? AUROC with a one-sided permutation p.
+
+    ``heads``: compare only among these heads (e.g. the live heads: the circuit must lie inside
+    them), default all heads.
 
     AUROC = probability that a random circuit head outscores a random non-circuit head (ties 1/2);
     0.5 = no relation. Null: the ``k`` circuit heads are any ``k`` of the ``n`` heads, all ``C(n, k)``
@@ -418,6 +422,13 @@ def circuit_rank_test(
     """
     values = _flat_scores(scores, absolute)
     inside = _flat_index(scores, as_head_set(circuit), "circuit")
+    if heads is not None:
+        among = _flat_index(scores, as_head_set(heads), "compared")
+        missing = np.setdiff1d(inside, among)
+        if missing.size:
+            raise ValueError(f"circuit heads {[head_name((int(i) // scores.n_heads, int(i) % scores.n_heads)) for i in missing]} "
+                             "are not among the heads compared: pass heads= that contain the circuit")
+        values, inside = values[among], np.searchsorted(among, inside)
     n, k = values.size, int(inside.size)
     out: dict[str, Any] = {
         "auroc": None, "p_value": None, "p_method": None, "exact": None, "n_permutations": None, "min_p": None,

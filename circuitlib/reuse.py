@@ -197,7 +197,8 @@ def reuse_analysis(
     in_live = all(as_head_set(c) <= live_set for c in circuits.values())
     population = len(live) if in_live else n_total
     if in_live and len(live) < n_total:
-        notes.append(f"set overlaps are tested within the {len(live)} live heads (every circuit head is live)")
+        notes.append(f"set overlaps and circuit AUROCs are tested within the {len(live)} live heads (every circuit "
+                     "head is live)")
     for i, a in enumerate(tasks):
         for b in tasks[i + 1:]:
             pair: dict[str, Any] = {
@@ -225,13 +226,15 @@ def reuse_analysis(
             notes.append(f"{t}: no MAPS relation registered, left out of the MAPS rows")
             continue
         entry = {"maps_vs_patching": rank_correlation(relation_scores[t], patching[t], heads=live, **kw),
-                 "circuit_under_maps": circuit_rank_test(relation_scores[t], circuits[t], **kw)}
+                 "circuit_under_maps": circuit_rank_test(relation_scores[t], circuits[t],
+                                                         heads=live if in_live else None, **kw)}
         per_task[t] = entry
         if entry["maps_vs_patching"]["p_value"] is not None:
             rows.append(TestRow.from_result(f"{t}: MAPS {relations[t]} vs |patching|: Spearman (live heads)",
                                             entry["maps_vs_patching"], statistic="rho"))
         if entry["circuit_under_maps"]["p_value"] is not None:
-            rows.append(TestRow.from_result(f"{t}: circuit heads' MAPS {relations[t]} scores: AUROC",
+            rows.append(TestRow.from_result(f"{t}: circuit heads' MAPS {relations[t]} scores: AUROC"
+                                            + (" (live heads)" if in_live else ""),
                                             entry["circuit_under_maps"], statistic="auroc"))
     reuse = reuse_matrix(model, circuits, batches, n_random=n_random, seed=seed)
     draws_rows = []

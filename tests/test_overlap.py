@@ -459,3 +459,27 @@ def test_compare_dispatch_and_json():
         overlap.compare(circuit, [(0, 0)])
     with pytest.raises(ValueError, match="different heads"):
         overlap.compare(a, _random_hs(2, shape=(6, 8)))
+
+
+def test_circuit_rank_test_within_a_subset_matches_brute_force():
+    import itertools
+
+    g = np.random.default_rng(5)
+    s = HeadScores(torch.tensor(g.random((3, 8)), dtype=torch.float32), "m", "t", "test")
+    among = [(0, 0), (0, 1), (0, 2), (0, 4), (0, 5), (1, 6)]
+    circuit = [(0, 0), (0, 5)]
+    res = overlap.circuit_rank_test(s, circuit, heads=among)
+    vals = np.array([float(s.scores[l, h]) for l, h in among])
+
+    def auroc(inside):
+        a = [vals[i] for i in inside]
+        b = [vals[i] for i in range(len(vals)) if i not in inside]
+        return np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b])
+
+    obs = auroc([0, 4])
+    null = [auroc(list(c)) for c in itertools.combinations(range(6), 2)]
+    assert res["auroc"] == pytest.approx(obs)
+    assert res["p_value"] == pytest.approx(np.mean([v >= obs - 1e-9 for v in null]))
+    assert res["n"] == 6 and res["min_p"] == pytest.approx(1 / 15)
+    with pytest.raises(ValueError, match="not among the heads compared"):
+        overlap.circuit_rank_test(s, [(2, 2)], heads=among)
