@@ -226,8 +226,14 @@ class Explorer:
     # -- figures ----------------------------------------------------------------------------
 
     def heatmap(self, relation: str, head: Head | str) -> Figure:
-        """The relation's heatmap with ``head`` marked."""
-        return plots.head_heatmaps(self._scores(relation), {f"head {head_name(self._head(head))}": [self._head(head)]})
+        """The relation's heatmap with ``head`` marked; the colour bar and the title name the quantity
+        (:func:`quantity`), the colour scale covers [0, 1] and any score outside it."""
+        hs = self._scores(relation)
+        label = quantity(hs)
+        suptitle = f"{hs.model} · {SHORT.get(hs.method, label)}" + (f" · k = {hs.k}" if hs.k is not None else "")
+        return plots.head_heatmaps(hs, {f"head {head_name(self._head(head))}": [self._head(head)]},
+                                   vmin=min(0.0, float(hs.scores.min())), vmax=max(1.0, float(hs.scores.max())),
+                                   cbar_label=label, suptitle=suptitle, titles=[relation_title(relation, hs)])
 
     def attention_figure(self, task: str, index: int, head: Head | str) -> Figure:
         """:func:`circuitlib.plots.attention_pattern` of ``head`` on prompt ``index`` of ``task``."""
@@ -357,6 +363,33 @@ class Explorer:
         if not (0 <= l < self.model.cfg.n_layers and 0 <= h < self.model.cfg.n_heads):
             raise ValueError(f"head {l}.{h} does not exist in a {self.model.cfg.n_layers}x{self.model.cfg.n_heads} model")
         return l, h
+
+
+QUANTITIES = {
+    "maps_static": "MAPS score (share of pairs in top-k)",
+    "maps_suppression": "MAPS suppression score (share of pairs)",
+    "attention": "mean attention weight",
+    "act_patch": "activation patching score",
+    "attribution": "attribution patching score",
+    "path_patch": "path patching score",
+}
+
+
+SHORT = {"maps_static": "MAPS static", "maps_suppression": "MAPS suppression", "attention": "attention",
+         "act_patch": "activation patching", "attribution": "attribution patching", "path_patch": "path patching"}
+
+
+def quantity(hs: HeadScores) -> str:
+    """What a scoring's numbers are, for colour bars and titles (no internal method ids)."""
+    return QUANTITIES.get(hs.method, hs.method.replace("_", " "))
+
+
+def relation_title(name: str, hs: HeadScores) -> str:
+    """A panel title: the relation's readable name, plus what the explorer's entry adds (e.g. suppression)."""
+    title = plots.pretty_name(hs.target)
+    if hs.target in name and name != hs.target:
+        title += " " + name.replace(hs.target, "").strip()
+    return title if hs.method != "attention" else hs.target.replace("ioi", "IOI")
 
 
 def _views_html(data: dict[str, Any]) -> str:

@@ -193,3 +193,20 @@ def test_patching_view_uses_the_registry_and_matches_plain_patching(model, monke
     with pytest.raises(ValueError, match="unknown head-scoring method"):
         ex.patching_scores("ioi", "no_such_method")
     plt.close("all")
+
+
+def test_heatmap_names_the_quantity_without_internal_ids(explorer):
+    for relation, words in (("name_copying", "MAPS score"), ("country_to_capital_wikidata", "MAPS score")):
+        fig = explorer.heatmap(relation, "0.0")
+        texts = [fig._suptitle.get_text(), fig.axes[0].get_title(), fig.axes[1].get_ylabel()]
+        assert words in fig.axes[1].get_ylabel()  # the colour bar
+        assert not any("maps_static" in t or "_" in t for t in texts), texts
+        plt.close(fig)
+    hs = explorer.attention_to("ioi", "S2")
+    explorer.scores["to S2"] = hs
+    try:
+        fig = explorer.heatmap("to S2", "1.6")
+        assert fig.axes[1].get_ylabel() == "mean attention weight"
+        plt.close(fig)
+    finally:
+        del explorer.scores["to S2"]
