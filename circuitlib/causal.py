@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from .interventions import Ablation, control_sets, run_ablations, sample_head_sets
+from .interventions import Ablation, control_sets, live_heads, run_ablations, sample_head_sets
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
@@ -118,7 +118,9 @@ class CausalCheck(Result):
     their mean; ``controls``: the paper's control (relation heads on other relations' prompts), keyed by
     relation; ``control_candidates``: every relation considered and why it was kept or not;
     ``extra_tasks``: relation heads on other tasks (circuitlib's extra); ``extra_random``: layer-matched
-    live-head draws at ``m`` with an empirical p (circuitlib's extra); ``summary``: values at ``m``.
+    live-head draws at ``m`` with an empirical p (circuitlib's extra); ``summary``: values at ``m``, and
+    ``random_heads_live_fraction``: the share of MAPS's random heads that are live (on a model with
+    switched-off heads, a random baseline of mostly dead heads ablates almost nothing).
     """
 
     relation: str
@@ -195,6 +197,8 @@ def causal_check(
     rng = np.random.default_rng(seed)
     others = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
     draws = [[others[i] for i in rng.choice(len(others), size=m_used, replace=False)] for _ in range(n_random)]
+    live = set(live_heads(model))
+    live_fraction = float(np.mean([h in live for d in draws for h in d])) if draws else None
     curves = _cumulative(model, batch, [heads] + draws, m_used, MAPS_ABLATION)
     top, rand = curves[0], curves[1:]
     rand_mean = {k: [round(float(np.mean([getattr(c, k)[i] for c in rand])), 4) for i in range(m_used + 1)]
@@ -256,6 +260,7 @@ def causal_check(
         **{f"top_{k}": getattr(top, k)[-1] for k in METRICS},
         **{f"random_{k}": rand_mean[k][-1] for k in METRICS if rand_mean},
         "control_top1_accuracy": {r: (c.top1_accuracy[0], c.top1_accuracy[-1]) for r, c in controls.items()},
+        "random_heads_live_fraction": None if live_fraction is None else round(live_fraction, 4),
     }
     return result
 
@@ -273,13 +278,16 @@ def causal_curves(result: CausalCheck, metric: str = "top1_accuracy") -> dict:
     the random draws, each control and each extra task."""
     from .plots import pretty_name
 
-    curves: dict = {f"top {pretty_name(result.relation)} heads": getattr(result.top, metric)}
+    from .tasks import TASK_SPECS
+
+    curves: dict = {f"top {pretty_name(result.relation).lower()} heads": getattr(result.top, metric)}
     if result.random:
         curves["random heads (MAPS baseline)"] = [getattr(c, metric) for c in result.random]
     for name, c in result.controls.items():
-        curves[f"on {pretty_name(name)} prompts (control)"] = getattr(c, metric)
+        curves[f"on {pretty_name(name).lower()} prompts (control)"] = getattr(c, metric)
     for name, c in result.extra_tasks.items():
-        curves[f"on {name} prompts (extra)"] = getattr(c, metric)
+        title = TASK_SPECS[name].title if name in TASK_SPECS else name
+        curves[f"on {title} prompts (extra)"] = getattr(c, metric)
     return curves
 
 

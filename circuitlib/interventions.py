@@ -356,9 +356,9 @@ def sample_head_sets(
         per_layer = {l: [hd for hd in avail if hd[0] == l] for l in need}
         short = {l: (len(per_layer[l]), k) for l, k in need.items() if len(per_layer[l]) < k}
         if short:
-            raise ValueError("not enough heads to draw layer-matched sets: " + ", ".join(
-                f"layer {l} has {have} available, needs {k}" for l, (have, k) in short.items())
-                + "; widen pool= or drop like= for unmatched draws")
+            raise ValueError("too few heads for layer-matched sets: " + ", ".join(
+                f"layer {l} has {have} other heads in the pool, needs {k}" for l, (have, k) in short.items())
+                + " (widen pool= or leave out like= to draw unmatched sets)")
         total = math.prod(math.comb(len(per_layer[l]), k) for l, k in need.items())
         how = f"layer-matched to {', '.join(head_name(h) for h in like)}"
         if total <= n_draws:
@@ -399,5 +399,5 @@ def control_sets(model: "HookedTransformer", heads: Sequence[Head], n_draws: int
             every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
             d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=heads, seed=seed)
             d.how += " (from all heads: too few live heads)"
-        d.how += f" (not layer-matched: {matched})"
+        d.how += " (not layer-matched: " + str(matched).split(" (widen")[0].replace("too few heads for layer-matched sets: ", "") + ")"
         return d

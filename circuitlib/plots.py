@@ -38,6 +38,14 @@ PRETTY_NAMES = {
     "capitals": "Capitals",
 }
 
+METHOD_NAMES = {
+    "maps_static": "MAPS static scores",
+    "maps_suppression": "MAPS suppression scores",
+    "act_patch": "activation patching",
+    "attribution": "attribution patching",
+    "path_patch": "path patching to the logits",
+}
+
 Marks = Iterable[Head | str] | Circuit | Mapping[str, Iterable[Head | str] | Circuit] | None
 
 
@@ -169,7 +177,7 @@ def head_heatmaps(
         methods = {hs.method for hs in panels}
         if len(models) == 1 and len(methods) == 1:
             ks = [str(hs.k) for hs in panels if hs.k is not None]
-            suptitle = f"{next(iter(models))} · {panels[0].method}"
+            suptitle = f"{next(iter(models))}: {METHOD_NAMES.get(panels[0].method, panels[0].method.replace('_', ' '))}"
             if ks:
                 suptitle += " · k = " + ", ".join(dict.fromkeys(ks))
     if suptitle:
