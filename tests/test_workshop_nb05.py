@@ -41,30 +41,53 @@ def ioi(toy):
     return ioi_batch(toy.tokenizer, 8, seed=0)
 
 
-@torch.no_grad()
-def attention(model, batch, query, key, *, mistake=None):
-    _, cache = model.run_with_cache(batch.clean)
+def _ld(model, tokens, batch, hooks=()):
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks))
+    rows = torch.arange(len(batch))
+    last = logits[rows, batch.end]
+    return float((last[rows, batch.answer] - last[rows, batch.wrong]).mean())
+
+
+def zero_scores(model, batch, *, direction="noising", progress=False, mode="solution"):
+    """Zero-ablation written out with one plain hook per head (independent of interventions.run_ablations)."""
+    clean, corrupt = _ld(model, batch.clean, batch), _ld(model, batch.corrupt, batch)
     out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    for b in range(len(batch)):  # one prompt at a time, no fancy indexing: an independent reference
-        q, k = int(batch.positions[query][b]), int(batch.positions[key][b])
-        if mistake == "transposed":
-            q, k = k, q
-        if mistake == "padded end" and query == "END":
-            q = batch.clean.shape[1] - 1
-        for l in range(model.cfg.n_layers):
-            out[l] += cache["pattern", l][b, :, q, k]
-    return out if mistake == "sum" else out / len(batch)
+    for l in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            def hook(z, hook, h=h):
+                z = z.clone()
+                z[:, :, h] = 0
+                return z
+            ablated = _ld(model, batch.clean, batch, [(f"blocks.{l}.attn.hook_z", hook)])
+            out[l, h] = {"solution": (clean - ablated) / (clean - corrupt), "raw": clean - ablated,
+                         "kept": (ablated - corrupt) / (clean - corrupt), "sign": (ablated - clean) / (clean - corrupt)}[mode]
+    return out
 
 
-def test_mean_attention_check(toy, ioi):
-    assert len(set(int(e) for e in ioi.end)) > 1  # prompts of different lengths: the padding mistake shows
-    assert nb05.check_mean_attention(attention, toy, ioi).status == "correct"
-    r = nb05.check_mean_attention(lambda *a: attention(*a, mistake="transposed"), toy, ioi)
-    assert r.status == "wrong" and "[key, query]" in r.message
-    r = nb05.check_mean_attention(lambda *a: attention(*a, mistake="padded end"), toy, ioi)
-    assert r.status == "wrong" and "padded" in r.message
-    r = nb05.check_mean_attention(lambda *a: attention(*a, mistake="sum"), toy, ioi)
-    assert r.status == "wrong" and "summed" in r.message
-    r = nb05.check_mean_attention(lambda *a: attention(*a).T, toy, ioi)
-    assert r.status == "wrong" and "[head, layer]" in r.message
-    assert nb05.check_mean_attention(stub, toy, ioi).status == "not done"
+def test_zero_ablation_check(toy, ioi):
+    reference = nb05.zero_ablation_scorer(toy, ioi)
+    assert reference.method == "zero_ablation" and reference.meta["direction"].startswith("none")
+    assert torch.allclose(reference.scores, zero_scores(toy, ioi), atol=1e-4)  # the library's version, checked
+    assert nb05.check_zero_ablation_scores(zero_scores, toy, ioi).status == "correct"
+    for mode, words in (("raw", "raw logits"), ("kept", "1 minus"), ("sign", "sign")):
+        r = nb05.check_zero_ablation_scores(lambda *a, mode=mode, **k: zero_scores(*a, mode=mode, **k), toy, ioi)
+        assert r.status == "wrong" and words in r.message, (mode, r.message)
+    r = nb05.check_zero_ablation_scores(lambda m, b, **k: nb05._mean_variant(m, b)[0], toy, ioi)
+    assert r.status == "wrong" and "mean-ablation" in r.message
+    r = nb05.check_zero_ablation_scores(lambda *a, **k: zero_scores(*a, **k).T, toy, ioi)
+    assert r.status == "wrong" and "shape" in r.message
+    assert nb05.check_zero_ablation_scores(stub, toy, ioi).status == "not done"
+
+
+def test_zero_ablation_scorer_plugs_into_the_registry_and_the_explorer(toy, ioi, monkeypatch):
+    from circuitlib.circuits import HEAD_SCORERS, register_scorer
+    from circuitlib.types import HeadScores
+    from circuitlib.widgets import Explorer
+
+    monkeypatch.setattr("circuitlib.circuits.HEAD_SCORERS", dict(HEAD_SCORERS))
+    register_scorer("zero_ablation", nb05.zero_ablation_scorer)
+    ex = Explorer(toy, {"x": HeadScores(torch.zeros(3, 8), "x", "x", "toy")}, {"ioi": ioi})
+    row = ex.patching("ioi", "1.6")["methods"]["zero_ablation"]
+    assert row["score"] == pytest.approx(float(zero_scores(toy, ioi)[1, 6]), abs=1e-3)
+    assert row["direction"].startswith("none")

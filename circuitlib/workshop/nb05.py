@@ -1,9 +1,11 @@
 """Checks for notebook 05 (the explorer): find the head whose OV circuit suppresses names (answered as
-``"L.H"``), and every head's mean attention from one named position to another.
+``"L.H"``), and a new head-scoring method for the registry (zero-ablation) that the explorer's patching
+view picks up.
 
 Each check compares the participant's answer with circuitlib on the embedded model (MAPS suppression
-scores from :func:`circuitlib.scoring.static_scores`; :meth:`circuitlib.widgets.Explorer.attention_to`)
-and prints one line (see :mod:`circuitlib.workshop`); none raises.
+scores from :func:`circuitlib.scoring.static_scores`; zero-ablation through
+:func:`circuitlib.interventions.run_ablations`) and prints one line (see :mod:`circuitlib.workshop`);
+none raises.
 """
 
 from __future__ import annotations
@@ -62,68 +64,77 @@ def check_name_suppression_head(name_suppression_head: Callable, model) -> Check
 
 
 # ---------------------------------------------------------------------------------------------
-# Exercise 2: every head's mean attention from one named position to another
-
-ATTENTION_CASES = (("END", "IO"), ("END", "S2"), ("S2", "S1"))
+# Exercise 2: a new head-scoring method for the registry: zero-ablation
 
 
-def _reference(model, batch, query: str, key: str) -> torch.Tensor:
+def zero_ablation_scorer(model, batch, *, direction: str = "noising", progress: bool = False):
+    """circuitlib's zero-ablation head scores, with the registry's signature
+    (:func:`circuitlib.circuits.register_scorer`): per head, the share of the clean - corrupted logit
+    difference lost when the head's ``hook_z`` is set to 0 at every position of the clean prompts,
+    ``(clean - ablated) / (clean - corrupted)``. ``direction`` does not apply (recorded as such)."""
+    from ..interventions import Ablation, run_ablations
+    from ..metrics import logit_diff
     from ..types import HeadScores
-    from ..widgets import Explorer
 
-    blank = HeadScores(torch.zeros(model.cfg.n_layers, model.cfg.n_heads), "none", "none", model.cfg.model_name or "")
-    return Explorer(model, {"none": blank}, {"task": batch}).attention_to("task", key, query).scores
-
-
-@torch.no_grad()
-def _variants(model, batch, query: str, key: str) -> dict[str, torch.Tensor]:
-    """Plausible mistakes, to say which one was made."""
-    _, cache = model.run_with_cache(batch.clean, names_filter=lambda n: n.endswith("hook_pattern"))
-    rows = torch.arange(len(batch))
-    q, k = batch.positions[query], batch.positions[key]
-    pats = [cache["pattern", l] for l in range(model.cfg.n_layers)]
-    return {
-        "transposed": torch.stack([p[rows, :, k, q].mean(0) for p in pats]),
-        "last column": torch.stack([p[rows, :, -1, k].mean(0) for p in pats]) if query == "END" else None,
-        "sum": torch.stack([p[rows, :, q, k].sum(0) for p in pats]),
-    }
+    heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    with torch.no_grad():
+        clean = float(logit_diff(model(batch.clean), batch))
+        corrupt = float(logit_diff(model(batch.corrupt), batch))
+    ablation = Ablation(kind="zero", bos=True)
+    ablated = run_ablations(model, batch, [[h] for h in heads], ablation).mean_logit_diff
+    scores = ((clean - ablated) / (clean - corrupt)).view(model.cfg.n_layers, model.cfg.n_heads)
+    return HeadScores(scores, "zero_ablation", batch.task, model.cfg.model_name or "",
+                      meta={"direction": "none (zero-ablation)", "metric": "normalised_logit_diff",
+                            "ablation": ablation.describe(), "n_prompts": len(batch)})
 
 
-def check_mean_attention(mean_attention: Callable, model, batch) -> CheckResult:
-    """``mean_attention(model, batch, query, key)`` must return every head's attention from position
-    ``query`` to position ``key`` (names in ``batch.positions``), averaged over the batch's clean prompts,
-    as a ``[n_layers, n_heads]`` tensor; compared with :meth:`circuitlib.widgets.Explorer.attention_to`."""
+def _mean_variant(model, batch):
+    from ..interventions import Ablation, run_ablations
+    from ..metrics import logit_diff
+
+    heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    with torch.no_grad():
+        clean = float(logit_diff(model(batch.clean), batch))
+        corrupt = float(logit_diff(model(batch.corrupt), batch))
+    ablated = run_ablations(model, batch, [[h] for h in heads], Ablation()).mean_logit_diff
+    return ((clean - ablated) / (clean - corrupt)).view(model.cfg.n_layers, model.cfg.n_heads), clean, corrupt
+
+
+def check_zero_ablation_scores(zero_ablation_scores: Callable, model, batch) -> CheckResult:
+    """``zero_ablation_scores(model, batch, direction=..., progress=...)`` must return every head's
+    zero-ablation score (:func:`zero_ablation_scorer`, built on :func:`circuitlib.interventions.run_ablations`)
+    as HeadScores or a ``[n_layers, n_heads]`` tensor."""
+    from ..types import HeadScores
+
     shape = (model.cfg.n_layers, model.cfg.n_heads)
+    want = zero_ablation_scorer(model, batch).scores
 
     def attempt():
-        return [mean_attention(model, batch, q, k) for q, k in ATTENTION_CASES]
+        return zero_ablation_scores(model, batch, direction="noising", progress=False)
 
-    def verify(results):
-        for (q, k), got in zip(ATTENTION_CASES, results):
-            got = torch.as_tensor(got).detach().float().cpu()
-            if tuple(got.shape) != shape:
-                if tuple(got.shape) == shape[::-1]:
-                    return f"{q} -> {k}: shape {tuple(got.shape)} is [head, layer]; return [layer, head] = {shape}."
-                return f"{q} -> {k}: expected a [n_layers, n_heads] = {shape} tensor, got shape {tuple(got.shape)}."
-            want = _reference(model, batch, q, k)
-            if torch.allclose(got, want, atol=1e-4):
-                continue
-            for name, value in _variants(model, batch, q, k).items():
-                if value is not None and torch.allclose(got, value, atol=1e-4):
-                    return {
-                        "transposed": f"{q} -> {k}: you read the pattern as [key, query]; TransformerLens's pattern is "
-                                      "[batch, head, query position, key position].",
-                        "last column": f"{q} -> {k}: you read the last position of the padded batch; prompts have "
-                                       "different lengths, so take each prompt's own END (batch.positions['END']).",
-                        "sum": f"{q} -> {k}: you summed over prompts; take the mean.",
-                    }[name]
-            worst = (got - want).abs().max().item()
-            return f"{q} -> {k}: your values differ from circuitlib's by up to {worst:.3f}."
-        return None
+    def verify(got):
+        got = got.scores if isinstance(got, HeadScores) else torch.as_tensor(got)
+        got = got.detach().float().cpu()
+        if tuple(got.shape) != shape:
+            return f"return HeadScores (or a tensor) of shape [n_layers, n_heads] = {shape}; got {tuple(got.shape)}."
+        if torch.allclose(got, want, atol=2e-3):
+            return None
+        mean, clean, corrupt = _mean_variant(model, batch)
+        if torch.allclose(got, -want, atol=2e-3):
+            return "the sign is flipped: a head whose removal *lowers* the logit difference must score > 0."
+        if torch.allclose(got, 1 - want, atol=2e-3):
+            return ("you returned the normalised logit difference *with* the head ablated; the score is what is lost: "
+                    "1 minus that, (clean - ablated) / (clean - corrupted).")
+        if torch.allclose(got, want * (clean - corrupt), atol=2e-2):
+            return ("your scores are in raw logits (clean - ablated); divide by (clean - corrupted) so that 1 = the "
+                    "whole clean-vs-corrupted gap.")
+        if torch.allclose(got, mean, atol=2e-3):
+            return "that is mean-ablation (values from the corrupted prompts); set the head's hook_z to 0."
+        h = divmod(int((got - want).abs().argmax()), shape[1])
+        return (f"head {h[0]}.{h[1]}: got {got[h]:.3f}, circuitlib gives {want[h]:.3f} (the largest difference).")
 
-    return quiet(run_check("mean attention between positions", attempt, verify,
-                           success="matches Explorer.attention_to for "
-                                   + ", ".join(f"{q} -> {k}" for q, k in ATTENTION_CASES) + ".",
-                           hint="pattern = cache['pattern', layer]  # [batch, head, query, key]; rows = "
-                                "torch.arange(len(batch)); pattern[rows, :, batch.positions[query], "
-                                "batch.positions[key]].mean(0)"))
+    return quiet(run_check("zero-ablation scorer", attempt, verify,
+                           success="matches circuitlib's zero-ablation scores (interventions.run_ablations, "
+                                   f"kind='zero') on all {shape[0] * shape[1]} heads.",
+                           hint="for each head: a hook on blocks.{l}.attn.hook_z that sets z[:, :, h] = 0; logit "
+                                "difference at END; score = (clean - ablated) / (clean - corrupted)"))
