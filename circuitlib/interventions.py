@@ -386,18 +386,26 @@ def sample_head_sets(
     return HeadSetDraws(sets, avail, f"{n_draws} draws of {size} from {len(avail)} heads (seed {seed})")
 
 
-def control_sets(model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0) -> HeadSetDraws:
+def control_sets(
+    model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0, also_exclude: Iterable[Head] = ()
+) -> HeadSetDraws:
     """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
-    ``heads``; when a layer has too few, size-matched draws from the live heads; when those are too few,
-    from all heads outside ``heads``. ``how`` says which (and why)."""
+    ``heads`` (and outside ``also_exclude``, e.g. the measured task's own circuit); when a layer has too
+    few, size-matched draws from those live heads; when those are too few, from all heads outside them.
+    ``how`` says which (and why)."""
+    exclude = sorted({(int(l), int(h)) for l, h in [*heads, *also_exclude]})
+    note = f" (also excluding {', '.join(head_name(h) for h in also_exclude)})" if list(also_exclude) else ""
     try:
-        return sample_head_sets(model, n_draws, like=heads, exclude=heads, seed=seed)
+        d = sample_head_sets(model, n_draws, like=heads, exclude=exclude, seed=seed)
+        d.how += note
+        return d
     except ValueError as matched:
         try:
-            d = sample_head_sets(model, n_draws, size=len(heads), exclude=heads, seed=seed)
+            d = sample_head_sets(model, n_draws, size=len(heads), exclude=exclude, seed=seed)
         except ValueError:
             every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=heads, seed=seed)
+            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=exclude, seed=seed)
             d.how += " (from all heads: too few live heads)"
-        d.how += " (not layer-matched: " + str(matched).split(" (widen")[0].replace("too few heads for layer-matched sets: ", "") + ")"
+        d.how += note + " (not layer-matched: " + str(matched).split(" (widen")[0].replace(
+            "too few heads for layer-matched sets: ", "") + ")"
         return d

@@ -57,6 +57,8 @@ class CrossTaskAblation(Result):
     exhaustive: bool
     random_mean: dict
     random_std_normalised: float
+    random_sets: list[list[str]]
+    random_normalised: list[float]
     p_value: float
     p_how: str
 
@@ -69,15 +71,18 @@ def cross_task_ablation(
     *,
     ablation: Ablation = Ablation(),
     n_random: int = 2000,
+    exclude: HeadSet = (),
     seed: int = 0,
 ) -> CrossTaskAblation:
     """Ablate ``circuit``'s heads and measure ``batch``'s task, against :func:`circuitlib.interventions.control_sets`.
 
-    Default ablation: mean over the measured task's corrupted prompts, every position, BOS excluded
-    (a circuit of another task may act before END). Everything in one batched run.
+    ``exclude``: heads no random set may contain besides the circuit's (pass the measured task's own
+    circuit: a random set holding it would not be a fair control). Default ablation: mean over the
+    measured task's corrupted prompts, every position, BOS excluded (a circuit of another task may act
+    before END). Everything in one batched run.
     """
     heads = sorted(as_head_set(circuit))
-    draws = control_sets(model, heads, n_random, seed=seed)
+    draws = control_sets(model, heads, n_random, seed=seed, also_exclude=sorted(as_head_set(exclude) - set(heads)))
     run = run_ablations(model, batch, [[], heads, *draws.sets], ablation)
     corrupt = model(batch.corrupt.to(model.cfg.device))
     rows = torch.arange(len(batch))
@@ -104,7 +109,9 @@ def cross_task_ablation(
         exhaustive=draws.exhaustive,
         random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
                      "logit_diff": round(float(ld[rand].mean()), 4), "normalised": round(float(r_norm.mean()), 4)},
-        random_std_normalised=round(float(r_norm.std()), 4), p_value=pv.p_value, p_how=pv.how)
+        random_std_normalised=round(float(r_norm.std()), 4),
+        random_sets=[[head_name(h) for h in s] for s in draws.sets], random_normalised=[round(float(v), 4) for v in r_norm],
+        p_value=pv.p_value, p_how=pv.how)
 
 
 def _top_live(scores: HeadScores, k: int, live: list[Head], seed: int) -> frozenset[Head]:
@@ -123,10 +130,12 @@ def reuse_matrix(
     """:func:`cross_task_ablation` for every (ablated circuit, measured task) pair.
 
     ``result[circuit_task][measured_task]``; the diagonal is each circuit's own task (a positive
-    control: removing a task's circuit should hurt that task).
+    control: removing a task's circuit should hurt that task). Off the diagonal, random sets also
+    exclude the measured task's own circuit.
     """
     return {
-        c: {t: cross_task_ablation(model, circuit, batch, **kwargs) for t, batch in batches.items()}
+        c: {t: cross_task_ablation(model, circuit, batch, exclude=circuits.get(t, ()) if t != c else (), **kwargs)
+            for t, batch in batches.items()}
         for c, circuit in circuits.items()
     }
 
@@ -225,7 +234,7 @@ def reuse_analysis(
         if t not in relations:
             notes.append(f"{t}: no MAPS relation registered, left out of the MAPS rows")
             continue
-        entry = {"maps_vs_patching": rank_correlation(relation_scores[t], patching[t], heads=live, **kw),
+        entry = {"maps_vs_patching": rank_correlation(relation_scores[t], patching[t], heads=live, absolute=True, **kw),
                  "circuit_under_maps": circuit_rank_test(relation_scores[t], circuits[t],
                                                          heads=live if in_live else None, **kw)}
         per_task[t] = entry

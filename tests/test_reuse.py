@@ -62,8 +62,16 @@ def test_reuse_analysis_cells_equal_direct_calls(toy):
     direct = overlap.rank_correlation(rel["ioi"], rel["capitals"], heads=live)
     assert res.pairs["ioi|capitals"]["maps"]["rho"] == pytest.approx(direct["rho"])
     assert res.pairs["ioi|capitals"]["maps"]["p_value"] == pytest.approx(direct["p_value"])
-    cell = reuse.cross_task_ablation(toy, circuits["ioi"], batches["capitals"], n_random=20)
+    cell = reuse.cross_task_ablation(toy, circuits["ioi"], batches["capitals"], n_random=20, exclude=circuits["capitals"])
     assert res.reuse["ioi"]["capitals"].to_dict() == cell.to_dict()
+    # off the diagonal no random set holds a head of the measured task's circuit
+    cap = {f"{l}.{h}" for l, h in circuits["capitals"].heads}
+    assert all(not cap & set(s) for s in res.reuse["ioi"]["capitals"].random_sets)
+    same = reuse.cross_task_ablation(toy, circuits["ioi"], batches["ioi"], n_random=20)
+    assert res.reuse["ioi"]["ioi"].to_dict() == same.to_dict()
+    # the MAPS vs patching row compares |patching| (as labelled)
+    direct_mp = overlap.rank_correlation(rel["ioi"], patch["ioi"], heads=live, absolute=True)
+    assert res.per_task["ioi"]["maps_vs_patching"]["rho"] == pytest.approx(direct_mp["rho"])
     # 20 draws cannot reach the corrected bar: those rows are kept apart from the family
     assert res.apart is not None and len(res.apart.rows) == 4
     assert not any("remove" in r.name for r in res.table.rows)
