@@ -161,3 +161,22 @@ def test_nbval_sanitizer_rounds_instead_of_truncating():
     assert round_floats("0.494") != round_floats("0.506")  # a change of ~0.01 shows
     assert round_floats("rho -0.0004, p 0.0056, head 1.6, 12.5") == "rho 0.00, p 0.01, head 1.6, 12.5"
     assert round_floats("v1.2.345 and 3.14159") == "v1.2.345 and 3.14"
+
+
+def test_headscores_and_circuit_json_round_trips_keep_values_and_metadata():
+    import json
+
+    import torch
+
+    from circuitlib.types import Circuit, HeadScores
+
+    g = torch.Generator().manual_seed(0)
+    hs = HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy", k=1,
+                    meta={"pairs_used": 156, "note": "x", "nested": {"a": [1, 2]}})
+    back = HeadScores.from_json(hs.to_json())
+    assert (back.scores - hs.scores).abs().max() <= 5e-7  # to_dict stores 6 decimals
+    assert (back.method, back.target, back.model, back.k, back.meta) == ("maps_static", "name_copying", "toy", 1, hs.meta)
+    c = Circuit.of(["1.6", (0, 0)], "ioi", "toy", how="act_patch: top 2")
+    c2 = Circuit.from_json(c.to_json())
+    assert c2.heads == {(1, 6), (0, 0)} and (c2.task, c2.model, c2.how) == ("ioi", "toy", "act_patch: top 2")
+    assert json.loads(c.to_json())["heads"] == ["0.0", "1.6"]
