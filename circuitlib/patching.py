@@ -27,7 +27,15 @@ logits are unembedded. ``chunk`` bounds the copies per forward (default: ~``MAX_
 Shortformer models (positions added to every layer's query/key inputs, not to the residual stream)
 get their positional embedding passed to every block the forward starts at (TransformerLens's
 ``start_at_layer`` would otherwise run attention without positions). Models whose positions enter
-inside attention (rotary, ALiBi) recompute every position instead.
+inside attention (rotary: Llama, Pythia; ALiBi) recompute every position instead.
+
+Model families: what differs between them (where positions enter, the key/value cache, grouped-query
+attention) is asked of :mod:`circuitlib.adapter`; tested on GPT-2-style, Llama-style (grouped-query
+attention, rotary, RMSNorm, gated MLP), Pythia-style (parallel attention, rotary) and shortformer
+attention-only models against TransformerLens's own patching (``tests/test_families.py``).
+Grouped-query attention and path patching to a receiver's ``k`` / ``v``: the receiver's own keys /
+values are patched, not its whole key/value group's (keys and values are computed per query head for
+the call, :func:`circuitlib.adapter.kv_per_query_head`; same numbers).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import adapter
 from .interventions import readout
 from .metrics import check_span, logit_diff
 from .types import Head, HeadScores, TaskBatch, head_name
@@ -96,7 +105,8 @@ class _Setup:
     direction: Direction
     base: dict  # base-run (the run we patch into) activations by hook name, packed [B, T, ...]
     source: dict  # source-run activations by hook name, packed
-    prefix_kv: dict  # base-run keys/values of the first P positions by hook name
+    prefix_k: dict  # base-run keys of the first P positions by layer ([B, P, kv heads, d_head])
+    prefix_v: dict  # base-run values of the first P positions by layer
     pos_embed: Tensor | None  # shortformer models: positional embedding of each packed slot [B, T, d]
     P: int  # cached prefix slots
     s_rows: Tensor  # [B] first differing position per prompt
@@ -153,9 +163,7 @@ def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names:
     clean, corrupt = batch.clean.to(device), batch.corrupt.to(device)
     if bool((batch.clean == batch.corrupt).all()):
         raise ValueError("clean and corrupt prompts are identical: there is nothing to patch")
-    shortformer = model.cfg.positional_embedding_type == "shortformer"
-    keep = lambda n: (names(n) or n.endswith(("hook_resid_pre", "attn.hook_k", "attn.hook_v"))  # noqa: E731
-                      or (shortformer and n == "hook_pos_embed"))
+    keep = lambda n: names(n) or adapter.restart_activation(model, n)  # noqa: E731
     clean_logits, clean_cache = model.run_with_cache(clean, names_filter=keep)
     corrupt_logits, corrupt_cache = model.run_with_cache(corrupt, names_filter=keep)
     raw = _end_metric(metric)
@@ -166,7 +174,7 @@ def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names:
         check_span(clean_value, corrupt_value)
     B, S = batch.clean.shape
     end = batch.end
-    if model.cfg.positional_embedding_type in ("standard", "shortformer"):  # absolute position vectors
+    if not adapter.positions_inside_attention(model):  # absolute position vectors
         differs = batch.clean != batch.corrupt
         first = torch.where(differs.any(1), differs.float().argmax(1), end)
         s_rows = torch.minimum(first, end)  # at least END itself is recomputed
@@ -182,9 +190,12 @@ def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names:
     base, source = packed(base_cache), packed(src_cache)
     pos_embed = base.pop("hook_pos_embed", None)
     source.pop("hook_pos_embed", None)
+    L = model.cfg.n_layers
+    prefix_k = {l: base_cache[f"blocks.{l}.attn.hook_k"][:, :P] for l in range(L)}
+    prefix_v = {l: base_cache[f"blocks.{l}.attn.hook_v"][:, :P] for l in range(L)}
     return _Setup(
         model=model, batch=batch, direction=direction, base=base, source=source,
-        prefix_kv={k: v[:, :P] for k, v in base_cache.cache_dict.items() if k.endswith(("hook_k", "hook_v"))}, P=P,
+        prefix_k=prefix_k, prefix_v=prefix_v, P=P,
         pos_embed=pos_embed,
         s_rows=s_rows, gather=gather, attn_mask=attn_mask.long().to(device), raw=raw, normalised=normalised,
         clean_value=clean_value, corrupt_value=corrupt_value, metric_name=_metric_name(metric),
@@ -224,27 +235,17 @@ def _run_copies(
 
     Returns the raw metric of each copy ``[n_copies]`` (with ``stop_at_layer``: the residual stream;
     hooks record what they need). Shortformer models get the packed slots' positional embedding
-    (``forward(start_at_layer=...)`` skips the embedding step that would otherwise supply it).
+    (a forward from a later block skips the embedding step that would otherwise supply it).
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
     model, batch, C = setup.model, setup.batch, n_copies
     B = len(batch)
     if resid is None:
         resid = setup.base[f"blocks.{layer}.hook_resid_pre"].repeat(C, 1, 1)
-    entries = [
-        None if l < layer else TransformerLensKeyValueCacheEntry(
-            setup.prefix_kv[f"blocks.{l}.attn.hook_k"].repeat(C, 1, 1, 1),
-            setup.prefix_kv[f"blocks.{l}.attn.hook_v"].repeat(C, 1, 1, 1), frozen=True)
-        for l in range(model.cfg.n_layers)
-    ]
-    cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=torch.empty(0), frozen=True)
-    stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
+    cache = adapter.frozen_kv_cache(model, setup.prefix_k, setup.prefix_v, layer, C)
     pos = None if setup.pos_embed is None else setup.pos_embed.repeat(C, 1, 1)
     with model.hooks(fwd_hooks=hooks):
-        out = model(resid, start_at_layer=layer, stop_at_layer=stop, past_kv_cache=cache,
-                    attention_mask=setup.attn_mask.repeat(C, 1), shortformer_pos_embed=pos)
+        out = adapter.forward_from_layer(model, resid, layer, stop_at_layer=stop_at_layer, kv_cache=cache,
+                                         attention_mask=setup.attn_mask.repeat(C, 1), shortformer_pos_embed=pos)
     if stop_at_layer is not None:
         return out
     rows = torch.arange(C * B)
@@ -361,7 +362,7 @@ def act_patch_layer_out(
     """
     if component not in ("attn_out", "mlp_out"):
         raise ValueError(f"unknown component {component!r}: use 'attn_out' or 'mlp_out'")
-    if component == "mlp_out" and model.cfg.attn_only:
+    if component == "mlp_out" and not adapter.has_mlps(model):
         raise ValueError("this model is attention-only (no MLPs): patch component='attn_out' or the heads")
     hook_name = f"hook_{component}"
     setup = _setup(model, batch, direction, metric, lambda n: n.endswith(hook_name))
@@ -497,7 +498,9 @@ def path_patch(
     - ``receivers`` given: record the receivers' ``receiver_input`` (``q``/``k``/``v``, i.e. the
       head's own query/key/value input) in that run, then run the clean prompts again with only
       those patched in (at ``receiver_positions``, a key of ``batch.positions`` such as ``"END"``,
-      or every position) and score the logits -> the path sender -> receivers' input.
+      or every position) and score the logits -> the path sender -> receivers' input. Grouped-query
+      attention: ``k`` / ``v`` are the receiver's own keys / values (its group's weights applied to
+      its input), patched for that head only, not for the rest of its key/value group.
     Scores are ``metric(clean) - metric(patched)`` (normalised logit difference: 1 - patched);
     heads that are not senders score 0 (``meta["senders"]`` lists the senders).
     """
@@ -511,6 +514,14 @@ def path_patch(
             raise ValueError(f"head {l}.{h} does not exist in a {L}x{H} model")
     if receiver_positions is not None and receiver_positions not in batch.positions:
         raise ValueError(f"receiver_positions {receiver_positions!r} is not one of {sorted(batch.positions)}")
+    with adapter.kv_per_query_head(model, receivers is not None and receiver_input in ("k", "v")):
+        return _path_patch(model, batch, senders, receivers, receiver_input, receiver_positions, metric, chunk,
+                           progress)
+
+
+def _path_patch(model, batch, senders, receivers, receiver_input, receiver_positions, metric, chunk,
+                progress) -> HeadScores:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     rname = f"hook_{receiver_input}"
     setup = _setup(model, batch, "noising", metric,
                    lambda n: n.endswith("attn.hook_z") or (receivers is not None and n.endswith(rname)))

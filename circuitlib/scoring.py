@@ -40,6 +40,14 @@ taken for Llama-3):
 
 HeadScores ``meta`` records the inputs, the ``k`` rule, the tie rule and which name rules fired.
 
+**Model families** (what differs is asked of :mod:`circuitlib.adapter`): the first-MLP input is block
+0's MLP on block 0's second normalisation for sequential and parallel-attention (Pythia) blocks alike
+(the authors' ``first_mlp``, on any TransformerLens model), with the model's own normalisation
+(RMSNorm for Llama); grouped-query attention reads each query head's group (static: ``W_V``; dynamic
+without context: ``v``); rotary / shortformer positions never enter static scores. Tested on
+GPT-2-style, Llama-style, Pythia-style and shortformer attention-only models against per-head
+``torch.topk`` loops (``tests/test_families.py``).
+
 **Dynamic score** (:func:`dynamic_scores`), the authors' experiment 1: each template in
 :data:`MAPS_TEMPLATES` (``"No <X> means no"``, ``"The story of <X> contains"``, ``"This is a
 document about <X>"``, ``"When I think about <X> I think about"``) is filled with every pair's source
@@ -88,6 +96,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from . import adapter
+from .adapter import NO_BOS_ARCHITECTURES  # noqa: F401  (kept importable from here)
 from .tasks import load_relation
 from .tasks._common import bos_id, pad_id, word_id
 from .types import Head, HeadScores, RelationPairs, parse_head
@@ -101,10 +111,6 @@ MAPS_TEMPLATES: tuple[str, ...] = (
 )
 DYNAMIC_TEMPLATE = "This is a document about <X>"  # dynamic_prompts' default (one template)
 _PLACEHOLDERS = ("<X>", "[X]")  # the authors' placeholder; circuitlib's older one still works
-#: Architectures whose Hugging Face tokenizer adds no BOS by default (so MAPS's prompts have none).
-NO_BOS_ARCHITECTURES = frozenset({
-    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTNeoForCausalLM", "GPTJForCausalLM",
-})
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
 _FIRST_CHUNK = 256
 _MAX_CHUNK = 16384
@@ -134,7 +140,7 @@ class MapsConventions:
 
 def maps_conventions(model) -> MapsConventions:
     """The MAPS conventions for ``model`` (a ``HookedTransformer`` or a model name)."""
-    name = model if isinstance(model, str) else _model_name(model)
+    name = model if isinstance(model, str) else adapter.model_name(model)
     low = name.lower()
     kw, notes = {}, []
     if re.search(r"llama-3(?!\d)", low):  # Llama-3, Llama-3.1, ...; not the original llama-30b
@@ -171,14 +177,7 @@ def dynamic_bos(model) -> tuple[bool, str]:
     """Whether dynamic prompts start with BOS by default, and why (see module docstring)."""
     if maps_conventions(model).embedded:
         return True, "BOS: the embedded model was trained with BOS on every sequence"
-    arch = getattr(model.cfg, "original_architecture", None)
-    if arch in NO_BOS_ARCHITECTURES:
-        return False, f"no BOS: {arch}'s tokenizer adds none (as in MAPS's pipeline)"
-    tok = model.tokenizer
-    probe = tok("a").input_ids
-    adds = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
-    return adds, ("BOS: the tokenizer adds one (as in MAPS's pipeline)" if adds
-                  else "no BOS: the tokenizer adds none (as in MAPS's pipeline)")
+    return adapter.hf_tokenizer_adds_bos(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +197,14 @@ def maps_inputs(
     n_layers = model.cfg.n_layers
     if first_mlp is None:
         first_mlp = maps_conventions(model).first_mlp
-    if model.cfg.attn_only or model.cfg.d_mlp is None or not first_mlp:
+    if not adapter.has_mlps(model) or not first_mlp:
         return emb[None].expand(n_layers, -1, -1).clone()
-    block = model.blocks[0]
-    mlp_out = block.mlp(block.ln2(emb[None]))[0]
+    mlp_out = adapter.maps_first_mlp(model, emb)
     return torch.cat([emb[None], mlp_out[None].expand(n_layers - 1, -1, -1)])
 
 
 def _inputs_note(model) -> str:
-    if model.cfg.attn_only or model.cfg.d_mlp is None:
+    if not adapter.has_mlps(model):
         return "W_E[s] at every layer (attention-only model)"
     if not maps_conventions(model).first_mlp:
         return "W_E[s] at every layer (no first-MLP input for this model, by name)"
@@ -273,10 +271,6 @@ def _as_pairs(model, relation: RelationPairs | str) -> RelationPairs:
     return load_relation(relation, model.tokenizer)
 
 
-def _model_name(model) -> str:
-    return str(getattr(model.cfg, "model_name", "") or "unknown")
-
-
 # ---------------------------------------------------------------------------------------------
 # Static scores
 
@@ -327,7 +321,7 @@ def static_scores_many(
         layers = range(lo, min(lo + step, L))
         # (model.W_V etc. stack every layer on each access: read each block's weights instead)
         rows = torch.cat([
-            torch.einsum("sd,hde,hem->hsm", x[l], model.blocks[l].attn.W_V, model.blocks[l].attn.W_O)
+            torch.einsum("sd,hde,hem->hsm", x[l], adapter.head_W_V(model, l), adapter.head_W_O(model, l))
             .reshape(H * n_src, -1) for l in layers
         ])
         # (layer block, head, pair) -> row (block * H + head) * n_src + source index
@@ -345,7 +339,7 @@ def static_scores_many(
             scores=score,
             method="maps_suppression" if suppression else "maps_static",
             target=r.name,
-            model=_model_name(model),
+            model=adapter.model_name(model),
             k=kk,
             meta={"pairs_used": len(r), "pairs_total": r.total, "suppression": suppression,
                   "inputs": _inputs_note(model),
@@ -377,8 +371,7 @@ def top_mapped_tokens(
             raise ValueError(f"{source!r} is not a single token (with a leading space) for this tokenizer")
         source = tok
     x = maps_inputs(model, torch.tensor([int(source)]))[layer, 0]
-    attn = model.blocks[layer].attn
-    m = x @ attn.W_V[h] @ attn.W_O[h] @ model.W_U
+    m = x @ adapter.head_W_V(model, layer)[h] @ adapter.head_W_O(model, layer)[h] @ model.W_U
     m = -m if suppression else m
     vals, idx = torch.topk(m, min(n, m.shape[0]))
     return [(model.tokenizer.decode([int(i)]), round(float(v), 4)) for v, i in zip(vals, idx)]
@@ -465,9 +458,7 @@ def _dynamic_hits_one_template(model, pairs, template, *, context, k, suppressio
         per_layer = []
         for l in range(L):
             z = cache[f"blocks.{l}.attn.{hook}"][rows_idx, pos]  # [b, H (or n_kv_heads for v), e]
-            if z.shape[1] != H:  # grouped-query attention: hook_v has one vector per key/value group
-                z = z.repeat_interleave(H // z.shape[1], dim=1)
-            per_layer.append(z)
+            per_layer.append(adapter.per_query_head(model, z))  # grouped-query attention: the group's v
         z = torch.stack(per_layer)  # [L, b, H, e]
         out = torch.einsum("lbhe,lhem->lhbm", z, W_O)  # [L, H, b, d]
         b = z.shape[1]
@@ -532,7 +523,7 @@ def dynamic_scores(
         scores=score,
         method=f"maps_dynamic_{'with' if context else 'without'}_context" + ("_suppression" if suppression else ""),
         target=pairs.name,
-        model=_model_name(model),
+        model=adapter.model_name(model),
         k=k,
         meta={"pairs_used": len(pairs), "templates": templates, "templates_dropped": dropped,
               "per_template": {t: m.tolist() for t, m in per_template.items()},
