@@ -34,17 +34,16 @@ Every ablation goes through :mod:`circuitlib.interventions`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats
 
+from transformer_lens import HookedTransformer
 from .interventions import Ablation, control_sets, live_heads, run_ablations, sample_head_sets
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 MAPS_ABLATION = Ablation(kind="zero", positions="end")
 METRICS = ("top1_accuracy", "accuracy", "logit_diff")
@@ -81,7 +80,7 @@ def relation_heads(scores: HeadScores, m: int) -> list[Head]:
     return [(int(i) // scores.n_heads, int(i) % scores.n_heads) for i in order if flat[i] > 0]
 
 
-def relation_prompts(model: "HookedTransformer", relation: str, *, n: int | None = None, seed: int = 0) -> TaskBatch:
+def relation_prompts(model: HookedTransformer, relation: str, *, n: int | None = None, seed: int = 0) -> TaskBatch:
     """MAPS's prompts for ``relation`` on this model, or the registered stand-in task (see module docstring)."""
     from .tasks import TASK_SPECS, task_batch
     from .tasks.maps_prompts import relation_prompt_batch, template_fits
@@ -151,14 +150,14 @@ def _curves(run, orders: Sequence[Sequence[Head]], n: int) -> list[Curve]:
     return out
 
 
-def _cumulative(model, batch: TaskBatch, orders: Sequence[Sequence[Head]], m: int, ablation: Ablation) -> list[Curve]:
+def _cumulative(model: HookedTransformer, batch: TaskBatch, orders: Sequence[Sequence[Head]], m: int, ablation: Ablation) -> list[Curve]:
     """Each order ablated cumulatively (0..m heads) on ``batch``, all in one batched run."""
     sets = [list(order[:i]) for order in orders for i in range(m + 1)]
     return _curves(run_ablations(model, batch, sets, ablation), orders, m + 1)
 
 
 def causal_check(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     relation: str,
     *,
     scores: dict[str, HeadScores] | None = None,
@@ -323,7 +322,7 @@ class TopVsRandom(Result):
 
 
 def top_vs_random(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     batch: TaskBatch,
     top: Sequence[Head],
     *,

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
+from transformer_lens import HookedTransformer
 from .interventions import CONVENTIONS, Ablation, head_masks, run_ablations
 from .results import Result
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 Direction = Literal["noising", "denoising"]
 
@@ -106,7 +105,7 @@ def select_circuit(
 # Faithfulness and minimality
 
 
-def _complement_masks(model, circuits: list[frozenset[Head]]) -> torch.Tensor:
+def _complement_masks(model: HookedTransformer, circuits: list[frozenset[Head]]) -> torch.Tensor:
     """Masks that ablate everything *outside* each circuit."""
     return ~head_masks(model, circuits)
 
@@ -147,7 +146,7 @@ def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -
 
 
 def faithfulness(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     batch: TaskBatch,
     circuit: Circuit,
     *,
@@ -181,7 +180,7 @@ def faithfulness(
 
 
 def faithfulness_by_convention(
-    model: "HookedTransformer", batch: TaskBatch, circuit: Circuit, *,
+    model: HookedTransformer, batch: TaskBatch, circuit: Circuit, *,
     conventions: dict[str, Ablation] = CONVENTIONS, **kwargs,
 ) -> dict[str, Faithfulness]:
     """:func:`faithfulness` under each named ablation convention (default :data:`CONVENTIONS`)."""
@@ -189,7 +188,7 @@ def faithfulness_by_convention(
 
 
 def minimality(
-    model: "HookedTransformer", batch: TaskBatch, circuit: Circuit, *, ablation: Ablation = Ablation()
+    model: HookedTransformer, batch: TaskBatch, circuit: Circuit, *, ablation: Ablation = Ablation()
 ) -> dict[str, float]:
     """For each circuit head v: (circuit - circuit without v) / full, in mean logit difference
     (one batched run)."""
@@ -213,7 +212,7 @@ def k_grid(n_heads: int, dense_up_to: int = 40) -> list[int]:
 
 
 def faithfulness_curve(
-    model: "HookedTransformer", batch: TaskBatch, scores: HeadScores, *, ks: list[int] | None = None,
+    model: HookedTransformer, batch: TaskBatch, scores: HeadScores, *, ks: list[int] | None = None,
     absolute: bool = True, ablation: Ablation = Ablation(),
 ) -> dict[int, float]:
     """Faithfulness of the top-k circuit (by ``|score|``) for every k in ``ks`` (default
@@ -227,7 +226,7 @@ def faithfulness_curve(
 
 
 def smallest_k(
-    model: "HookedTransformer", batch: TaskBatch, scores: HeadScores, curve: dict[int, float], target: float, *,
+    model: HookedTransformer, batch: TaskBatch, scores: HeadScores, curve: dict[int, float], target: float, *,
     absolute: bool = True, ablation: Ablation = Ablation(),
 ) -> int | None:
     """The smallest k > 0 whose top-k circuit reaches ``target``: the first grid point of ``curve``
@@ -317,7 +316,7 @@ def split_prompts(task: str, tokenizer, n: int, *, seed: int = 0) -> tuple[TaskB
 
 
 def discover_circuit(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     task: str,
     *,
     n_prompts: int = 64,

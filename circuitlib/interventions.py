@@ -37,18 +37,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from transformer_lens import HookedTransformer
 from .results import Result
 from .types import Head, TaskBatch, head_name
 
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 AblationKind = Literal["zero", "mean", "resample"]
 MAX_TOKENS = 32768  # token rows (copies x prompts x positions) per forward pass
@@ -59,7 +58,7 @@ MAX_LOGITS = 2**26  # END logits (rows x vocabulary) per forward pass: 256 MiB i
 # The readout
 
 
-def readout(model: "HookedTransformer", resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+def readout(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """Logits from final residual vectors: the final LayerNorm when the model has one, the
     unembedding (with its bias), and the logit soft-cap when the config sets one (Gemma 2 style).
     Accepts any leading shape."""
@@ -130,7 +129,7 @@ CONVENTIONS: dict[str, Ablation] = {
 # Replacement values
 
 
-def _z_cache(model, tokens: Tensor) -> Float[Tensor, "n_layers batch seq n_heads d_head"]:
+def _z_cache(model: HookedTransformer, tokens: Tensor) -> Float[Tensor, "n_layers batch seq n_heads d_head"]:
     _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n.endswith("attn.hook_z"))
     return torch.stack([cache[f"blocks.{l}.attn.hook_z"] for l in range(model.cfg.n_layers)])
 
@@ -158,7 +157,7 @@ def position_mask(batch: TaskBatch, ablation: Ablation) -> Bool[Tensor, "batch s
 
 @torch.no_grad()
 def replacement(
-    model: "HookedTransformer", batch: TaskBatch, ablation: Ablation, reference: TaskBatch | None = None
+    model: HookedTransformer, batch: TaskBatch, ablation: Ablation, reference: TaskBatch | None = None
 ) -> Float[Tensor, "n_layers batch_or_1 seq_or_1 n_heads d_head"]:
     """The z that replaces an ablated head's z, per layer, broadcastable to ``[L, batch, seq, H, d]``.
 
@@ -235,7 +234,7 @@ class AblationRun(Result):
         return self.top1.float().mean(1)
 
 
-def head_masks(model: "HookedTransformer", head_sets: Sequence[Iterable[Head]]) -> Bool[Tensor, "n_sets n_layers n_heads"]:
+def head_masks(model: HookedTransformer, head_sets: Sequence[Iterable[Head]]) -> Bool[Tensor, "n_sets n_layers n_heads"]:
     """``masks[i, l, h]`` is True where head ``(l, h)`` is in ``head_sets[i]``; unknown heads are an error."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     masks = torch.zeros(len(head_sets), L, H, dtype=torch.bool)
@@ -249,7 +248,7 @@ def head_masks(model: "HookedTransformer", head_sets: Sequence[Iterable[Head]]) 
 
 @torch.no_grad()
 def run_ablations(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     batch: TaskBatch,
     masks: Bool[Tensor, "n_sets n_layers n_heads"] | Sequence[Iterable[Head]],
     ablation: Ablation = Ablation(),
@@ -301,7 +300,7 @@ def run_ablations(
 # Random head sets
 
 
-def live_heads(model: "HookedTransformer", *, threshold: float = 1e-3) -> list[Head]:
+def live_heads(model: HookedTransformer, *, threshold: float = 1e-3) -> list[Head]:
     """Heads that can carry signal: OV weight norm ``||W_V W_O||_F`` at least ``threshold`` times the
     largest head's. On the embedded model the head group-lasso switches heads off (their norm is
     ~1e-12); on a pretrained model every head passes."""
@@ -328,7 +327,7 @@ class HeadSetDraws(Result):
 
 
 def sample_head_sets(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     n_draws: int,
     *,
     size: int | None = None,
@@ -387,7 +386,7 @@ def sample_head_sets(
 
 
 def control_sets(
-    model: "HookedTransformer", heads: Sequence[Head], n_draws: int, *, seed: int = 0, also_exclude: Iterable[Head] = ()
+    model: HookedTransformer, heads: Sequence[Head], n_draws: int, *, seed: int = 0, also_exclude: Iterable[Head] = ()
 ) -> HeadSetDraws:
     """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
     ``heads`` (and outside ``also_exclude``, e.g. the measured task's own circuit); when a layer has too

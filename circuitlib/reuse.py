@@ -5,12 +5,13 @@ task, against random head sets; and the whole overlap-and-reuse analysis (notebo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .interventions import Ablation, control_sets, live_heads, run_ablations
+from transformer_lens import HookedTransformer
+from .interventions import Ablation, HeadSetDraws, control_sets, live_heads, run_ablations
 from .overlap import (
     HeadSet,
     TestRow,
@@ -28,8 +29,6 @@ from .overlap import (
 from .results import Result
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
 
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 
 
@@ -56,16 +55,16 @@ class CrossTaskAblation(Result):
     n_random: int
     exhaustive: bool
     random_mean: dict
-    random_std_normalised: float
+    random_std_normalised: float | None
     random_sets: list[list[str]]
     random_normalised: list[float]
-    p_value: float
+    p_value: float | None
     p_how: str
 
 
 @torch.no_grad()
 def cross_task_ablation(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     circuit: HeadSet,
     batch: TaskBatch,
     *,
@@ -82,7 +81,10 @@ def cross_task_ablation(
     before END). Everything in one batched run.
     """
     heads = sorted(as_head_set(circuit))
-    draws = control_sets(model, heads, n_random, seed=seed, also_exclude=sorted(as_head_set(exclude) - set(heads)))
+    try:
+        draws = control_sets(model, heads, n_random, seed=seed, also_exclude=sorted(as_head_set(exclude) - set(heads)))
+    except ValueError as exc:  # e.g. the circuit covers every head: no random set exists
+        draws = HeadSetDraws([], [], f"no random sets: {exc}")
     run = run_ablations(model, batch, [[], heads, *draws.sets], ablation)
     corrupt = model(batch.corrupt.to(model.cfg.device))
     rows = torch.arange(len(batch))
@@ -101,17 +103,18 @@ def cross_task_ablation(
 
     rand = slice(2, None)
     r_norm = norm[rand]
-    pv = empirical_p(float(norm[1]), r_norm, alternative="less")
+    pv = empirical_p(float(norm[1]), r_norm, alternative="less") if r_norm.size else None
     return CrossTaskAblation(
         circuit=[head_name(h) for h in heads], circuit_task=circuit.task if isinstance(circuit, Circuit) else None,
         measured_task=batch.task, ablation=ablation.to_dict(), n_prompts=len(batch), clean=at(0),
         corrupt_logit_diff=round(ld_corrupt, 4), ablated=at(1), random_how=draws.how, n_random=len(draws),
         exhaustive=draws.exhaustive,
-        random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
-                     "logit_diff": round(float(ld[rand].mean()), 4), "normalised": round(float(r_norm.mean()), 4)},
-        random_std_normalised=round(float(r_norm.std()), 4),
+        random_mean={} if not r_norm.size else {
+            "accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
+            "logit_diff": round(float(ld[rand].mean()), 4), "normalised": round(float(r_norm.mean()), 4)},
+        random_std_normalised=round(float(r_norm.std()), 4) if r_norm.size else None,
         random_sets=[[head_name(h) for h in s] for s in draws.sets], random_normalised=[round(float(v), 4) for v in r_norm],
-        p_value=pv.p_value, p_how=pv.how)
+        p_value=None if pv is None else pv.p_value, p_how=draws.how if pv is None else pv.how)
 
 
 def _top_live(scores: HeadScores, k: int, live: list[Head], seed: int) -> frozenset[Head]:
@@ -125,7 +128,7 @@ def _top_live(scores: HeadScores, k: int, live: list[Head], seed: int) -> frozen
 
 
 def reuse_matrix(
-    model: "HookedTransformer", circuits: dict[str, HeadSet], batches: dict[str, TaskBatch], **kwargs
+    model: HookedTransformer, circuits: dict[str, HeadSet], batches: dict[str, TaskBatch], **kwargs
 ) -> dict[str, dict[str, CrossTaskAblation]]:
     """:func:`cross_task_ablation` for every (ablated circuit, measured task) pair.
 
@@ -167,7 +170,7 @@ class ReuseAnalysis(Result):
 
 
 def reuse_analysis(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     relation_scores: dict[str, HeadScores],
     patching: dict[str, HeadScores],
     circuits: dict[str, Circuit],
@@ -250,6 +253,9 @@ def reuse_analysis(
     for c in tasks:
         for t in tasks:
             r = reuse[c][t]
+            if r.p_value is None:
+                notes.append(f"remove {c} circuit -> {t}: not tested ({r.p_how})")
+                continue
             draws_rows.append(TestRow(f"remove {c} circuit -> {t}: normalised logit diff vs random sets", "normalised",
                                       r.ablated["normalised"], r.p_value, r.p_how, r.n_random, 1 / (1 + r.n_random)))
     few = [r for r in draws_rows if r.n < MIN_DRAWS_IN_FAMILY]

@@ -125,3 +125,17 @@ def test_top_vs_random_against_oracle(toy):
         assert r.drop_random["top1_accuracy"] == pytest.approx(np.mean(drops), abs=1e-4)  # rounded to 4 places
         hits = sum(d >= r.drop_top["top1_accuracy"] - 1e-9 for d in drops)
         assert r.p_random_as_harmful == pytest.approx((1 + hits) / (1 + len(sets)))
+
+
+def test_wrong_answer_pairing_never_shares_a_target_and_refuses_when_impossible():
+    import numpy as np
+
+    from circuitlib.tasks.maps_prompts import _different_target_pairing
+
+    rng = np.random.default_rng(0)
+    tgt = torch.tensor([5] * 74 + list(range(100, 279)))  # entity_to_pronoun-like: one target holds 74 of 253
+    other = _different_target_pairing(tgt, rng)
+    assert sorted(other.tolist()) == list(range(253))  # a permutation
+    assert (tgt[torch.as_tensor(other)] != tgt).all()
+    with pytest.raises(ValueError, match="share one target"):
+        _different_target_pairing(torch.tensor([1, 1, 1, 2]), rng)

@@ -78,3 +78,10 @@ def test_reuse_analysis_cells_equal_direct_calls(toy):
     names = [r.name for r in res.table.rows]
     assert "circuits ioi vs capitals: shared heads" in names
     json.loads(res.to_json())
+
+
+def test_cross_task_ablation_of_every_head_has_no_random_sets(toy):
+    batch = ioi_batch(toy.tokenizer, 8, seed=0)
+    every = [(l, h) for l in range(3) for h in range(8)]
+    res = reuse.cross_task_ablation(toy, every, batch, n_random=10)
+    assert res.n_random == 0 and res.p_value is None and "no random sets" in res.p_how

@@ -50,6 +50,23 @@ def template_fits(tokenizer, relation: str) -> bool:
     return relation in MAPS_CAUSAL_TEMPLATES and fits(tokenizer, MAPS_CAUSAL_TEMPLATES[relation])
 
 
+def _different_target_pairing(tgt: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """``other[i]`` != i with ``tgt[other[i]] != tgt[i]`` for every i: prompts sorted by target (random
+    order inside each target), each paired with the prompt ``m`` places further on, ``m`` = the size of the
+    largest target group (so a pair never shares its target). Impossible when one target covers more
+    than half of the prompts: then a ValueError."""
+    n = len(tgt)
+    values, counts = np.unique(tgt.numpy(), return_counts=True)
+    m = int(counts.max())
+    if 2 * m > n:
+        raise ValueError(f"{m} of {n} prompts share one target ({int(values[counts.argmax()])}): no wrong answer "
+                         "with another target can be drawn for each (two-way accuracy undefined)")
+    order = np.lexsort((rng.random(n), tgt.numpy()))
+    other = np.empty(n, dtype=np.int64)
+    other[order] = order[(np.arange(n) + m) % n]
+    return other
+
+
 def relation_prompt_batch(
     relation: str, tokenizer, *, bos: bool, n: int | None = None, seed: int = 0, model_name: str = ""
 ) -> TaskBatch:
@@ -73,10 +90,7 @@ def relation_prompt_batch(
     tgt = pairs.tgt[idx]
     if len(set(tgt.tolist())) < 2:
         raise ValueError(f"{relation} has fewer than two distinct targets; no wrong answer can be drawn")
-    while True:  # derangement with a different target for every prompt
-        other = rng.permutation(len(idx))
-        if (tgt[other] != tgt).all():
-            break
+    other = _different_target_pairing(tgt, rng)
     prefix = [int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)] if bos else []
 
     def encode(word: str) -> list[int]:
