@@ -136,7 +136,12 @@ def head_heatmaps(
 
     shared = _mark_sets(marks, mark_label)
     legend: dict[str, Any] = {}
-    styles: dict[str, int] = {}  # one marker style per label, across panels
+    # one marker style per label, assigned in alphabetical order of the labels: the same labels get the
+    # same markers in every figure, whichever panel they appear in first
+    labels = set(shared)
+    for pm in panel_marks or []:
+        labels |= set(_mark_sets(pm, mark_label))
+    styles: dict[str, int] = {label: i for i, label in enumerate(sorted(labels))}
     for i, (hs, ax) in enumerate(zip(panels, axes)):
         if (hs.n_layers, hs.n_heads) != (n_layers, n_heads):
             raise ValueError("all HeadScores in one figure must have the same [n_layers, n_heads] shape")
@@ -393,7 +398,12 @@ def curve_plot(
         if mean.shape != xs.shape:
             raise ValueError(f"curve {label!r} has {mean.shape[0] if mean.ndim else 0} points for {len(xs)} x values")
         colour = palette[i % len(palette)]
-        ax.plot(xs, mean, marker="o", ms=4, color=colour, label=label + (" (mean ± std)" if std is not None else ""))
+        band = " (mean ± std)" if std is not None else ""
+        if band and label.endswith(")"):
+            band = "; mean ± std"
+            label = label[:-1]
+            band += ")"
+        ax.plot(xs, mean, marker="o", ms=4, color=colour, label=label + band)
         if std is not None:
             ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
     if baseline is not None:
@@ -405,6 +415,8 @@ def curve_plot(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if np.allclose(xs, np.round(xs)) and len(xs) <= 30:  # counts (heads ablated, k): integer ticks
+        ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=9)
     return fig

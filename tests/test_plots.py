@@ -180,3 +180,26 @@ def test_headscores_and_circuit_json_round_trips_keep_values_and_metadata():
     c2 = Circuit.from_json(c.to_json())
     assert c2.heads == {(1, 6), (0, 0)} and (c2.task, c2.model, c2.how) == ("ioi", "toy", "act_patch: top 2")
     assert json.loads(c.to_json())["heads"] == ["0.0", "1.6"]
+
+
+def test_a_label_keeps_its_marker_across_figures():
+    """maps_other_circuit.png once swapped x / o against the other figures: styles follow the label."""
+    import torch
+
+    from circuitlib import plots
+    from circuitlib.types import HeadScores
+
+    hs = [HeadScores(torch.rand(3, 8), "maps_static", t, "toy") for t in ("name_copying", "country_to_capital_wikidata")]
+    a = {"IOI head set": [(1, 6)], "Country -> capital head set": [(0, 0)]}
+
+    def marker_of(fig, label):
+        leg = fig.legends[0]
+        handle = leg.legend_handles[[t.get_text() for t in leg.get_texts()].index(label)]
+        return handle.get_paths()[0].vertices.round(3).tobytes(), tuple(handle.get_edgecolor()[0])
+
+    f1 = plots.head_heatmaps(hs, a)
+    f2 = plots.head_heatmaps(hs, panel_marks=[{"Country -> capital head set": [(0, 0)]}, {"IOI head set": [(1, 6)]}])
+    for label in a:
+        assert marker_of(f1, label) == marker_of(f2, label), label
+    assert marker_of(f1, "IOI head set") != marker_of(f1, "Country -> capital head set")
+    plt.close("all")
