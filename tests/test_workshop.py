@@ -48,8 +48,12 @@ def test_checks_report_not_done_wrong_and_correct(capsys):
 
 
 def _check_cells(nb):
-    return [c for c in nb.cells if c.cell_type == "code" and "check_" in c.source and "workshop" in c.source
-            and "import" not in c.source.split("\n")[0]]
+    """Code cells that call a check function (``check_...(``), not those that define or import one."""
+    import re
+
+    call = re.compile(r"(?<!def )\bcheck_\w+\(")
+    return [c for c in nb.cells if c.cell_type == "code" and call.search(c.source)
+            and not re.search(r"^\s*(def check_|from .* import)", c.source, re.M)]
 
 
 def test_instructor_notebooks_solve_every_exercise():

@@ -44,6 +44,10 @@ class CheckResult:
     def __bool__(self) -> bool:
         return self.status == "correct"
 
+    def _ipython_display_(self) -> None:
+        """Nothing: :func:`run_check` already printed the result (a check cell ending in the call would
+        otherwise show it twice, and nbval would see an extra output)."""
+
     def __repr__(self) -> str:
         mark = {"correct": "✓", "wrong": "✗", "not done": "…"}[self.status]
         return f"{mark} {self.name}: {self.message}"
