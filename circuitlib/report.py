@@ -6,51 +6,178 @@ baseline (model, tasks, relations) -> circuit discovery -> MAPS head scores and 
 overlap and reuse. Tasks come from the registry (:data:`circuitlib.tasks.TASK_SPECS`, those with
 ``in_report``), so a new task needs no edit here.
 
-Each finished section is written atomically to ``OUT/sections/<name>.json``; a rerun with the same
-model and settings resumes from the sections already there (``resume=False`` recomputes them).
+**How much work** (:func:`report_plan`): prompt counts and random draws come from the module
+constants below; models with more than :data:`BIG_MODEL_HEADS` heads (gpt2-medium: 384) take the
+smaller :data:`BIG_MODEL` counts, because every forward pass there costs ~100x the embedded model's
+and the causal check and the cross-task ablation run thousands of them. ``plan={...}`` overrides any
+count; the plan is stored in ``summary["settings"]["plan"]`` and stated in report.md.
+
+**Choosing sections**: ``skip=`` leaves out ``"discovery"``, ``"scoring"``, ``"overlap"``, or parts:
+``"path_patch"`` (discovery's path patching scores), ``"dynamic"`` (dynamic scores), ``"causal_check"``
+(MAPS's causal checks). A skipped part is
+recorded as ``{"skipped": reason}``; what depends on it (overlap needs discovery and scoring) is skipped
+with it.
+
+**Resuming**: each finished section is written atomically to ``OUT/sections/<name>.json``; a rerun with
+the same model and settings resumes from the sections already there (``resume=False`` recomputes them).
+
+**Progress and time**: ``progress=True`` shows a tqdm bar per section over its steps (ETA from the steps
+done so far), a forward-pass counter inside long steps, and the library's own bars (patching) — on a
+terminal, not in CI logs (``CI`` set, or stderr not a terminal); ``progress="always"`` shows them
+anywhere, ``False`` never. Wall and CPU seconds of every section and step go to
+``summary["timings_seconds"]`` / ``["cpu_seconds"]`` / ``["step_seconds"]``, peak resident memory to
+``["peak_rss_gib"]`` — the only entries that differ between two runs with the same seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .metrics import evaluate
 from .models import load_model, model_identity
 from .tasks import TASK_SPECS, relation_table, report_tasks, task_batch
-from .types import Circuit, HeadScores
+from .types import Circuit, HeadScores, parse_head
 
-N_PROMPTS = 128  # baseline evaluation prompts per task
+N_PROMPTS = 128  # baseline evaluation prompts per task (also the cross-task ablation's prompts)
 DISCOVERY_PROMPTS = 64  # selection prompts per task (and as many held-out ones)
+CAUSAL_PROMPTS: int | None = None  # MAPS causal-check prompts per relation (None: every pair, as MAPS)
+CAUSAL_RANDOM = 200  # layer-matched random head sets in the causal check (circuitlib's extra baseline)
+N_RANDOM = 2000  # random head sets per cross-task ablation
 SEED = 0
 TARGET = 0.85  # faithfulness a circuit must reach
 FIGURE_RELATIONS = ("name_copying", "country_to_capital_wikidata")
+BIG_MODEL_HEADS = 100
+#: Counts for models with more than BIG_MODEL_HEADS heads. What they cost on gpt2-medium (2 CPU cores)
+#: is measured by ``python -m circuitlib.rehearsal gpt2-medium`` (README, "Pointing it at gpt2-medium").
+BIG_MODEL: dict[str, int | None] = {
+    "n_prompts": 64,
+    "discovery_prompts": 16,
+    "causal_prompts": 16,
+    "causal_random": 50,
+    "n_random": 50,
+    "reuse_prompts": 16,
+}
+PLAN_KEYS = ("n_prompts", "discovery_prompts", "causal_prompts", "causal_random", "n_random", "reuse_prompts")
+SKIPPABLE = ("discovery", "scoring", "overlap", "dynamic", "causal_check", "path_patch")
+REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
+
+
+def report_plan(model, plan: dict | None = None) -> dict[str, Any]:
+    """Prompt counts and random draws for ``model``: the module constants, :data:`BIG_MODEL` above
+    :data:`BIG_MODEL_HEADS` heads, then ``plan``'s entries (``None`` values are ignored).
+
+    ``n_prompts``: baseline prompts per task; ``discovery_prompts``: selection prompts per task (as many
+    held out); ``causal_prompts``: prompts per relation in MAPS's causal check (``None`` = every pair);
+    ``causal_random``: layer-matched random head sets in the causal check; ``n_random``: random head
+    sets per cross-task ablation; ``reuse_prompts``: prompts per task in the cross-task ablation
+    (``None`` = the baseline prompts)."""
+    unknown = set(plan or {}) - set(PLAN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown plan entries {sorted(unknown)}: use {', '.join(PLAN_KEYS)}")
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    out: dict[str, Any] = {"n_prompts": N_PROMPTS, "discovery_prompts": DISCOVERY_PROMPTS,
+                           "causal_prompts": CAUSAL_PROMPTS, "causal_random": CAUSAL_RANDOM, "n_random": N_RANDOM,
+                           "reuse_prompts": None}
+    big = n_heads > BIG_MODEL_HEADS
+    if big:
+        out.update(BIG_MODEL)
+    out.update({k: v for k, v in (plan or {}).items() if v is not None})
+    if out["reuse_prompts"] is not None and out["reuse_prompts"] >= out["n_prompts"]:
+        out["reuse_prompts"] = None
+    out["rule"] = (f"{n_heads} heads > {BIG_MODEL_HEADS}: the big-model counts" if big
+                   else f"{n_heads} heads <= {BIG_MODEL_HEADS}: the full counts") + (
+        f"; given: {', '.join(sorted(k for k, v in plan.items() if v is not None))}" if plan else "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars and timings
+
+
+def bars_enabled(progress: bool | str) -> bool:
+    """Whether to draw progress bars: ``"always"``; ``True`` on a terminal outside CI; never with ``False``."""
+    if progress == "always":
+        return True
+    if not progress:
+        return False
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextlib.contextmanager
+def forward_counter(model, desc: str, enabled: bool) -> Iterator[None]:
+    """A tqdm counter of the model's forward passes (from its embedding) while inside the block: a
+    sign of life in steps that run many batched forwards (ablation curves, cross-task ablation)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"  {desc}", unit=" forward", leave=False, dynamic_ncols=True)
+
+    def tick(module, inputs, output) -> None:  # must return None: a forward hook's return value replaces the output
+        bar.update()
+
+    handle = model.embed.register_forward_hook(tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+
+
+class Steps:
+    """The steps of one section: a tqdm bar over them (its ETA comes from the steps done so far) and the
+    wall / CPU seconds of each (``seconds``)."""
+
+    def __init__(self, ctx: "Context", section: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.ctx, self.seconds = ctx, {}
+        self.bar = tqdm(total=total, desc=section, unit=" step", disable=not ctx.bars, dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(name)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with forward_counter(self.ctx.model, name, self.ctx.bars):
+            yield
+        self.seconds[name] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Context:
     """What the sections share: the model, the task batches, the output folder, results so far."""
 
-    def __init__(self, model, out: Path, *, all_relations: bool, n_random: int, progress: bool):
+    def __init__(self, model, out: Path, *, all_relations: bool, plan: dict, skip: frozenset[str], bars: bool):
         self.model = model
         self.out = out
         self.all_relations = all_relations
-        self.n_random = n_random
-        self.progress = progress
+        self.plan = plan
+        self.n_random = plan["n_random"]
+        self.skip = skip
+        self.bars = bars
         self.tasks = report_tasks()
         self.summary: dict[str, Any] = {}
         self.figures: dict[str, str] = {}
         self.circuits: dict[str, Circuit] = {}
         self.patching: dict[str, HeadScores] = {}
         self.relation_scores: dict[str, HeadScores] = {}
-        self.batches = {t: task_batch(t, model.tokenizer, N_PROMPTS, seed=SEED, model_name=model.cfg.model_name)
-                        for t in self.tasks}
+        self.steps: dict[str, Any] = {}  # the running section's step timings
+        self.batches = {t: task_batch(t, model.tokenizer, plan["n_prompts"], seed=SEED,
+                                      model_name=model.cfg.model_name) for t in self.tasks}
 
     def save_figure(self, fig, name: str, caption: str) -> None:
         import matplotlib.pyplot as plt
@@ -61,6 +188,15 @@ class Context:
 
     def relation_of(self, task: str) -> str | None:
         return TASK_SPECS[task].relation
+
+    @contextlib.contextmanager
+    def section_steps(self, section: str, total: int) -> Iterator[Steps]:
+        steps = Steps(self, section, total)
+        try:
+            yield steps
+        finally:
+            steps.close()
+            self.steps.update(steps.seconds)
 
 
 def _title(task: str) -> str:
@@ -73,23 +209,43 @@ def _title(task: str) -> str:
 
 def section_baseline(ctx: Context) -> dict:
     """Model identity, per-task accuracy and logit difference, per-relation pair counts."""
-    tasks = {t: {**evaluate(ctx.model, b), "split": b.meta.get("split")} for t, b in ctx.batches.items()}
-    return {"model": model_identity(ctx.model), "tasks": tasks, "relations": relation_table(ctx.model.tokenizer)}
+    tasks = {}
+    with ctx.section_steps("baseline", len(ctx.batches) + 1) as step:
+        for t, b in ctx.batches.items():
+            with step(f"evaluate {t}"):
+                tasks[t] = {**evaluate(ctx.model, b), "split": b.meta.get("split")}
+        with step("relation table"):
+            relations = relation_table(ctx.model.tokenizer)
+    return {"model": model_identity(ctx.model), "tasks": tasks, "relations": relations}
 
 
 def section_discovery(ctx: Context) -> dict:
     """Circuit discovery per task: patching scores by every method, the head set, held-out faithfulness."""
     from . import plots
-    from .circuits import discover_circuit
+    from .circuits import HEAD_SCORERS, discover_circuit
 
-    found = {t: discover_circuit(ctx.model, t, n_prompts=DISCOVERY_PROMPTS, target=TARGET, seed=SEED,
-                                 progress=ctx.progress) for t in ctx.tasks}
-    out = {t: d.to_dict() for t, d in found.items()}
+    scorers = [s for s in HEAD_SCORERS if s not in ctx.skip]
+    out = {}
+    with ctx.section_steps("discovery", len(ctx.tasks)) as step:
+        for t in ctx.tasks:
+            with step(f"discover {t}"):
+                try:
+                    d = discover_circuit(ctx.model, t, n_prompts=ctx.plan["discovery_prompts"], target=TARGET,
+                                         scorers=scorers, seed=SEED, progress=ctx.bars).to_dict()
+                except ValueError as exc:  # e.g. a model whose clean and corrupted prompts score alike
+                    out[t] = {"skipped": f"discovery failed: {exc}"}
+                    continue
+            for method, seconds in d.pop("timings").items():  # timings stay out of the results
+                ctx.steps[f"discover {t}: {method}"] = {"wall": seconds}
+            out[t] = d
     restore_discovery(ctx, out)
+    found = [t for t in ctx.tasks if t in ctx.circuits]
+    if not found:
+        return out
     fig = plots.head_heatmaps(
-        [ctx.patching[t] for t in ctx.tasks], vmin=-1.0, vmax=1.0, cmap=plots.DIVERGING_CMAP,
-        panel_marks=[{f"{_title(t)} head set": ctx.circuits[t]} for t in ctx.tasks],
-        titles=[f"{_title(t)}: activation patching" for t in ctx.tasks],
+        [ctx.patching[t] for t in found], vmin=-1.0, vmax=1.0, cmap=plots.DIVERGING_CMAP,
+        panel_marks=[{f"{_title(t)} head set": ctx.circuits[t]} for t in found],
+        titles=[f"{_title(t)}: activation patching" for t in found],
         cbar_label="patching effect (1 - normalised logit diff)",
         suptitle=f"{ctx.model.cfg.model_name}: per-head activation patching (noising)",
     )
@@ -99,47 +255,73 @@ def section_discovery(ctx: Context) -> dict:
 
 
 def restore_discovery(ctx: Context, data: dict) -> None:
+    if "skipped" in data:
+        return
     for t, d in data.items():
+        if "skipped" in d:
+            continue
         ctx.circuits[t] = Circuit.from_dict(d["circuit"])
         ctx.patching[t] = HeadScores.from_dict(d["scores"]["act_patch"])
 
 
-def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal: bool = True,
-                     extra_tasks: Sequence[str] = (), n_prompts: int | None = None) -> dict[str, dict]:
+def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal: bool = True, dynamic: bool = True,
+                     extra_tasks: Sequence[str] = (), n_prompts: int | None = None, n_extra_random: int = CAUSAL_RANDOM,
+                     step: Callable[[str], Any] | None = None) -> dict[str, dict]:
     """Everything the report stores per relation, JSON-able: k, pairs used, static and suppression
-    score maps, top heads, dynamic scores with and without context and their Pearson r with the
-    static scores, and (``causal``) MAPS's causal check (``None`` when the relation has no prompts here)."""
+    score maps, top heads, (``dynamic``) dynamic scores with and without context and their Pearson r
+    with the static scores, and (``causal``) MAPS's causal check (``{"skipped": why}`` when the relation
+    has no prompts here). Parts left out are ``None``. ``n_prompts``: causal-check prompts per relation
+    (``None``: every pair); ``n_extra_random``: its layer-matched random head sets. ``step(name)``: a
+    context manager around each unit of work (the report's progress bar and timings)."""
     from .causal import causal_check
     from .scoring import dynamic_scores, static_dynamic_correlation, static_scores_many
 
-    static = static_scores_many(model, list(relations))
-    suppression = static_scores_many(model, list(relations), suppression=True)
-    controls = {r["relation"] for r in relation_table(model.tokenizer) if r["valid"]} | set(relations)
-    all_static = static_scores_many(model, sorted(controls)) if causal else static
+    step = step or (lambda name: contextlib.nullcontext())
+    with step(f"static + suppression scores ({len(relations)} relations)"):
+        static = static_scores_many(model, list(relations))
+        suppression = static_scores_many(model, list(relations), suppression=True)
+    if causal:
+        controls = {r["relation"] for r in relation_table(model.tokenizer) if r["valid"]} | set(relations)
+        with step(f"static scores of the causal check's {len(controls)} control candidates"):
+            all_static = static_scores_many(model, sorted(controls))
     out = {}
     for name in relations:
         hs = static[name]
-        dyn = {c: dynamic_scores(model, name, context=c) for c in (True, False)}
+        dyn = r_sd = None
+        if dynamic:
+            with step(f"dynamic scores {name}"):
+                dyn = {c: dynamic_scores(model, name, context=c) for c in (True, False)}
+            r_sd = {key: None if math.isnan(r) else round(r, 4) for key, r in (
+                ("with_context", static_dynamic_correlation(hs, dyn[True])),
+                ("without_context", static_dynamic_correlation(hs, dyn[False])))}
         check = None
         if causal:
-            try:
-                check = causal_check(model, name, scores=all_static, extra_tasks=extra_tasks, n_prompts=n_prompts,
-                                     seed=SEED).to_dict()
-            except ValueError as exc:
-                check = {"skipped": str(exc)}
+            with step(f"causal check {name}"):
+                try:
+                    check = causal_check(model, name, scores=all_static, extra_tasks=extra_tasks, n_prompts=n_prompts,
+                                         n_extra_random=n_extra_random, seed=SEED).to_dict()
+                except ValueError as exc:
+                    check = {"skipped": str(exc)}
         out[name] = {
             "k": hs.k, "pairs_used": hs.meta["pairs_used"], "pairs_total": hs.meta["pairs_total"],
             "static": hs.to_dict(), "suppression": suppression[name].to_dict(),
             "top_heads": [{"head": f"{l}.{h}", "score": round(hs[(l, h)], 4)} for l, h in hs.top(n_top)],
             "top_suppression_heads": [{"head": f"{l}.{h}", "score": round(suppression[name][(l, h)], 4)}
                                       for l, h in suppression[name].top(n_top)],
-            "dynamic_with_context": dyn[True].to_dict(), "dynamic_without_context": dyn[False].to_dict(),
-            "r_static_dynamic": {key: None if math.isnan(r) else round(r, 4) for key, r in (
-                ("with_context", static_dynamic_correlation(hs, dyn[True])),
-                ("without_context", static_dynamic_correlation(hs, dyn[False])))},
+            "dynamic_with_context": dyn[True].to_dict() if dyn else None,
+            "dynamic_without_context": dyn[False].to_dict() if dyn else None,
+            "r_static_dynamic": r_sd,
             "causal_check": check,
         }
     return out
+
+
+def _scoring_relations(ctx: Context) -> list[str]:
+    valid = {r["relation"] for r in ctx.summary["baseline"]["relations"] if r["valid"]}
+    relations = [r for r in dict.fromkeys([*FIGURE_RELATIONS, *(ctx.relation_of(t) for t in ctx.tasks)]) if r]
+    if ctx.all_relations:
+        relations += sorted(valid - set(relations))
+    return [r for r in relations if r in valid]
 
 
 def section_scoring(ctx: Context) -> dict:
@@ -147,31 +329,29 @@ def section_scoring(ctx: Context) -> dict:
     from . import plots
     from .causal import causal_curves
 
-    valid = {r["relation"] for r in ctx.summary["baseline"]["relations"] if r["valid"]}
-    relations = [r for r in dict.fromkeys([*FIGURE_RELATIONS, *(ctx.relation_of(t) for t in ctx.tasks)]) if r]
-    if ctx.all_relations:
-        relations += sorted(valid - set(relations))
-    relations = [r for r in relations if r in valid]
-    summary = relation_summary(ctx.model, relations, extra_tasks=ctx.tasks)
+    relations = _scoring_relations(ctx)
+    causal, dynamic = "causal_check" not in ctx.skip, "dynamic" not in ctx.skip
+    n_steps = 1 + int(causal) + len(relations) * (int(causal) + int(dynamic))
+    with ctx.section_steps("scoring", n_steps) as step:
+        summary = relation_summary(ctx.model, relations, causal=causal, dynamic=dynamic, extra_tasks=ctx.tasks,
+                                   n_prompts=ctx.plan["causal_prompts"], n_extra_random=ctx.plan["causal_random"],
+                                   step=step)
     restore_scoring(ctx, summary)
     shown = [r for r in FIGURE_RELATIONS if r in ctx.relation_scores]
     if shown:
-        for kind, label in (("static", "MAPS score: fraction of pairs in top-k"),
-                            ("suppression", "suppression score: fraction of pairs in bottom-k")):
-            fig = plots.head_heatmaps(
-                [HeadScores.from_dict(summary[r][kind]) for r in shown], marks=_reference_marks(ctx),
-                titles=[plots.pretty_name(r) for r in shown], cbar_label=label,
-                suptitle=f"{ctx.model.cfg.model_name}: MAPS {kind} scores ("
-                         + ", ".join(f"k = {summary[r]['k']}" for r in shown) + ")")
-            ctx.save_figure(fig, f"maps_{kind}", f"MAPS {kind} score of every head (layer on x, head on y), with "
+        for kind, score_name, label in (("static", "MAPS static score", "fraction of pairs in top-k"),
+                                        ("suppression", "MAPS suppression score", "fraction of pairs in bottom-k")):
+            ctx.save_figure(_maps_figure(ctx, summary, shown, kind, score_name, label), f"maps_{kind}",
+                            f"{score_name} of every head (layer on x, head on y; {label}), with "
                             + _marks_caption(ctx) + ".")
     for r in shown:
-        dyn = HeadScores.from_dict(summary[r]["dynamic_without_context"])
-        fig = plots.scatter_scores(ctx.relation_scores[r], dyn, r=summary[r]["r_static_dynamic"]["without_context"],
-                                   xlabel="static score (parameters only)", ylabel="dynamic score, without context",
-                                   title=plots.pretty_name(r))
-        ctx.save_figure(fig, f"static_vs_dynamic_{r}", f"{plots.pretty_name(r)}: static vs dynamic (without context) "
-                        "score per head.")
+        if summary[r]["dynamic_without_context"] is not None:
+            dyn = HeadScores.from_dict(summary[r]["dynamic_without_context"])
+            fig = plots.scatter_scores(ctx.relation_scores[r], dyn, r=summary[r]["r_static_dynamic"]["without_context"],
+                                       xlabel="static score (parameters only)", ylabel="dynamic score, without context",
+                                       title=plots.pretty_name(r))
+            ctx.save_figure(fig, f"static_vs_dynamic_{r}", f"{plots.pretty_name(r)}: static vs dynamic (without "
+                            "context) score per head.")
         check = summary[r]["causal_check"]
         if check and "skipped" not in check:
             c = _causal_from_dict(check)
@@ -181,6 +361,23 @@ def section_scoring(ctx: Context) -> dict:
             ctx.save_figure(fig, f"causal_{r}", f"{plots.pretty_name(r)}: MAPS's causal check (top-1 accuracy as the "
                             "relation's top heads, random heads, and the relation's heads on other prompts are ablated).")
     return summary
+
+
+def _maps_figure(ctx: Context, summary: dict, shown: list[str], kind: str, score_name: str, label: str):
+    """The seed figure as MAPS draws it: one layer x head panel per relation, colour scale 0-1, the
+    relation as title, the score's name (and k) on each colour bar, X marks with their source in the legend."""
+    from . import plots
+
+    fig = plots.head_heatmaps(
+        [HeadScores.from_dict(summary[r][kind]) for r in shown], marks=_reference_marks(ctx),
+        titles=[plots.pretty_name(r) for r in shown], vmin=0.0, vmax=1.0, annotate=False if ctx.big_grid else None,
+        cbar_label=score_name,
+        suptitle=f"{ctx.model.cfg.model_name}: {score_name}s ({label})")
+    for ax, r in zip(fig.axes, shown):  # the panels come first in fig.axes; each owns one colour bar
+        mesh = ax.collections[0]
+        if getattr(mesh, "colorbar", None) is not None:
+            mesh.colorbar.set_label(f"{score_name} (k = {summary[r]['k']})", fontsize=10)
+    return fig
 
 
 def _causal_from_dict(d: dict):
@@ -195,6 +392,8 @@ def _causal_from_dict(d: dict):
 
 
 def restore_scoring(ctx: Context, data: dict) -> None:
+    if "skipped" in data:
+        return
     ctx.relation_scores = {r: HeadScores.from_dict(v["static"]) for r, v in data.items()}
 
 
@@ -203,12 +402,23 @@ def section_overlap(ctx: Context) -> dict:
     from . import plots
     from .reuse import reuse_analysis
 
-    tasks = list(ctx.tasks)
+    missing = [s for s in ("discovery", "scoring") if "skipped" in ctx.summary.get(s, {"skipped": ""})]
+    if missing:
+        return {"skipped": f"needs the {' and '.join(missing)} section{'s' if len(missing) > 1 else ''}, "
+                           "which did not run"}
+    tasks = [t for t in ctx.tasks if t in ctx.circuits]
     if len(tasks) < 2:
-        return {"skipped": "needs at least two report tasks"}
+        return {"skipped": f"needs head sets of at least two report tasks; discovery found {len(tasks)}"}
     rel = {t: ctx.relation_scores[ctx.relation_of(t)] for t in tasks if ctx.relation_of(t) in ctx.relation_scores}
-    result = reuse_analysis(ctx.model, rel, {t: ctx.patching[t] for t in tasks}, {t: ctx.circuits[t] for t in tasks},
-                            {t: ctx.batches[t] for t in tasks}, n_random=ctx.n_random, seed=SEED)
+    r = ctx.plan["reuse_prompts"]
+    batches = {t: ctx.batches[t] if r is None else ctx.batches[t][list(range(r))] for t in tasks}
+    with ctx.section_steps("overlap", 1) as step:
+        with step(f"reuse analysis ({len(tasks) ** 2} cross-task ablations x {ctx.n_random} random sets)"):
+            try:
+                result = reuse_analysis(ctx.model, rel, {t: ctx.patching[t] for t in tasks},
+                                        {t: ctx.circuits[t] for t in tasks}, batches, n_random=ctx.n_random, seed=SEED)
+            except ValueError as exc:  # e.g. a head set of every head leaves no random sets to draw
+                return {"skipped": f"the reuse analysis could not run: {exc}"}
     for key, pair in result.pairs.items():
         if "maps_topk_curve" in pair:
             a, b = key.split("|")
@@ -220,28 +430,38 @@ def section_overlap(ctx: Context) -> dict:
         fig = plots.head_heatmaps(
             [rel[t] for t in shown], titles=[plots.pretty_name(rel[t].target) for t in shown],
             panel_marks=[{f"{_title(o)} head set": ctx.circuits[o] for o in shown if o != t} for t in shown],
-            cbar_label="MAPS score: fraction of pairs in top-k",
+            cbar_label="MAPS static score (fraction of pairs in top-k)",
             suptitle="MAPS scores with the other tasks' head sets marked")
         ctx.save_figure(fig, "maps_other_tasks", "Each relation's MAPS scores with the other tasks' head sets marked.")
     return result.to_dict()
 
 
+def reference_entry(model_name: str) -> dict | None:
+    """The published head set to mark for ``model_name`` (``circuitlib/data/reference_heads.json``), with
+    its legend label (which says whether the heads were checked against the paper), or ``None``."""
+    entry = json.loads(REFERENCE_FILE.read_text()).get("models", {}).get(model_name)
+    if not entry:
+        return None
+    status = entry.get("status", "")
+    label = entry["label"] + (f" ({status})" if status and status != "checked against the paper" else "")
+    return {"heads": [parse_head(h) for h in entry["heads"]], "label": label, "status": status}
+
+
 def _reference_marks(ctx: Context) -> dict:
     """gpt2-medium & co: the published mover heads; otherwise the head sets discovery just found."""
-    from .scoring import reference_heads
-
-    published = reference_heads(ctx.model.cfg.model_name)
+    published = reference_entry(ctx.model.cfg.model_name)
     if published:
-        return {"mover heads (Merullo et al. 2024, as given; not yet checked against the paper)": published}
+        return {published["label"]: published["heads"]}
     return {f"{_title(t)} head set (activation patching)": c for t, c in ctx.circuits.items()}
 
 
 def _marks_caption(ctx: Context) -> str:
-    from .scoring import reference_heads
-
-    if reference_heads(ctx.model.cfg.model_name):
-        return "the mover heads of Merullo et al. 2024 marked"
-    return "the head sets circuit discovery found marked"
+    published = reference_entry(ctx.model.cfg.model_name)
+    if published:
+        return f"X = {published['label']}"
+    if ctx.circuits:
+        return "the head sets circuit discovery found marked"
+    return "no marks (circuit discovery did not run)"
 
 
 SECTIONS: list[tuple[str, Callable[[Context], dict], Callable[[Context, dict], None] | None]] = [
@@ -250,6 +470,39 @@ SECTIONS: list[tuple[str, Callable[[Context], dict], Callable[[Context, dict], N
     ("scoring", section_scoring, restore_scoring),
     ("overlap", section_overlap, None),
 ]
+#: What each section's result depends on besides the model, the tasks and the seed: plan entries, other
+#: settings and skip entries. A rerun resumes a section only when all of these are unchanged.
+SECTION_INPUTS: dict[str, tuple[str, ...]] = {
+    "baseline": ("n_prompts",),
+    "discovery": ("discovery_prompts", "target", "skip:discovery", "skip:path_patch"),
+    "scoring": ("causal_prompts", "causal_random", "all_relations", "skip:scoring", "skip:dynamic", "skip:causal_check"),
+    "overlap": (*PLAN_KEYS, "target", "all_relations", *(f"skip:{s}" for s in SKIPPABLE)),
+}
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a strided sample (<= 256 values) of every parameter: a rerun resumes only on the same
+    weights (a model name alone does not say which weights are behind it)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def section_settings(name: str, base: dict, plan: dict, skip: frozenset[str]) -> dict:
+    """What a saved section must match to be resumed (:data:`SECTION_INPUTS`). Scoring's figure marks the
+    discovered head sets on models without published reference heads: there it depends on discovery too."""
+    inputs = SECTION_INPUTS[name]
+    if name == "scoring" and reference_entry(base["model"]["name"]) is None:
+        inputs = (*inputs, *SECTION_INPUTS["discovery"])
+    given = {**plan, "target": TARGET, "all_relations": base["all_relations"]}
+    return {"model": base["model"], "weights": base["weights"], "tasks": base["tasks"], "seed": base["seed"],
+            **{k: given[k] for k in inputs if not k.startswith("skip:")},
+            "skip": sorted(s for s in skip if f"skip:{s}" in inputs)}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -263,34 +516,40 @@ def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def run_report(model_name: str, out: str | Path, *, all_relations: bool = False, progress: bool = True,
-               resume: bool = True, n_random: int | None = None, model=None) -> dict:
+def run_report(model_name: str, out: str | Path, *, all_relations: bool = False, progress: bool | str = True,
+               resume: bool = True, n_random: int | None = None, model=None, plan: dict | None = None,
+               skip: Sequence[str] = ()) -> dict:
     """Run every section on ``model_name`` (or a loaded ``model``) and write the report to ``out``.
 
-    ``n_random``: random head sets per cross-task ablation (default 2,000 on models of up to 100 heads,
-    where they are cheap, else 200 — then those rows are reported apart from the test family).
-    Returns the summary."""
-    from tqdm.auto import tqdm
-
+    ``plan``: prompt counts and random draws (:func:`report_plan`; default by model size);
+    ``n_random``: random head sets per cross-task ablation (same as ``plan={"n_random": ...}``; rows with
+    fewer than 2,000 draws are reported apart from the test family). ``skip``: sections or parts to
+    leave out (:data:`SKIPPABLE`). ``progress``: see the module docstring. Returns the summary."""
+    skip = frozenset(skip)
+    if skip - set(SKIPPABLE):
+        raise ValueError(f"cannot skip {sorted(skip - set(SKIPPABLE))}: skippable are {', '.join(SKIPPABLE)}")
     torch.manual_seed(SEED)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sections").mkdir(exist_ok=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     if model is None:
         model = load_model(model_name)
     if torch.get_num_threads() > 1 and model.cfg.n_layers * model.cfg.n_heads <= 100:
         torch.set_num_threads(1)  # tiny matrices gain nothing from threads and lose a lot under load
-    n_heads = model.cfg.n_layers * model.cfg.n_heads
-    n_random = n_random if n_random is not None else (2000 if n_heads <= 100 else 200)
-    ctx = Context(model, out, all_relations=all_relations, n_random=n_random, progress=progress)
-    settings = {"model": model_identity(model), "all_relations": all_relations, "n_random": n_random,
-                "tasks": list(ctx.tasks), "seed": SEED, "prompts": [N_PROMPTS, DISCOVERY_PROMPTS], "target": TARGET}
+    plan = report_plan(model, {**(plan or {}), **({"n_random": n_random} if n_random is not None else {})})
+    bars = bars_enabled(progress)
+    ctx = Context(model, out, all_relations=all_relations, plan=plan, skip=skip, bars=bars)
+    ctx.big_grid = model.cfg.n_layers * model.cfg.n_heads > 64
+    base_settings = {"model": model_identity(model), "weights": weights_fingerprint(model),
+                     "all_relations": all_relations, "tasks": list(ctx.tasks),
+                     "seed": SEED, "target": TARGET, "plan": {k: plan[k] for k in PLAN_KEYS}}
     timings = {"load": round(time.time() - t0, 2)}
+    cpu = {"load": round(time.process_time() - c0, 2)}
+    step_seconds: dict[str, dict] = {}
     resumed = []
-    bar = tqdm(SECTIONS, desc="report", disable=not progress)
-    for name, section, restore in bar:
-        bar.set_postfix_str(name)
+    for name, section, restore in SECTIONS:
+        settings = section_settings(name, base_settings, plan, skip)
         path = out / "sections" / f"{name}.json"
         if resume and path.exists():
             saved = json.loads(path.read_text())
@@ -298,19 +557,29 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
                 ctx.summary[name] = saved["result"]
                 ctx.figures.update(saved.get("figures", {}))
                 timings[name] = saved.get("seconds", 0.0)
+                cpu[name] = saved.get("cpu_seconds", 0.0)
+                step_seconds[name] = saved.get("steps", {})
                 if restore:
                     restore(ctx, saved["result"])
                 resumed.append(name)
                 continue
-        t = time.time()
+        t, c = time.time(), time.process_time()
         before = dict(ctx.figures)
-        ctx.summary[name] = section(ctx)
+        ctx.steps = {}
+        if name in skip:
+            ctx.summary[name] = {"skipped": "left out (skip)"}
+        else:
+            ctx.summary[name] = section(ctx)
         timings[name] = round(time.time() - t, 2)
+        cpu[name] = round(time.process_time() - c, 2)
+        step_seconds[name] = ctx.steps
         new_figs = {k: v for k, v in ctx.figures.items() if k not in before}
         _write_atomic(path, json.dumps({"settings": settings, "result": ctx.summary[name], "figures": new_figs,
-                                        "seconds": timings[name]}))
-    ctx.summary["settings"] = settings
+                                        "seconds": timings[name], "cpu_seconds": cpu[name], "steps": ctx.steps}))
+    ctx.summary["settings"] = {**base_settings, "skip": sorted(skip), "plan": plan}
     ctx.summary["timings_seconds"] = timings
+    ctx.summary["cpu_seconds"] = cpu
+    ctx.summary["step_seconds"] = step_seconds
     ctx.summary["resumed_sections"] = resumed
     ctx.summary["peak_rss_gib"] = peak_rss_gib()
     ctx.summary["figures"] = {name: {"file": f"{name}.png", "caption": cap} for name, cap in ctx.figures.items()}
@@ -318,8 +587,12 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
     _write_atomic(out / "report.md", render_markdown(ctx.summary))
     if progress:
         print(f"wrote {out / 'summary.json'}, {out / 'report.md'} and {len(ctx.figures)} figures "
-              f"in {time.time() - t0:.1f}s" + (f" (resumed: {', '.join(resumed)})" if resumed else ""))
+              f"in {time.time() - t0:.1f}s" + (f" (resumed: {', '.join(resumed)})" if resumed else ""), file=sys.stderr)
     return ctx.summary
+
+
+#: Entries of summary.json that measure the run rather than the model (differ between identical runs).
+RUN_ENTRIES = ("timings_seconds", "cpu_seconds", "step_seconds", "resumed_sections", "peak_rss_gib", "rehearsal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,16 +622,27 @@ def _tasks_md(base: dict) -> list[str]:
                     + ", ".join(f"{r['relation']} ({r['kept']}/{r['total']})" for r in valid) + ".", ""]
 
 
-def _discovery_md(disc: dict) -> list[str]:
+def _skipped_md(title: str, part: dict) -> list[str]:
+    return [f"## {title}", "", f"Not run: {part['skipped']}.", ""]
+
+
+def _discovery_md(disc: dict, steps: dict) -> list[str]:
     if not disc:
         return []
-    first = next(iter(disc.values()))
+    if "skipped" in disc:
+        return _skipped_md("Circuit discovery", disc)
+    done = {t: d for t, d in disc.items() if "skipped" not in d}
+    if not done:
+        return ["## Circuit discovery", ""] + [f"{_title(t)}: {d['skipped']}." for t, d in disc.items()] + [""]
+    first = next(iter(done.values()))
     target = first["meta"]["target"]
     lines = ["## Circuit discovery", "",
              "Every head is scored by **activation patching** (noising: the clean prompt runs, and one head's output "
              "at every position is replaced by its output on the corrupted prompt; the score is the fraction of the "
              "logit difference lost, so 1 = the head carries it all, 0 = nothing, negative = the head works against "
-             "the answer), by attribution patching (a gradient approximation) and by path patching to the logits. "
+             "the answer), by attribution patching (a gradient approximation)"
+             + (" and by path patching to the logits. " if "path_patch" in first["scores"] else
+                " (path patching left out on request). ") +
              f"The head set is the smallest top-k by |activation patching| whose **faithfulness** reaches {target:.0%} "
              f"on {first['meta']['n_selection']} selection prompts: every other head is mean-ablated (its output "
              "replaced by its mean over the corrupted prompts, BOS excluded) and faithfulness is the remaining logit "
@@ -369,6 +653,9 @@ def _discovery_md(disc: dict) -> list[str]:
              "| task | head set | reached target (selection) | mean | mean, BOS in means | template mean | resample "
              "| zero | conventions reaching the target |", "|---|---|---|---|---|---|---|---|---|"]
     for task, d in disc.items():
+        if "skipped" in d:
+            lines.append(f"| {_title(task)} | {d['skipped']} | | | | | | | |")
+            continue
         cells = [f"{h['faithfulness']:.2f} [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]" for h in d["heldout"].values()]
         verdict = f"{len(d['robust'])} of {len(d['heldout'])}" + (": a circuit" if len(d["robust"]) >= 2 else
                                                                   ": not called a circuit")
@@ -378,15 +665,21 @@ def _discovery_md(disc: dict) -> list[str]:
     lines += ["", "Held-out faithfulness under each convention, with its 95% bootstrap interval. Faithfulness above 1 "
               "means the head set alone gives a larger logit difference than the full model (other heads pull "
               "against the answer).", ""]
-    t = {task: d["timings"] for task, d in disc.items()}
-    lines += ["Time per method (s): " + "; ".join(f"{_title(k)}: " + ", ".join(f"{m} {v:.1f}" for m, v in tt.items())
-                                               for k, tt in t.items()), ""]
+    per = {}
+    for name, v in steps.items():  # "discover <task>: <method>" -> wall seconds
+        if name.startswith("discover ") and ": " in name:
+            task, method = name[len("discover "):].split(": ", 1)
+            per.setdefault(task, []).append(f"{method} {v['wall']:.1f}")
+    if per:
+        lines += ["Time per method (s): " + "; ".join(f"{_title(k)}: " + ", ".join(v) for k, v in per.items()), ""]
     return lines
 
 
 def _scoring_md(scoring: dict) -> list[str]:
     if not scoring:
         return []
+    if "skipped" in scoring:
+        return _skipped_md("MAPS head scores (parameters only)", scoring)
     lines = ["## MAPS head scores (parameters only)", "",
              "A head's **static score** for a relation is the fraction of its (source, target) pairs for which the "
              "head's OV circuit maps the source token's embedding to the target among its top-k vocabulary entries "
@@ -400,8 +693,8 @@ def _scoring_md(scoring: dict) -> list[str]:
         top = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_heads"][:3])
         sup = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_suppression_heads"][:3])
         rr = r["r_static_dynamic"]
-        lines.append(f"| {rel} | {r['k']} | {r['pairs_used']}/{r['pairs_total']} | {top} | {sup} "
-                     f"| {_f(rr['without_context'])} / {_f(rr['with_context'])} |")
+        r_text = f"{_f(rr['without_context'])} / {_f(rr['with_context'])}" if rr else "not run (skip: dynamic)"
+        lines.append(f"| {rel} | {r['k']} | {r['pairs_used']}/{r['pairs_total']} | {top} | {sup} | {r_text} |")
     lines += ["", "### MAPS's causal check", "",
               "As the MAPS authors run it: the relation's heads with a positive static score, best first, are "
               "zero-ablated cumulatively at the last position of the relation's prompts, and top-1 accuracy is "
@@ -414,7 +707,8 @@ def _scoring_md(scoring: dict) -> list[str]:
     for rel, r in scoring.items():
         c = r.get("causal_check")
         if not c or "skipped" in c:
-            lines.append(f"| {rel} | — | — | — | {'skipped: ' + c['skipped'] if c else 'not run'} | | | |")
+            lines.append(f"| {rel} | — | — | — | {'skipped: ' + c['skipped'] if c else 'not run (skip: causal_check)'} "
+                         "| | | |")
             continue
         s = c["summary"]
         ctrl = "; ".join(f"{k}: {v[0]:.2f} -> {v[1]:.2f}" for k, v in s["control_top1_accuracy"].items()) or \
@@ -422,9 +716,11 @@ def _scoring_md(scoring: dict) -> list[str]:
         er = c["extra_random"]
         extra = f"{er['top1_accuracy_mean']:.2f}, p = {er['p_value']:.3g} ({er['n_draws']} sets)" if er.get("n_draws") \
             else er.get("note", "—")
+        live = s.get("random_heads_live_fraction")
         lines.append(f"| {rel} | {c['prompts']} | {c['m']} | {', '.join(c['top']['heads'])} | "
                      f"{s['clean_top1_accuracy']:.2f} -> {s['top_top1_accuracy']:.2f} "
-                     f"| {_f(s.get('random_top1_accuracy'))} | {ctrl} | {extra} |")
+                     f"| {_f(s.get('random_top1_accuracy'))}" + (f" ({live:.0%} of the drawn heads live)" if live is not None
+                                                                and live < 1 else "") + f" | {ctrl} | {extra} |")
     lines += ["", "m follows MAPS's rule (50 heads for gpt2-medium's 384); on models so small that the rule would "
               "ablate more than a quarter of the heads, gpt2-medium's ratio (3 of the embedded model's 24).", ""]
     return lines
@@ -433,7 +729,9 @@ def _scoring_md(scoring: dict) -> list[str]:
 def _overlap_md(overlap: dict) -> list[str]:
     from .overlap import TestRow, test_table
 
-    if not overlap or "skipped" in overlap or not overlap.get("table"):
+    if overlap and "skipped" in overlap:
+        return _skipped_md("Overlap and reuse", overlap)
+    if not overlap or not overlap.get("table"):
         return []
     tab = overlap["table"]
     rows = [TestRow(**{k: r[k] for k in ("name", "statistic", "value", "p", "how", "n", "min_p")}) for r in tab["rows"]]
@@ -464,12 +762,32 @@ def render_markdown(s: dict) -> str:
              f"{m['n_layers']} layers x {m['n_heads']} heads, d_model {m['d_model']}, vocabulary {m['d_vocab']}"
              f"{', attention-only' if m['attn_only'] else ''}; {m['n_params']:,} parameters. Weights unprocessed "
              "(no LayerNorm folding), as MAPS uses them. Heads are named layer.head.", ""]
-    lines += _tasks_md(base) + _discovery_md(s.get("discovery", {})) + _scoring_md(s.get("scoring", {}))
+    lines += _plan_md(s.get("settings", {}))
+    lines += _tasks_md(base) + _discovery_md(s.get("discovery", {}), s.get("step_seconds", {}).get("discovery", {}))
+    lines += _scoring_md(s.get("scoring", {}))
     lines += _overlap_md(s.get("overlap", {}))
     lines += ["## Figures", ""]
     for name, fig in s.get("figures", {}).items():
         lines += [f"![{fig['caption']}]({fig['file']})", "", f"*{fig['caption']}*", ""]
-    t = s["timings_seconds"]
-    lines += ["Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak memory {s['peak_rss_gib']:.2f} GiB"
+    t, c = s["timings_seconds"], s.get("cpu_seconds", {})
+    lines += ["Wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+              + (" (CPU seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in c.items()) + ")" if c else "")
+              + f"; peak memory {s['peak_rss_gib']:.2f} GiB"
               + (f"; resumed sections: {', '.join(s['resumed_sections'])}" if s.get("resumed_sections") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _plan_md(settings: dict) -> list[str]:
+    plan = settings.get("plan")
+    if not plan:
+        return []
+    causal = "every pair" if plan["causal_prompts"] is None else f"at most {plan['causal_prompts']}"
+    reuse = plan["n_prompts"] if plan["reuse_prompts"] is None else plan["reuse_prompts"]
+    lines = ["## How much work", "",
+             f"Prompts per task: {plan['n_prompts']} for the baseline, {plan['discovery_prompts']} selection and as "
+             f"many held-out prompts for circuit discovery, {reuse} for the cross-task ablations; MAPS's causal check: "
+             f"{causal} per relation, {plan['causal_random']} layer-matched random head sets; cross-task ablation: "
+             f"{plan['n_random']} random head sets. Why these counts: {plan['rule']} (circuitlib.report.report_plan)."]
+    if settings.get("skip"):
+        lines.append(f"Left out on request: {', '.join(settings['skip'])}.")
+    return lines + [""]
