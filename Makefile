@@ -31,7 +31,7 @@ comma := ,
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation$(if $(PYTHONWARNINGS),$(comma)$(PYTHONWARNINGS))"
 WH_DIR := $(or $(WHEELHOUSE),wheelhouse)
 
-.PHONY: report test install wheelhouse benchmarks clean
+.PHONY: report test test-browser workshop install wheelhouse benchmarks clean
 
 install: $(VENV)/.installed
 
@@ -58,9 +58,20 @@ report: install
 test: install
 	$(PY) -m pytest
 
+# Only the end-to-end test of notebook 05's explorer in JupyterLab + headless Chromium (part of `make test`;
+# needs Debian's chromium or CIRCUITLIB_CHROMIUM=/path/to/chrome, else it skips). Screenshots, browser
+# console and server log: test-artifacts/browser/.
+test-browser: install
+	$(PY) -m pytest tests/test_browser.py -rs
+
+# The workshop's notebooks: workshop/instructor (as in notebooks/) and workshop/participant (solutions
+# and model answers replaced by prompts, outputs cleared).
+workshop: install
+	$(PY) -m circuitlib.workshop notebooks workshop
+
 benchmarks: install
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_patching.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache test-artifacts
