@@ -30,14 +30,12 @@ A move to TransformerLens 4's ``TransformerBridge`` rewrites this module, ``mode
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer
 
 #: Hugging Face architectures whose tokenizer adds no BOS by default (GPT-2, GPT-NeoX / Pythia, GPT-Neo,
 #: GPT-J); TransformerLens attaches a BOS-adding tokenizer to them, the architecture's own one adds none.
@@ -53,22 +51,22 @@ _ABSOLUTE_POSITIONS = ("standard", "shortformer")
 # Names and config facts
 
 
-def model_name(model: "HookedTransformer") -> str:
+def model_name(model: HookedTransformer) -> str:
     """The name the model was loaded under (``cfg.model_name``), ``"unknown"`` if it has none."""
     return str(getattr(model.cfg, "model_name", "") or "unknown")
 
 
-def architecture(model: "HookedTransformer") -> str | None:
+def architecture(model: HookedTransformer) -> str | None:
     """The Hugging Face architecture the model was converted from (``LlamaForCausalLM``, ...), if known."""
     return getattr(model.cfg, "original_architecture", None)
 
 
-def has_mlps(model: "HookedTransformer") -> bool:
+def has_mlps(model: HookedTransformer) -> bool:
     """Whether the blocks have MLPs (attention-only models, such as the embedded toy, have none)."""
     return not model.cfg.attn_only and model.cfg.d_mlp is not None
 
 
-def hf_tokenizer_adds_bos(model: "HookedTransformer") -> tuple[bool, str]:
+def hf_tokenizer_adds_bos(model: HookedTransformer) -> tuple[bool, str]:
     """Whether the model's architecture's own Hugging Face tokenizer prepends BOS by default, and why.
 
     GPT-2 / Pythia / GPT-Neo / GPT-J tokenizers add none (even when TransformerLens attached one that
@@ -87,19 +85,19 @@ def hf_tokenizer_adds_bos(model: "HookedTransformer") -> tuple[bool, str]:
 # Positions
 
 
-def positions_inside_attention(model: "HookedTransformer") -> bool:
+def positions_inside_attention(model: HookedTransformer) -> bool:
     """True when positions act inside attention (rotary, ALiBi, relative bias): a token's keys, values
     and everything after them depend on where it sits, so a patched forward recomputes every position.
     False for absolute position vectors (standard, shortformer)."""
     return model.cfg.positional_embedding_type not in _ABSOLUTE_POSITIONS
 
 
-def shortformer(model: "HookedTransformer") -> bool:
+def shortformer(model: HookedTransformer) -> bool:
     """Shortformer positions: added to every layer's query/key inputs, never to the residual stream."""
     return model.cfg.positional_embedding_type == "shortformer"
 
 
-def restart_activation(model: "HookedTransformer", name: str) -> bool:
+def restart_activation(model: HookedTransformer, name: str) -> bool:
     """Whether activation ``name`` is needed to restart a forward pass at a later block:
     the block's residual input, every layer's keys and values (for cached earlier positions), and the
     positional embedding of shortformer models (which ``start_at_layer`` would otherwise skip)."""
@@ -108,7 +106,7 @@ def restart_activation(model: "HookedTransformer", name: str) -> bool:
 
 
 def frozen_kv_cache(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     prefix_k: Mapping[int, Tensor],
     prefix_v: Mapping[int, Tensor],
     layer: int,
@@ -130,7 +128,7 @@ def frozen_kv_cache(
 
 
 def forward_from_layer(
-    model: "HookedTransformer",
+    model: HookedTransformer,
     resid: Float[Tensor, "batch pos d_model"],
     layer: int,
     *,
@@ -159,32 +157,32 @@ def forward_from_layer(
 # Grouped-query attention
 
 
-def n_value_groups(model: "HookedTransformer") -> int:
+def n_value_groups(model: HookedTransformer) -> int:
     """Key/value heads per layer (``n_heads`` without grouped-query attention)."""
     return model.cfg.n_key_value_heads or model.cfg.n_heads
 
 
-def value_group(model: "HookedTransformer", head: int) -> int:
+def value_group(model: HookedTransformer, head: int) -> int:
     """The key/value head that query head ``head`` reads (itself without grouped-query attention):
     ``head // (n_heads / n_key_value_heads)``, as TransformerLens repeats groups and as the MAPS
     authors' ``get_w_vo`` picks them."""
     return head // (model.cfg.n_heads // n_value_groups(model))
 
 
-def head_W_V(model: "HookedTransformer", layer: int) -> Float[Tensor, "n_heads d_model d_head"]:
+def head_W_V(model: HookedTransformer, layer: int) -> Float[Tensor, "n_heads d_model d_head"]:
     """Each query head's value matrix in ``layer`` (grouped-query attention: its group's ``W_V``; the
     weights as stored, no bias)."""
     return model.blocks[layer].attn.W_V  # TransformerLens's W_V property repeats each group's _W_V
 
 
-def head_W_O(model: "HookedTransformer", layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
+def head_W_O(model: HookedTransformer, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
     """Each head's output matrix in ``layer``."""
     return model.blocks[layer].attn.W_O
 
 
 def per_query_head(
-    model: "HookedTransformer", x: Float[Tensor, "... kv_heads d_head"]
-) -> Float[Tensor, "... n_heads d_head"]:
+    model: HookedTransformer, x: Float[Tensor, "*lead kv_heads d_head"]
+) -> Float[Tensor, "*lead n_heads d_head"]:
     """``hook_k`` / ``hook_v`` activations (one vector per key/value group) as one vector per query
     head (each head gets its group's); unchanged without grouped-query attention."""
     groups = x.shape[-2]
@@ -194,7 +192,7 @@ def per_query_head(
 
 
 @contextlib.contextmanager
-def kv_per_query_head(model: "HookedTransformer", enabled: bool = True) -> Iterator[None]:
+def kv_per_query_head(model: HookedTransformer, enabled: bool = True) -> Iterator[None]:
     """Within the block, grouped-query attention computes keys and values per query head (each from
     its group's weights), so ``hook_k`` / ``hook_v`` have one vector per query head and a hook can
     change one head's keys or values without touching the rest of its group. The numbers are the same
@@ -214,7 +212,7 @@ def kv_per_query_head(model: "HookedTransformer", enabled: bool = True) -> Itera
 
 
 @torch.no_grad()
-def maps_first_mlp(model: "HookedTransformer", emb: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+def maps_first_mlp(model: HookedTransformer, emb: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
     """Block 0's MLP output on ``emb`` after block 0's second normalisation, ``MLP_0(LN2_0(emb))``:
     the MLP alone, without the attention or the residual (the MAPS authors' ``first_mlp``, the same
     call for sequential and parallel-attention blocks). Needs a model with MLPs (:func:`has_mlps`)."""

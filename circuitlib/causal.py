@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 from transformer_lens import HookedTransformer
-from .interventions import Ablation, control_sets, live_heads, run_ablations, sample_head_sets
+from .interventions import Ablation, AblationRun, control_sets, live_heads, run_ablations, sample_head_sets
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
@@ -139,7 +139,7 @@ class CausalCheck(Result):
     summary: dict = field(default_factory=dict)
 
 
-def _curves(run, orders: Sequence[Sequence[Head]], n: int) -> list[Curve]:
+def _curves(run: AblationRun, orders: Sequence[Sequence[Head]], n: int) -> list[Curve]:
     out = []
     for j, order in enumerate(orders):
         sl = slice(j * n, (j + 1) * n)

@@ -46,25 +46,29 @@ HEAD_SCORERS: dict[str, Callable[..., HeadScores]] = {}
 
 
 def register_scorer(name: str, fn: Callable[..., HeadScores]) -> None:
-    """Register a head-scoring method ``fn(model, batch, *, direction, progress) -> HeadScores``."""
+    """Register a head-scoring method ``fn(model, batch, *, direction, progress) -> HeadScores``.
+
+    A method that has only one direction records it in ``HeadScores.meta["direction"]`` (path patching
+    is always noising: ``discover_circuit(direction="denoising")`` still gives noising path patching,
+    and its meta says so)."""
     if name in HEAD_SCORERS:
         raise ValueError(f"a head scorer named {name!r} is already registered")
     HEAD_SCORERS[name] = fn
 
 
-def _act_patch(model, batch, *, direction, progress=False):
+def _act_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
     from .patching import act_patch_heads
 
     return act_patch_heads(model, batch, direction=direction, progress=progress)
 
 
-def _attribution(model, batch, *, direction, progress=False):
+def _attribution(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
     from .patching import attribution_patch_heads
 
     return attribution_patch_heads(model, batch, direction=direction)
 
 
-def _path_patch(model, batch, *, direction, progress=False):
+def _path_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
     from .patching import path_patch
 
     return path_patch(model, batch, progress=progress)

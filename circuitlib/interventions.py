@@ -58,7 +58,7 @@ MAX_LOGITS = 2**26  # END logits (rows x vocabulary) per forward pass: 256 MiB i
 # The readout
 
 
-def readout(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+def readout(model: HookedTransformer, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_vocab"]:
     """Logits from final residual vectors: the final LayerNorm when the model has one, the
     unembedding (with its bias), and the logit soft-cap when the config sets one (Gemma 2 style).
     Accepts any leading shape."""
@@ -392,6 +392,7 @@ def control_sets(
     ``heads`` (and outside ``also_exclude``, e.g. the measured task's own circuit); when a layer has too
     few, size-matched draws from those live heads; when those are too few, from all heads outside them.
     ``how`` says which (and why)."""
+    also_exclude = list(also_exclude)  # read twice below: a generator would leave the note empty
     exclude = sorted({(int(l), int(h)) for l, h in [*heads, *also_exclude]})
     note = f" (also excluding {', '.join(head_name(h) for h in also_exclude)})" if list(also_exclude) else ""
     try:

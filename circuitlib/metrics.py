@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from .types import TaskBatch
 
+#: Logits a metric reads: a forward pass's ``[batch, seq, vocab]``, or the END logits ``[batch, vocab]``.
+Logits = Float[Tensor, "batch seq vocab"] | Float[Tensor, "batch vocab"]
 
-def end_logits(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> Float[Tensor, "batch vocab"]:
+
+def end_logits(logits: Logits, batch: TaskBatch) -> Float[Tensor, "batch vocab"]:
     """Logits at each prompt's END position (accepts ``[batch, vocab]`` unchanged)."""
     if logits.ndim == 2:
         return logits
@@ -23,7 +27,7 @@ def end_logits(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> Fl
 
 
 def logit_diff(
-    logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch, *, per_prompt: bool = False
+    logits: Logits, batch: TaskBatch, *, per_prompt: bool = False
 ) -> Float[Tensor, ""] | Float[Tensor, " batch"]:
     """logit(answer) - logit(wrong) at END; the mean over prompts unless ``per_prompt``."""
     last = end_logits(logits, batch)
@@ -32,12 +36,12 @@ def logit_diff(
     return diff if per_prompt else diff.mean()
 
 
-def accuracy(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> float:
+def accuracy(logits: Logits, batch: TaskBatch) -> float:
     """Fraction of prompts whose answer logit beats the wrong answer's logit at END."""
     return float((logit_diff(logits, batch, per_prompt=True) > 0).float().mean())
 
 
-def top1_accuracy(logits: Float[Tensor, "batch seq vocab"], batch: TaskBatch) -> float:
+def top1_accuracy(logits: Logits, batch: TaskBatch) -> float:
     """Fraction of prompts whose answer is the vocabulary argmax at END."""
     last = end_logits(logits, batch)
     return float((last.argmax(-1) == batch.answer.to(last.device)).float().mean())
@@ -73,7 +77,7 @@ def normalise(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | fl
 
 
 @torch.no_grad()
-def evaluate(model, batch: TaskBatch) -> dict[str, float]:
+def evaluate(model: HookedTransformer, batch: TaskBatch) -> dict[str, float]:
     """Clean accuracy, top-1 accuracy and mean logit difference; the same on the corrupted prompts."""
     clean = model(batch.clean.to(model.cfg.device))
     corrupt = model(batch.corrupt.to(model.cfg.device))

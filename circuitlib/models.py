@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from transformer_lens import HookedTransformer
 
 TOY_DIR = Path(__file__).parent / "toy" / "checkpoint"
 # TransformerLens's official names of the models that use GPT-2's tokenizer (aliases such as
@@ -94,7 +95,7 @@ def _quiet_transformer_lens():
 
 def load_model(
     name: str = "toy", *, processed: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32
-):
+) -> HookedTransformer:
     """Load a ``HookedTransformer`` by name: ``"toy"``, a TransformerLens model name, or a local HF dir.
 
     Unprocessed weights unless ``processed=True`` (then LayerNorm folded, writes and unembedding
@@ -202,7 +203,7 @@ def _require_hub(name: str, official: str) -> None:
         )
 
 
-def _load_hub(official: str, *, processed: bool, device: str, dtype: torch.dtype):
+def _load_hub(official: str, *, processed: bool, device: str, dtype: torch.dtype) -> HookedTransformer:
     """Download through TransformerLens (network on, model not cached)."""
     HookedTransformer, _ = _quiet_transformer_lens()
     loader = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
@@ -312,7 +313,7 @@ def _tl_config_source(path: Path, config: dict):
 
 
 def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dtype,
-                   fallback_tokenizer: bool = False, label: str | None = None):
+                   fallback_tokenizer: bool = False, label: str | None = None) -> HookedTransformer:
     """A local Hugging Face directory: weights converted by TransformerLens, no hub access.
 
     Weights from ``model.safetensors`` or a legacy ``pytorch_model.bin`` (read by transformers with
@@ -361,7 +362,7 @@ def _load_local_hf(path: Path, *, processed: bool, device: str, dtype: torch.dty
     return model
 
 
-def _process(model) -> None:
+def _process(model: HookedTransformer) -> None:
     """TransformerLens's standard weight processing, in place (fold LN, centre writes and unembed)."""
     state = model.state_dict()
     with _tl_quiet():
@@ -374,7 +375,7 @@ def _process(model) -> None:
 # Checkpoints (the embedded model) — safetensors + config JSON + tokenizer JSON, no pickles.
 
 
-def build_model(cfg: dict, tokenizer=None, *, device: str = "cpu"):
+def build_model(cfg: dict, tokenizer=None, *, device: str = "cpu") -> HookedTransformer:
     """A fresh ``HookedTransformer`` from a config dict, with ``tokenizer`` attached offline."""
     HookedTransformer, HookedTransformerConfig = _quiet_transformer_lens()
     with _tl_quiet():
@@ -384,7 +385,7 @@ def build_model(cfg: dict, tokenizer=None, *, device: str = "cpu"):
     return model
 
 
-def attach_tokenizer(model, tokenizer) -> None:
+def attach_tokenizer(model: HookedTransformer, tokenizer) -> None:
     """Give ``model`` a tokenizer without TransformerLens's hub round-trip (it re-loads by name)."""
     model.tokenizer = tokenizer
     model.tokenizer.padding_side = "right"
@@ -392,7 +393,7 @@ def attach_tokenizer(model, tokenizer) -> None:
     model.cfg.default_prepend_bos = True
 
 
-def save_checkpoint(model, directory: Path, *, extra: dict | None = None) -> None:
+def save_checkpoint(model: HookedTransformer, directory: Path, *, extra: dict | None = None) -> None:
     """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` to ``directory``."""
     from safetensors.torch import save_file
 
@@ -411,7 +412,7 @@ def _is_weight(key: str) -> bool:
     return not key.endswith((".mask", ".IGNORE"))
 
 
-def load_checkpoint(directory: Path, *, device: str = "cpu"):
+def load_checkpoint(directory: Path | str, *, device: str = "cpu") -> HookedTransformer:
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -528,7 +529,8 @@ def load_tokenizer(name: str = "toy"):
         ) from exc
 
 
-def random_model(shape: dict | str = "gpt2-medium", *, seed: int = 0, tokenizer=None, device: str = "cpu"):
+def random_model(shape: dict | str = "gpt2-medium", *, seed: int = 0, tokenizer=None,
+                 device: str = "cpu") -> HookedTransformer:
     """A random-weight GPT-2-architecture model (default: gpt2-medium's shape) for tests and benchmarks.
 
     Uses the real (offline) GPT-2 tokenizer unless another is given. Unprocessed, like ``load_model``.
@@ -544,7 +546,7 @@ def random_model(shape: dict | str = "gpt2-medium", *, seed: int = 0, tokenizer=
     return model
 
 
-def model_identity(model) -> dict:
+def model_identity(model: HookedTransformer) -> dict:
     """What a report needs to say which model produced its numbers."""
     cfg = model.cfg
     return {

@@ -105,7 +105,7 @@ class BlockPermutations:
 
     noun = "permutations"
 
-    def __init__(self, n: int, blocks: Sequence[Sequence[int]]):
+    def __init__(self, n: int, blocks: Sequence[Sequence[int] | Int[np.ndarray, " _block"]]):
         self.n = int(n)
         self.blocks = [np.asarray(b, dtype=np.intp) for b in blocks if len(b) > 1]
         seen = np.concatenate(self.blocks) if self.blocks else np.zeros(0, dtype=np.intp)
@@ -142,7 +142,7 @@ class Labellings:
 
     noun = "labellings"
 
-    def __init__(self, n: int, inside: Sequence[int]):
+    def __init__(self, n: int, inside: Sequence[int] | Int[np.ndarray, " k"]):
         self.n = int(n)
         self.identity = np.sort(np.asarray(inside, dtype=np.intp))
         self.k = self.identity.size

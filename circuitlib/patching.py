@@ -47,6 +47,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from . import adapter
 from .interventions import readout
@@ -62,7 +63,7 @@ MAX_TOKENS = 16384  # default memory bound: token rows (copies x prompts x posit
 # Metric and shared setup
 
 
-def check_batch(model, batch: TaskBatch) -> None:
+def check_batch(model: HookedTransformer, batch: TaskBatch) -> None:
     """One clear error for inputs patching cannot use."""
     if batch.clean.shape != batch.corrupt.shape:
         raise ValueError(
@@ -100,7 +101,7 @@ class _Setup:
     patch, so they enter only as cached keys/values (``P`` slots, masked per row).
     """
 
-    model: object
+    model: HookedTransformer
     batch: TaskBatch
     direction: Direction
     base: dict  # base-run (the run we patch into) activations by hook name, packed [B, T, ...]
@@ -155,7 +156,7 @@ class _Setup:
 
 
 @torch.no_grad()
-def _setup(model, batch: TaskBatch, direction: Direction, metric: Metric, names: Callable[[str], bool]) -> _Setup:
+def _setup(model: HookedTransformer, batch: TaskBatch, direction: Direction, metric: Metric, names: Callable[[str], bool]) -> _Setup:
     check_batch(model, batch)
     if direction not in ("noising", "denoising"):
         raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
@@ -282,7 +283,7 @@ def _put(x: Tensor, setup: _Setup, C: int, positions: Tensor, values: Tensor, he
 
 
 def act_patch_heads(
-    model,
+    model: HookedTransformer,
     batch: TaskBatch,
     *,
     direction: Direction = "noising",
@@ -327,7 +328,7 @@ def act_patch_heads(
 
 
 def act_patch_resid(
-    model,
+    model: HookedTransformer,
     batch: TaskBatch,
     *,
     direction: Direction = "noising",
@@ -345,7 +346,7 @@ def act_patch_resid(
 
 
 def act_patch_layer_out(
-    model,
+    model: HookedTransformer,
     batch: TaskBatch,
     *,
     component: Literal["attn_out", "mlp_out"] = "attn_out",
@@ -403,7 +404,7 @@ def _patch_positions(setup: _Setup, hook_name: str, chunk: int | None, progress:
 
 
 def attribution_patch_heads(
-    model,
+    model: HookedTransformer,
     batch: TaskBatch,
     *,
     direction: Direction = "noising",
@@ -477,7 +478,7 @@ def attribution_patch_heads(
 
 
 def path_patch(
-    model,
+    model: HookedTransformer,
     batch: TaskBatch,
     senders: Sequence[Head] | None = None,
     *,
@@ -519,7 +520,7 @@ def path_patch(
                            progress)
 
 
-def _path_patch(model, batch, senders, receivers, receiver_input, receiver_positions, metric, chunk,
+def _path_patch(model: HookedTransformer, batch, senders, receivers, receiver_input, receiver_positions, metric, chunk,
                 progress) -> HeadScores:
     L, H = model.cfg.n_layers, model.cfg.n_heads
     rname = f"hook_{receiver_input}"

@@ -19,9 +19,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn  # noqa: F401  (registers its colormaps, e.g. "mako", with matplotlib)
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int, Real
 from matplotlib.figure import Figure
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from .types import Circuit, Head, HeadScores, head_name, parse_head
 
@@ -205,7 +206,8 @@ def _annotate_cells(ax, values: np.ndarray, vmin: float, vmax: float, cmap: str)
             v = values[y, x]
             rgb = colormap((v - vmin) / (vmax - vmin + 1e-12))[:3]
             dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
-            ax.text(x + 0.5, y + 0.5, f"{v:.2f}", ha="center", va="center", fontsize=7,
+            text = f"{v:.2f}"
+            ax.text(x + 0.5, y + 0.5, "0.00" if text == "-0.00" else text, ha="center", va="center", fontsize=7,
                     color="white" if dark else "0.15")
 
 
@@ -235,7 +237,7 @@ def _draw_marks(ax, heads: list[Head], style: int, n_layers: int, n_heads: int, 
 
 
 def patching_heatmap(
-    values: Float[Tensor, "rows cols"],
+    values: Real[Tensor, "rows cols"] | Real[np.ndarray, "rows cols"],
     *,
     row_labels: Sequence[str] | None = None,
     col_labels: Sequence[str] | None = None,
@@ -373,7 +375,7 @@ def _mean_spread(values) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def curve_plot(
-    x: Sequence[float],
+    x: Sequence[float] | Real[np.ndarray, " n"] | Real[Tensor, " n"],
     curves: Mapping[str, Any],
     *,
     xlabel: str = "number of heads ablated",
@@ -453,7 +455,7 @@ def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alp
 
 @torch.no_grad()
 def attention_pattern(
-    model,
+    model: HookedTransformer,
     tokens: str | Int[Tensor, " seq"] | Sequence[int],
     layer: int,
     head: int,

@@ -95,6 +95,7 @@ from typing import Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from . import adapter
 from .adapter import NO_BOS_ARCHITECTURES  # noqa: F401  (kept importable from here)
@@ -138,7 +139,7 @@ class MapsConventions:
     notes: tuple[str, ...] = ()
 
 
-def maps_conventions(model) -> MapsConventions:
+def maps_conventions(model: HookedTransformer | str) -> MapsConventions:
     """The MAPS conventions for ``model`` (a ``HookedTransformer`` or a model name)."""
     name = model if isinstance(model, str) else adapter.model_name(model)
     low = name.lower()
@@ -156,7 +157,7 @@ def maps_conventions(model) -> MapsConventions:
     return MapsConventions(model=name, notes=tuple(notes), **kw)
 
 
-def default_k(model, relation: RelationPairs) -> int:
+def default_k(model: HookedTransformer | str, relation: RelationPairs) -> int:
     """MAPS's ``k`` for ``relation`` on ``model``: the authors' ``get_k`` (Llama-3: 3 / 25 by
     whether "copying" is in the relation's name), else the relation's own (1 copying, 10 otherwise)."""
     conv = maps_conventions(model)
@@ -173,7 +174,7 @@ def _k_rule(conv: MapsConventions) -> str:
     return "1 for copying relations, 10 otherwise"
 
 
-def dynamic_bos(model) -> tuple[bool, str]:
+def dynamic_bos(model: HookedTransformer) -> tuple[bool, str]:
     """Whether dynamic prompts start with BOS by default, and why (see module docstring)."""
     if maps_conventions(model).embedded:
         return True, "BOS: the embedded model was trained with BOS on every sequence"
@@ -186,7 +187,7 @@ def dynamic_bos(model) -> tuple[bool, str]:
 
 @torch.no_grad()
 def maps_inputs(
-    model, token_ids: Int[Tensor, " n_tok"], *, first_mlp: bool | None = None
+    model: HookedTransformer, token_ids: Int[Tensor, " n_tok"], *, first_mlp: bool | None = None
 ) -> Float[Tensor, "n_layers n_tok d_model"]:
     """MAPS's per-layer input ``x_s`` for each token: ``W_E[s]`` at layer 0, ``MLP_0(LN2_0(W_E[s]))``
     (MLP output only) at layers >= 1. ``W_E[s]`` at every layer for attention-only models and when
@@ -203,7 +204,7 @@ def maps_inputs(
     return torch.cat([emb[None], mlp_out[None].expand(n_layers - 1, -1, -1)])
 
 
-def _inputs_note(model) -> str:
+def _inputs_note(model: HookedTransformer) -> str:
     if not adapter.has_mlps(model):
         return "W_E[s] at every layer (attention-only model)"
     if not maps_conventions(model).first_mlp:
@@ -226,7 +227,7 @@ def topk_hits(
     W_U_T: Float[Tensor, "d_vocab d_model"],
     row_of_pair: Int[Tensor, " n_pairs"],
     targets: Int[Tensor, " n_pairs"],
-    k: Int[Tensor, " n_pairs"] | int,
+    k: Int[Tensor, " n_pairs"] | Int[Tensor, ""] | int,
     *,
     suppression: bool = False,
 ) -> Bool[Tensor, " n_pairs"]:
@@ -263,7 +264,7 @@ def topk_hits(
     return count < k
 
 
-def _as_pairs(model, relation: RelationPairs | str) -> RelationPairs:
+def _as_pairs(model: HookedTransformer, relation: RelationPairs | str) -> RelationPairs:
     if isinstance(relation, RelationPairs):
         return relation
     if model.tokenizer is None:
@@ -276,7 +277,7 @@ def _as_pairs(model, relation: RelationPairs | str) -> RelationPairs:
 
 
 def static_scores(
-    model, relation: RelationPairs | str, *, k: int | None = None, suppression: bool = False
+    model: HookedTransformer, relation: RelationPairs | str, *, k: int | None = None, suppression: bool = False
 ) -> HeadScores:
     """MAPS static (or, with ``suppression``, suppression) score of every head for one relation.
 
@@ -290,7 +291,7 @@ def static_scores(
 
 @torch.no_grad()
 def static_scores_many(
-    model,
+    model: HookedTransformer,
     relations: Sequence[RelationPairs | str],
     *,
     k: int | None = None,
@@ -353,7 +354,7 @@ def static_scores_many(
 
 @torch.no_grad()
 def top_mapped_tokens(
-    model, head: Head | str, source: str | int, n: int = 10, suppression: bool = False
+    model: HookedTransformer, head: Head | str, source: str | int, n: int = 10, suppression: bool = False
 ) -> list[tuple[str, float]]:
     """The ``n`` tokens that head's OV circuit maps ``source`` to most strongly: top entries of
     ``m_s = x_s W_V W_O W_U`` (of ``-m_s`` with ``suppression``), as ``(token, logit)`` pairs.
@@ -404,7 +405,7 @@ def default_templates(tokenizer) -> tuple[list[str], dict[str, str]]:
 
 
 def dynamic_prompts(
-    model, pairs: RelationPairs, template: str = DYNAMIC_TEMPLATE, *, bos: bool | None = None
+    model: HookedTransformer, pairs: RelationPairs, template: str = DYNAMIC_TEMPLATE, *, bos: bool | None = None
 ) -> tuple[Int[Tensor, "n seq"], Int[Tensor, " n"], Int[Tensor, " n"]]:
     """Token ids of ``template`` filled with each source word (right-padded), the position of the
     source token and of the last token in each prompt.
@@ -442,7 +443,7 @@ def dynamic_prompts(
 
 
 @torch.no_grad()
-def _dynamic_hits_one_template(model, pairs, template, *, context, k, suppression, bos, batch_size):
+def _dynamic_hits_one_template(model: HookedTransformer, pairs, template, *, context, k, suppression, bos, batch_size):
     tokens, src_pos, end = dynamic_prompts(model, pairs, template, bos=bos)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hook = "hook_z" if context else "hook_v"
@@ -471,7 +472,7 @@ def _dynamic_hits_one_template(model, pairs, template, *, context, k, suppressio
 
 @torch.no_grad()
 def dynamic_scores(
-    model,
+    model: HookedTransformer,
     relation: RelationPairs | str,
     *,
     templates: Sequence[str] | None = None,

@@ -14,11 +14,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int, Real
 from torch import Tensor
 
 Head = tuple[int, int]
+
+#: What :class:`HeadScores` accepts as ``scores`` (a real ``[n_layers, n_heads]`` tensor or NumPy array);
+#: it stores them as a float32 CPU tensor.
+ScoreGrid = Real[Tensor, "n_layers n_heads"] | Real[np.ndarray, "n_layers n_heads"]
 
 
 def head_name(head: Head) -> str:
@@ -39,10 +44,11 @@ class HeadScores:
     ``scores[l, h]`` is head ``h`` of layer ``l``. ``method`` names how the scores were made
     (e.g. ``"maps_static"``, ``"act_patch"``), ``target`` the relation or task, ``k`` the top-k
     used by MAPS-style scores (``None`` where it does not apply), ``meta`` anything else a reader
-    needs to reproduce the numbers (ablation kind, number of prompts, ...).
+    needs to reproduce the numbers (ablation kind, number of prompts, ...). ``scores`` may be given as
+    any real tensor or NumPy array (:data:`ScoreGrid`); it is stored as a float32 CPU tensor.
     """
 
-    scores: Float[Tensor, "n_layers n_heads"]
+    scores: ScoreGrid
     method: str
     target: str
     model: str

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from transformer_lens import HookedTransformer
 
 from . import plots
 from .types import Head, HeadScores, RelationPairs, TaskBatch, head_name, parse_head
@@ -42,7 +43,7 @@ class Explorer:
 
     def __init__(
         self,
-        model,
+        model: HookedTransformer,
         scores: dict[str, HeadScores],
         batches: dict[str, TaskBatch] | None = None,
         *,

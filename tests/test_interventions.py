@@ -107,11 +107,15 @@ def test_hooks_are_removed_after_an_error(toy, batch):
     assert all(not hp.fwd_hooks for hp in toy.hook_dict.values())
 
 
-def test_bad_ablation_specs_are_clear_errors():
+@pytest.mark.bad_input
+def test_unknown_ablation_fields_are_clear_errors():
     with pytest.raises(ValueError, match="kind"):
         Ablation(kind="mena")
     with pytest.raises(ValueError, match="positions"):
         Ablation(positions="END")
+
+
+def test_bad_ablation_specs_are_clear_errors():
     with pytest.raises(ValueError, match="per position"):
         Ablation(kind="resample", positions="end")
 

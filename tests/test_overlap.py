@@ -84,6 +84,10 @@ def test_set_overlap_edge_cases():
     assert same["p_value"] == pytest.approx(1 / comb(10, 2))
     with pytest.raises(ValueError, match="n_total"):
         overlap.set_overlap([(0, 0), (0, 1)], [(1, 1)], 2)
+
+
+@pytest.mark.bad_input
+def test_set_overlap_of_head_scores_is_a_clear_error():
     with pytest.raises(ValueError, match="top-k"):
         overlap.set_overlap(_random_hs(0), [(0, 0)], 48)
 

@@ -409,9 +409,13 @@ def test_hooks_removed_when_a_forward_raises(toy, ioi, monkeypatch, method):
         assert torch.equal(toy(ioi.clean), before)
 
 
-def test_clean_corrupt_length_mismatch_is_one_clear_error(toy, ioi):
+@pytest.mark.bad_input
+def test_building_a_batch_with_a_length_mismatch_is_one_clear_error(ioi):
     with pytest.raises(ValueError, match="same shape"):
         dataclasses.replace(ioi, corrupt=ioi.corrupt[:, :-1])
+
+
+def test_clean_corrupt_length_mismatch_is_one_clear_error(toy, ioi):
     bad = dataclasses.replace(ioi)
     bad.corrupt = ioi.corrupt[:, :-1]  # mutated after construction
     for call in (act_patch_heads, attribution_patch_heads, path_patch, act_patch_resid):
@@ -423,9 +427,13 @@ def test_identical_prompts_and_bad_arguments_raise(toy, ioi):
     same = dataclasses.replace(ioi, corrupt=ioi.clean.clone())
     with pytest.raises(ValueError, match="identical"):
         act_patch_heads(toy, same)
-    with pytest.raises(ValueError, match="direction"):
-        act_patch_heads(toy, ioi, direction="sideways")
     with pytest.raises(ValueError, match="metric"):
         act_patch_heads(toy, ioi, metric="loss")
     with pytest.raises(ValueError, match="does not exist"):
         path_patch(toy, ioi, [(toy.cfg.n_layers, 0)])
+
+
+@pytest.mark.bad_input
+def test_unknown_direction_is_a_clear_error(toy, ioi):
+    with pytest.raises(ValueError, match="direction"):
+        act_patch_heads(toy, ioi, direction="sideways")

@@ -49,6 +49,17 @@ def test_random_controls_fall_back_when_a_layer_is_short(toy):
     assert "not layer-matched" in d.how and all(len(s) == 3 for s in d.sets)
 
 
+def test_random_controls_name_extra_exclusions_given_as_a_generator(toy):
+    """``also_exclude`` is read twice (the heads excluded, then the note in ``how``): a one-shot iterable, which
+    its ``Iterable[Head]`` annotation allows, used to be excluded but left out of ``how``."""
+    heads, extra = [(0, 0)], [(0, 2), (1, 6)]
+    listed = control_sets(toy, heads, 20, also_exclude=extra)
+    streamed = control_sets(toy, heads, 20, also_exclude=(h for h in extra))
+    assert "also excluding 0.2, 1.6" in listed.how
+    assert streamed.how == listed.how and streamed.sets == listed.sets
+    assert not any(set(s) & {(0, 2), (1, 6)} for s in streamed.sets)
+
+
 def test_reuse_analysis_cells_equal_direct_calls(toy):
     g = torch.Generator().manual_seed(0)
     rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),

@@ -384,7 +384,7 @@ def test_grouped_query_attention_static_and_dynamic():
         assert np.array_equal(fast.scores.numpy(), ref[(context, False)].astype(np.float32)), context
 
 
-@pytest.mark.parametrize("k", [0, -1, 10**9, 2.5, True])
+@pytest.mark.parametrize("k", [0, -1, 10**9, pytest.param(2.5, marks=pytest.mark.bad_input), True])
 def test_k_out_of_range_is_a_clear_error(toy, k):
     with pytest.raises(ValueError, match="k must be an integer"):
         scoring.static_scores(toy, "name_copying", k=k)

@@ -134,8 +134,12 @@ def test_ioi_split_that_cannot_be_met_is_one_clear_error():
         ioi_batch(tok, 8, names=names, templates=[template], split="heldout")
     assert template in str(info.value) and "split='any'" in str(info.value)
     assert len(ioi_batch(tok, 8, names=names, templates=[template], split="any")) == 8
+
+
+@pytest.mark.bad_input
+def test_unknown_ioi_split_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown split"):
-        ioi_batch(tok, 8, split="test")
+        ioi_batch(build_tokenizer(), 8, split="test")
 
 
 def test_capital_split_that_cannot_be_met_is_one_clear_error(monkeypatch):
@@ -245,10 +249,15 @@ def test_task_batch_dispatch_and_errors(tokenizer):
     assert task_batch("capitals", tokenizer, 4).task == "capitals"
     with pytest.raises(ValueError, match="unknown task"):
         task_batch("colored_objects", tokenizer)
+
+
+@pytest.mark.bad_input
+def test_unknown_ioi_corruption_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="unknown IOI corruption"):
         ioi_batch(tokenizer, 4, corruption="XYZ")
 
 
+@pytest.mark.bad_input
 def test_clean_corrupt_length_mismatch_is_one_clear_error():
     b = ioi_batch(build_tokenizer(), 4)
     with pytest.raises(ValueError, match="same shape"):

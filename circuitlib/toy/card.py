@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import torch
+from transformer_lens import HookedTransformer
 
 from ..causal import top_vs_random
 from ..metrics import evaluate
@@ -24,7 +25,7 @@ from .corpus import MIX
 N_EVAL = 200
 
 
-def card_numbers(model) -> dict:
+def card_numbers(model: HookedTransformer) -> dict:
     """Held-out accuracies, logit differences and the top-3 vs random ablation (``N_EVAL`` prompts
     per task, seed 1)."""
     tok = model.tokenizer
@@ -38,7 +39,7 @@ def card_numbers(model) -> dict:
     return {"tasks": tasks, "capital_templates": per_template, "ablation": ablation}
 
 
-def heads_section(model) -> tuple[list[str], dict]:
+def heads_section(model: HookedTransformer) -> tuple[list[str], dict]:
     """Circuit discovery and MAPS results for both tasks (markdown lines, JSON)."""
     from ..circuits import discover_circuit
     from ..scoring import static_scores
@@ -65,7 +66,7 @@ def heads_section(model) -> tuple[list[str], dict]:
     return lines, data
 
 
-def render(model, numbers: dict, heads_lines: list[str]) -> str:
+def render(model: HookedTransformer, numbers: dict, heads_lines: list[str]) -> str:
     from ..interventions import live_heads
 
     ident = model_identity(model)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from ..models import TOY_DIR, build_model, save_checkpoint
 from .corpus import build_tokenizer, generate
@@ -35,7 +38,7 @@ HEAD_L1 = 0.02
 STEPS = 1500
 
 
-def encode_corpus(tokenizer, sentences, n_ctx: int):
+def encode_corpus(tokenizer, sentences, n_ctx: int) -> tuple[Int[Tensor, "n n_ctx"], Float[Tensor, "n n_ctx_minus_1"]]:
     """Token ids [n, n_ctx] (BOS first, right-padded), loss weights [n, n_ctx - 1]."""
     bos = tokenizer.bos_token_id
     enc = tokenizer(
@@ -52,12 +55,12 @@ def encode_corpus(tokenizer, sentences, n_ctx: int):
     return ids, weights
 
 
-def head_norms(model) -> torch.Tensor:
+def head_norms(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads"]:
     """Per-head ||W_V||_F + ||W_O||_F, [n_layers, n_heads]: the group-lasso penalty that switches heads off."""
     return model.W_V.flatten(-2).norm(dim=-1) + model.W_O.flatten(-2).norm(dim=-1)
 
 
-def heldout_accuracy(model, n: int = 64) -> dict[str, float]:
+def heldout_accuracy(model: HookedTransformer, n: int = 64) -> dict[str, float]:
     """Accuracy (answer beats wrong answer) on held-out IOI and capital prompts."""
     from ..metrics import accuracy
     from ..tasks import capital_batch, ioi_batch
@@ -81,7 +84,7 @@ def train(
     weight_decay: float = 0.0,
     head_l1: float = HEAD_L1,
     config: dict | None = None,
-):
+) -> tuple[HookedTransformer, list[float]]:
     """Train a fresh embedded model; returns ``(model, losses)`` (language-model loss per step, without
     the group-lasso term). Deterministic for a given seed.
 

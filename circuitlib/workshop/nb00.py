@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from transformer_lens import HookedTransformer
 
 from . import CheckResult, close, run_check
 
@@ -36,7 +37,7 @@ def quiet(result: CheckResult) -> CheckResult:
 PATTERN_CASES = ((1, 6), (0, 2))
 
 
-def check_attention_pattern(attention_pattern: Callable, model, tokens) -> CheckResult:
+def check_attention_pattern(attention_pattern: Callable, model: HookedTransformer, tokens) -> CheckResult:
     """``attention_pattern(model, cache, layer, head)`` must return the head's attention pattern
     ``[query, key]`` for the one prompt in ``cache``, recomputed from ``W_Q``, ``W_K`` and the layer's
     LayerNorm; compared with TransformerLens's ``hook_pattern``."""
@@ -87,7 +88,7 @@ def _as_vector(x) -> torch.Tensor:
     return t.squeeze(0) if t.ndim == 2 and t.shape[0] == 1 else t
 
 
-def check_ov_logits(ov_logits: Callable, model) -> CheckResult:
+def check_ov_logits(ov_logits: Callable, model: HookedTransformer) -> CheckResult:
     """``ov_logits(model, layer, head, token_id)`` must return ``W_E[token] W_V W_O W_U`` (one logit per
     vocabulary entry), compared with :func:`circuitlib.scoring.top_mapped_tokens` on three heads."""
     from ..tasks._common import word_id

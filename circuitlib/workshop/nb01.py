@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from transformer_lens import HookedTransformer
 
 from . import CheckResult, close, run_check
 from .nb00 import quiet
@@ -28,7 +29,7 @@ def _template_kind(batch, i: int) -> str:
 # Exercise 1: IO, S1, S2 and END positions of an IOI prompt
 
 
-def check_find_positions(find_positions: Callable, model, batch) -> CheckResult:
+def check_find_positions(find_positions: Callable, model: HookedTransformer, batch) -> CheckResult:
     """``find_positions(words, names)`` must return ``{"IO", "S1", "S2", "END"}`` -> position for an IOI
     prompt's string tokens (BOS first), compared with the batch's own ``positions`` on its first prompts."""
     from ..tasks.ioi import NAMES
@@ -80,7 +81,7 @@ def check_find_positions(find_positions: Callable, model, batch) -> CheckResult:
 # Exercise 2: the ABC corruption and the logit difference by hand
 
 
-def _cases(model, batch) -> list[dict]:
+def _cases(model: HookedTransformer, batch) -> list[dict]:
     out = []
     for i in range(min(4, len(batch))):
         s2 = int(batch.positions["S2"][i])
@@ -95,7 +96,7 @@ def _cases(model, batch) -> list[dict]:
 
 
 @torch.no_grad()
-def _ld(model, text: str, io: str, s: str, *, bos: bool = True) -> float:
+def _ld(model: HookedTransformer, text: str, io: str, s: str, *, bos: bool = True) -> float:
     from ..tasks._common import word_id
 
     tokens = model.to_tokens(text, prepend_bos=bos)
@@ -103,7 +104,7 @@ def _ld(model, text: str, io: str, s: str, *, bos: bool = True) -> float:
     return float(last[word_id(model.tokenizer, io)] - last[word_id(model.tokenizer, s)])
 
 
-def check_corrupted_logit_diff(corrupted_logit_diff: Callable, model, batch) -> CheckResult:
+def check_corrupted_logit_diff(corrupted_logit_diff: Callable, model: HookedTransformer, batch) -> CheckResult:
     """``corrupted_logit_diff(model, prompt, io, s, new_name)`` must return ``(corrupted_prompt,
     logit_diff)``: the prompt with S's second mention replaced by ``new_name`` (the ABC corruption), and
     logit(IO) - logit(S) at its last position, compared with the batch's corrupted prompts and

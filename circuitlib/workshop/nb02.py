@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+from transformer_lens import HookedTransformer
 
 from . import CheckResult, close, run_check
 
@@ -28,17 +29,17 @@ FAITH_TOL = 2e-3  # circuitlib rounds faithfulness to 4 decimals
 
 
 @lru_cache(maxsize=1)
-def _toy():
+def _toy() -> HookedTransformer:
     from ..models import load_model
 
     return load_model("toy")
 
 
-def _model(model):
+def _model(model: HookedTransformer | None) -> HookedTransformer:
     return _toy() if model is None else model
 
 
-def _batch(model, task: str, n: int, seed: int):
+def _batch(model: HookedTransformer, task: str, n: int, seed: int):
     from ..tasks import task_batch
 
     return task_batch(task, model.tokenizer, n, seed=seed)
@@ -61,7 +62,7 @@ def _num(x) -> float | None:
 
 
 @torch.no_grad()
-def _patch_variants(model, batch, head) -> dict[str, float]:
+def _patch_variants(model: HookedTransformer, batch, head) -> dict[str, float]:
     """What plausible mistakes would return for ``head``, to say which one was made."""
     from ..metrics import evaluate
     from ..patching import act_patch_heads, act_patch_layer_out
@@ -101,7 +102,7 @@ def _patch_problem(name: str, got: float, want: float, variants: dict[str, float
             "hook_z at every position, normalised logit difference, effect = 1 - patched).")
 
 
-def check_patch_one_head(patch_one_head: Callable, model=None) -> CheckResult:
+def check_patch_one_head(patch_one_head: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``patch_one_head(model, batch, layer, head) -> float`` (the noising effect of one head)
     on 16 IOI prompts, for heads 1.6 and 0.0, against :func:`circuitlib.patching.act_patch_heads`."""
     from ..patching import act_patch_heads
@@ -139,7 +140,7 @@ def check_patch_one_head(patch_one_head: Callable, model=None) -> CheckResult:
 
 
 @torch.no_grad()
-def _faith_with_padding(model, batch, heads) -> float:
+def _faith_with_padding(model: HookedTransformer, batch, heads) -> float:
     """Faithfulness with right-padding slots counted in the means (a plausible mistake)."""
     from ..metrics import logit_diff
 
@@ -163,7 +164,7 @@ def _faith_with_padding(model, batch, heads) -> float:
 
 
 @torch.no_grad()
-def _faith_variants(model, batch, circuit) -> dict[str, float]:
+def _faith_variants(model: HookedTransformer, batch, circuit) -> dict[str, float]:
     from ..circuits import faithfulness
     from ..interventions import Ablation, run_ablations
 
@@ -211,7 +212,7 @@ def _faith_problem(what: str, got: float, want: float, v: dict[str, float]) -> s
             "other head's hook_z, means over all real positions of the corrupted prompts, BOS excluded).")
 
 
-def check_faithfulness(faithfulness_of: Callable, model=None) -> CheckResult:
+def check_faithfulness(faithfulness_of: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``faithfulness_of(model, batch, heads) -> float`` against
     :func:`circuitlib.circuits.faithfulness` (default convention) on 32 IOI prompts with head set
     {1.6} and 32 capitals prompts with {0.0, 0.1, 0.5}."""

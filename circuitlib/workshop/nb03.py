@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+from transformer_lens import HookedTransformer
 
 from . import CheckResult, close, run_check
 
@@ -30,13 +31,13 @@ ATTN_TOL = 1e-4
 
 
 @lru_cache(maxsize=1)
-def _toy():
+def _toy() -> HookedTransformer:
     from ..models import load_model
 
     return load_model("toy")
 
 
-def _model(model):
+def _model(model: HookedTransformer | None) -> HookedTransformer:
     return _toy() if model is None else model
 
 
@@ -76,7 +77,7 @@ def _tie_case():
 
 
 @torch.no_grad()
-def _static_variants(model, layer: int, head: int, pairs, k: int) -> dict[str, float]:
+def _static_variants(model: HookedTransformer, layer: int, head: int, pairs, k: int) -> dict[str, float]:
     """What plausible mistakes would return, to say which one was made."""
     from ..scoring import topk_hits
 
@@ -124,7 +125,7 @@ def _static_problem(cases: list[tuple[str, str, int]], got: list[float], want: l
     return ""
 
 
-def check_static_score(static_score: Callable, model=None) -> CheckResult:
+def check_static_score(static_score: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``static_score(W_E, W_V, W_O, W_U, src, tgt, k) -> float`` (one head's MAPS static score;
     ``W_V``: ``[d_model, d_head]``, ``W_O``: ``[d_head, d_model]``; ties across the k-th place are
     misses) on heads 0.0 (name copying, k = 1), 0.1 (country -> capital, k = 10) and 1.6 (name
@@ -185,7 +186,7 @@ def check_static_score(static_score: Callable, model=None) -> CheckResult:
 SUPPRESSED_CASES = (((0, 0), "Mallory"), ((1, 6), "Mallory"), ((0, 5), "France"))
 
 
-def check_most_suppressed(most_suppressed: Callable, model=None, n: int = 10) -> CheckResult:
+def check_most_suppressed(most_suppressed: Callable, model: HookedTransformer | None = None, n: int = 10) -> CheckResult:
     """Check ``most_suppressed(model, layer, head, src, n) -> token ids`` (the ``n`` vocabulary entries
     with the most negative ``m_s``, most negative first) against
     :func:`circuitlib.scoring.top_mapped_tokens` with ``suppression=True``."""
@@ -245,12 +246,12 @@ def check_most_suppressed(most_suppressed: Callable, model=None, n: int = 10) ->
 
 
 @torch.no_grad()
-def _pattern(model, tokens, layer):
+def _pattern(model: HookedTransformer, tokens, layer):
     _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.attn.hook_pattern")
     return cache["pattern", layer]
 
 
-def check_attention_to(attention_to: Callable, model=None) -> CheckResult:
+def check_attention_to(attention_to: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``attention_to(model, tokens, query_pos, key_pos, layer, head) -> float`` (the head's
     attention from ``query_pos[i]`` to ``key_pos[i]`` in prompt ``i``, averaged over prompts) on 32
     capital prompts (END -> the country, heads 0.0 and 1.6) and on MAPS's dynamic prompts for name

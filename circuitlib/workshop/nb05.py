@@ -14,6 +14,7 @@ import re
 from typing import Callable
 
 import torch
+from transformer_lens import HookedTransformer
 
 from . import CheckResult, run_check
 from .nb00 import quiet
@@ -22,7 +23,7 @@ from .nb00 import quiet
 # Exercise 1: find the head whose OV circuit suppresses names
 
 
-def check_name_suppression_head(name_suppression_head: Callable, model) -> CheckResult:
+def check_name_suppression_head(name_suppression_head: Callable, model: HookedTransformer) -> CheckResult:
     """``name_suppression_head()`` must return, as ``"L.H"``, the head with the highest MAPS
     suppression score for name copying (:func:`circuitlib.scoring.static_scores` with ``suppression=True``)."""
     from ..interventions import live_heads
@@ -67,7 +68,7 @@ def check_name_suppression_head(name_suppression_head: Callable, model) -> Check
 # Exercise 2: a new head-scoring method for the registry: zero-ablation
 
 
-def zero_ablation_scorer(model, batch, *, direction: str = "noising", progress: bool = False):
+def zero_ablation_scorer(model: HookedTransformer, batch, *, direction: str = "noising", progress: bool = False):
     """circuitlib's zero-ablation head scores, with the registry's signature
     (:func:`circuitlib.circuits.register_scorer`): per head, the share of the clean - corrupted logit
     difference lost when the head's ``hook_z`` is set to 0 at every position of the clean prompts,
@@ -88,7 +89,7 @@ def zero_ablation_scorer(model, batch, *, direction: str = "noising", progress: 
                             "ablation": ablation.describe(), "n_prompts": len(batch)})
 
 
-def _mean_variant(model, batch):
+def _mean_variant(model: HookedTransformer, batch):
     from ..interventions import Ablation, run_ablations
     from ..metrics import logit_diff
 
@@ -100,7 +101,7 @@ def _mean_variant(model, batch):
     return ((clean - ablated) / (clean - corrupt)).view(model.cfg.n_layers, model.cfg.n_heads), clean, corrupt
 
 
-def check_zero_ablation_scores(zero_ablation_scores: Callable, model, batch) -> CheckResult:
+def check_zero_ablation_scores(zero_ablation_scores: Callable, model: HookedTransformer, batch) -> CheckResult:
     """``zero_ablation_scores(model, batch, direction=..., progress=...)`` must return every head's
     zero-ablation score (:func:`zero_ablation_scorer`, built on :func:`circuitlib.interventions.run_ablations`)
     as HeadScores or a ``[n_layers, n_heads]`` tensor."""
