@@ -36,6 +36,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,12 +138,12 @@ def forward_counter(model, desc: str, enabled: bool) -> Iterator[None]:
 
 class Steps:
     """The steps of one section: a tqdm bar over them (its ETA comes from the steps done so far) and the
-    wall / CPU seconds of each (``seconds``)."""
+    wall / CPU seconds of each (into ``ctx.steps``)."""
 
     def __init__(self, ctx: "Context", section: str, total: int):
         from tqdm.auto import tqdm
 
-        self.ctx, self.seconds = ctx, {}
+        self.ctx = ctx
         self.bar = tqdm(total=total, desc=section, unit=" step", disable=not ctx.bars, dynamic_ncols=True)
 
     @contextlib.contextmanager
@@ -151,8 +152,13 @@ class Steps:
         wall, cpu = time.perf_counter(), time.process_time()
         with forward_counter(self.ctx.model, name, self.ctx.bars):
             yield
-        self.seconds[name] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
+        self.ctx.steps[name] = {"wall": round(time.perf_counter() - wall, 2),
+                                "cpu": round(time.process_time() - cpu, 2)}
         self.bar.update()
+
+    def resumed(self, n: int) -> None:
+        """``n`` steps done by an earlier run (their timings come from its saved part)."""
+        self.bar.update(n)
 
     def close(self) -> None:
         self.bar.close()
@@ -176,6 +182,10 @@ class Context:
         self.patching: dict[str, HeadScores] = {}
         self.relation_scores: dict[str, HeadScores] = {}
         self.steps: dict[str, Any] = {}  # the running section's step timings
+        self.section = ""  # the running section, its resume key, whether to resume, the parts it resumed
+        self.section_key: dict = {}
+        self.resume = True
+        self.resumed_parts: list[str] = []
         self.batches = {t: task_batch(t, model.tokenizer, plan["n_prompts"], seed=SEED,
                                       model_name=model.cfg.model_name) for t in self.tasks}
 
@@ -192,11 +202,31 @@ class Context:
     @contextlib.contextmanager
     def section_steps(self, section: str, total: int) -> Iterator[Steps]:
         steps = Steps(self, section, total)
+        self.current_steps = steps
         try:
             yield steps
         finally:
             steps.close()
-            self.steps.update(steps.seconds)
+
+    def part(self, key: str, compute: Callable[[], Any], *, n_steps: int = 1) -> Any:
+        """One finished piece of the running section (a task's discovery, a relation's scores), saved to
+        ``OUT/sections/<section>.parts/<key>.json`` with the section's resume key: an interrupted section
+        resumes piece by piece. ``compute()`` returns JSON-able data; ``n_steps``: the progress-bar steps it
+        takes (skipped on the bar when the piece is resumed)."""
+        path = self.out / "sections" / f"{self.section}.parts" / f"{key.replace('/', '_')}.json"
+        if self.resume and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == self.section_key:
+                self.steps.update(saved.get("steps", {}))
+                self.resumed_parts.append(f"{self.section}/{key}")
+                self.current_steps.resumed(n_steps)
+                return saved["result"]
+        before = set(self.steps)
+        result = json.loads(json.dumps(compute()))
+        path.parent.mkdir(exist_ok=True)
+        _write_atomic(path, json.dumps({"settings": self.section_key, "result": result,
+                                        "steps": {k: v for k, v in self.steps.items() if k not in before}}))
+        return result
 
 
 def _title(task: str) -> str:
@@ -226,18 +256,21 @@ def section_discovery(ctx: Context) -> dict:
 
     scorers = [s for s in HEAD_SCORERS if s not in ctx.skip]
     out = {}
+
+    def discover(t: str) -> dict:
+        with step(f"discover {t}"):
+            try:
+                d = discover_circuit(ctx.model, t, n_prompts=ctx.plan["discovery_prompts"], target=TARGET,
+                                     scorers=scorers, seed=SEED, progress=ctx.bars).to_dict()
+            except ValueError as exc:  # e.g. a model whose clean and corrupted prompts score alike
+                return {"skipped": f"discovery failed: {exc}"}
+        for method, seconds in d.pop("timings").items():  # timings stay out of the results
+            ctx.steps[f"discover {t}: {method}"] = {"wall": seconds}
+        return d
+
     with ctx.section_steps("discovery", len(ctx.tasks)) as step:
         for t in ctx.tasks:
-            with step(f"discover {t}"):
-                try:
-                    d = discover_circuit(ctx.model, t, n_prompts=ctx.plan["discovery_prompts"], target=TARGET,
-                                         scorers=scorers, seed=SEED, progress=ctx.bars).to_dict()
-                except ValueError as exc:  # e.g. a model whose clean and corrupted prompts score alike
-                    out[t] = {"skipped": f"discovery failed: {exc}"}
-                    continue
-            for method, seconds in d.pop("timings").items():  # timings stay out of the results
-                ctx.steps[f"discover {t}: {method}"] = {"wall": seconds}
-            out[t] = d
+            out[t] = ctx.part(t, lambda t=t: discover(t))
     restore_discovery(ctx, out)
     found = [t for t in ctx.tasks if t in ctx.circuits]
     if not found:
@@ -266,17 +299,20 @@ def restore_discovery(ctx: Context, data: dict) -> None:
 
 def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal: bool = True, dynamic: bool = True,
                      extra_tasks: Sequence[str] = (), n_prompts: int | None = None, n_extra_random: int = CAUSAL_RANDOM,
-                     step: Callable[[str], Any] | None = None) -> dict[str, dict]:
+                     step: Callable[[str], Any] | None = None,
+                     part: Callable[..., Any] | None = None) -> dict[str, dict]:
     """Everything the report stores per relation, JSON-able: k, pairs used, static and suppression
     score maps, top heads, (``dynamic``) dynamic scores with and without context and their Pearson r
     with the static scores, and (``causal``) MAPS's causal check (``{"skipped": why}`` when the relation
     has no prompts here). Parts left out are ``None``. ``n_prompts``: causal-check prompts per relation
     (``None``: every pair); ``n_extra_random``: its layer-matched random head sets. ``step(name)``: a
-    context manager around each unit of work (the report's progress bar and timings)."""
+    context manager around each unit of work (the report's progress bar and timings); ``part(key, compute,
+    n_steps=)``: runs each relation's dynamic scores and causal check (the report saves them as they finish)."""
     from .causal import causal_check
     from .scoring import dynamic_scores, static_dynamic_correlation, static_scores_many
 
     step = step or (lambda name: contextlib.nullcontext())
+    part = part or (lambda key, compute, n_steps=1: compute())
     with step(f"static + suppression scores ({len(relations)} relations)"):
         static = static_scores_many(model, list(relations))
         suppression = static_scores_many(model, list(relations), suppression=True)
@@ -284,8 +320,8 @@ def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal
         controls = {r["relation"] for r in relation_table(model.tokenizer) if r["valid"]} | set(relations)
         with step(f"static scores of the causal check's {len(controls)} control candidates"):
             all_static = static_scores_many(model, sorted(controls))
-    out = {}
-    for name in relations:
+
+    def forward_parts(name: str) -> dict:
         hs = static[name]
         dyn = r_sd = None
         if dynamic:
@@ -302,16 +338,21 @@ def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal
                                          n_extra_random=n_extra_random, seed=SEED).to_dict()
                 except ValueError as exc:
                     check = {"skipped": str(exc)}
+        return {"dynamic_with_context": dyn[True].to_dict() if dyn else None,
+                "dynamic_without_context": dyn[False].to_dict() if dyn else None,
+                "r_static_dynamic": r_sd, "causal_check": check}
+
+    out = {}
+    for name in relations:
+        hs = static[name]
+        done = part(name, lambda name=name: forward_parts(name), n_steps=int(dynamic) + int(causal))
         out[name] = {
             "k": hs.k, "pairs_used": hs.meta["pairs_used"], "pairs_total": hs.meta["pairs_total"],
             "static": hs.to_dict(), "suppression": suppression[name].to_dict(),
             "top_heads": [{"head": f"{l}.{h}", "score": round(hs[(l, h)], 4)} for l, h in hs.top(n_top)],
             "top_suppression_heads": [{"head": f"{l}.{h}", "score": round(suppression[name][(l, h)], 4)}
                                       for l, h in suppression[name].top(n_top)],
-            "dynamic_with_context": dyn[True].to_dict() if dyn else None,
-            "dynamic_without_context": dyn[False].to_dict() if dyn else None,
-            "r_static_dynamic": r_sd,
-            "causal_check": check,
+            **done,
         }
     return out
 
@@ -335,7 +376,7 @@ def section_scoring(ctx: Context) -> dict:
     with ctx.section_steps("scoring", n_steps) as step:
         summary = relation_summary(ctx.model, relations, causal=causal, dynamic=dynamic, extra_tasks=ctx.tasks,
                                    n_prompts=ctx.plan["causal_prompts"], n_extra_random=ctx.plan["causal_random"],
-                                   step=step)
+                                   step=step, part=ctx.part)
     restore_scoring(ctx, summary)
     shown = [r for r in FIGURE_RELATIONS if r in ctx.relation_scores]
     if shown:
@@ -566,6 +607,7 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
         t, c = time.time(), time.process_time()
         before = dict(ctx.figures)
         ctx.steps = {}
+        ctx.section, ctx.section_key, ctx.resume = name, settings, resume
         if name in skip:
             ctx.summary[name] = {"skipped": "left out (skip)"}
         else:
@@ -576,11 +618,12 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
         new_figs = {k: v for k, v in ctx.figures.items() if k not in before}
         _write_atomic(path, json.dumps({"settings": settings, "result": ctx.summary[name], "figures": new_figs,
                                         "seconds": timings[name], "cpu_seconds": cpu[name], "steps": ctx.steps}))
+        shutil.rmtree(out / "sections" / f"{name}.parts", ignore_errors=True)  # the section file has it all
     ctx.summary["settings"] = {**base_settings, "skip": sorted(skip), "plan": plan}
     ctx.summary["timings_seconds"] = timings
     ctx.summary["cpu_seconds"] = cpu
     ctx.summary["step_seconds"] = step_seconds
-    ctx.summary["resumed_sections"] = resumed
+    ctx.summary["resumed_sections"] = resumed + ctx.resumed_parts
     ctx.summary["peak_rss_gib"] = peak_rss_gib()
     ctx.summary["figures"] = {name: {"file": f"{name}.png", "caption": cap} for name, cap in ctx.figures.items()}
     _write_atomic(out / "summary.json", json.dumps(ctx.summary, indent=2) + "\n")

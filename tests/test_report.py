@@ -109,7 +109,24 @@ def test_resume_after_a_deleted_section_gives_the_same_summary(first_run, small,
 
 
 def test_interrupted_report_resumes(first_run, small, tmp_path, monkeypatch):
+    """Ctrl-C during the second task's discovery, then during the overlap section: each rerun resumes from
+    what was finished (the first task's discovery, then whole sections) and the end result is the same."""
+    from circuitlib import circuits
+
     _, a = first_run
+    real = circuits.discover_circuit
+
+    def interrupted_at_capitals(model, task, **kwargs):
+        if task == "capitals":
+            raise KeyboardInterrupt
+        return real(model, task, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(circuits, "discover_circuit", interrupted_at_capitals)
+        with pytest.raises(KeyboardInterrupt):
+            report.run_report("toy", tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "sections").iterdir()) == ["baseline.json", "discovery.parts"]
+    assert [p.name for p in (tmp_path / "sections" / "discovery.parts").iterdir()] == ["ioi.json"]
 
     def interrupted(ctx):
         raise KeyboardInterrupt  # as if Ctrl-C arrived during the overlap section
@@ -125,6 +142,33 @@ def test_interrupted_report_resumes(first_run, small, tmp_path, monkeypatch):
     b = report.run_report("toy", tmp_path, progress=False)
     assert b["resumed_sections"] == ["baseline", "discovery", "scoring"]
     assert json.loads(json.dumps(results(a))) == json.loads(json.dumps(results(b)))
+    # the discovery section that resumed its first task has that task's step timings too
+    assert "discover ioi: act_patch" in b["step_seconds"]["discovery"]
+
+
+def test_scoring_resumes_relation_by_relation(first_run, small, tmp_path, monkeypatch):
+    from circuitlib import causal
+
+    src, a = first_run
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    for name in ("scoring.json", "overlap.json"):
+        (tmp_path / "sections" / name).unlink()
+    real = causal.causal_check
+
+    def interrupted_at_capitals(model, relation, **kwargs):
+        if relation == "country_to_capital_wikidata":
+            raise KeyboardInterrupt
+        return real(model, relation, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(causal, "causal_check", interrupted_at_capitals)
+        with pytest.raises(KeyboardInterrupt):
+            report.run_report("toy", tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "sections" / "scoring.parts").iterdir()] == ["name_copying.json"]
+    b = report.run_report("toy", tmp_path, progress=False)
+    assert b["resumed_sections"] == ["baseline", "discovery", "scoring/name_copying"]
+    assert json.loads(json.dumps(results(a))) == json.loads(json.dumps(results(b)))
+    assert not (tmp_path / "sections" / "scoring.parts").exists()
 
 
 def test_changed_plan_recomputes_only_what_it_affects(first_run, small, tmp_path, monkeypatch):
