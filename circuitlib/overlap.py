@@ -1,9 +1,12 @@
 """Are two head scorings / head sets related more than chance? Set and rank statistics with p-values.
 
 Works on any two of: :class:`HeadScores` (a score per head), :class:`Circuit`, or a plain set of
-``(layer, head)`` / ``"L.H"``. The single statistics (:func:`set_overlap`, :func:`rank_correlation`,
-:func:`circuit_rank_test`, :func:`topk_overlap_curve`) return JSON-able dicts; :func:`compare` returns a
-:class:`Comparison`, :func:`test_table` a :class:`TestTable` (dataclasses with ``to_dict`` / ``to_json``).
+``(layer, head)`` / ``"L.H"``. Every function returns a frozen dataclass with ``to_dict`` / ``to_json``:
+:func:`set_overlap` a :class:`SetOverlap`, :func:`rank_correlation` a :class:`RankCorrelation`,
+:func:`circuit_rank_test` a :class:`CircuitRankTest`, :func:`topk_overlap_curve` a
+:class:`TopkOverlapCurve` (these four also read as mappings, ``r["p_value"]``, as the dicts they
+replaced), :func:`permutation_test` / :func:`empirical_p` a :class:`PValue`, :func:`compare` a
+:class:`Comparison`, :func:`test_table` a :class:`TestTable`.
 
 Conventions (they change numbers):
 
@@ -46,7 +49,7 @@ import numpy as np
 from jaxtyping import Float, Int
 from scipy import stats
 
-from .results import Result
+from .results import MappingResult, Result
 from .types import Circuit, Head, HeadScores, head_name, parse_head
 
 HeadSet = Circuit | Iterable[Head | str]
@@ -280,12 +283,41 @@ def as_head_set(heads: HeadSet) -> frozenset[Head]:
     return frozenset(parse_head(h) if isinstance(h, str) else (int(h[0]), int(h[1])) for h in heads)
 
 
-def set_overlap(a: HeadSet, b: HeadSet, n_total: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SetOverlap(MappingResult):
+    """Two head sets ``a`` and ``b`` drawn from ``n_total`` heads (:func:`set_overlap`).
+
+    - ``intersection``: the shared heads, ``"L.H"``, sorted by (layer, head);
+    - ``size_a``, ``size_b``, ``size_intersection``: ``|a|``, ``|b|``, ``|a & b|``;
+    - ``n_total`` (and ``n``, the same number under the name :class:`TestRow` reads): the population;
+    - ``jaccard`` = ``|a & b| / |a | b|``, ``overlap_coefficient`` = ``|a & b| / min(|a|, |b|)``
+      (both 0 when a denominator is 0);
+    - ``expected`` = ``|a| |b| / n_total``: the mean intersection of random sets of these sizes;
+    - ``p_value`` = hypergeometric ``P(X >= |a & b|)`` (exact, one-sided: "more overlap than chance";
+      1 for an empty set); ``p_method`` = ``"exact, hypergeometric"``;
+    - ``min_p``: the p of the largest possible overlap, ``min(|a|, |b|)``.
+    """
+
+    intersection: tuple[str, ...]
+    size_a: int
+    size_b: int
+    size_intersection: int
+    n_total: int
+    n: int
+    jaccard: float
+    overlap_coefficient: float
+    expected: float
+    p_value: float
+    p_method: str
+    min_p: float
+
+
+def set_overlap(a: HeadSet, b: HeadSet, n_total: int) -> SetOverlap:
     """Intersection, Jaccard, overlap coefficient and hypergeometric p-value of two head sets.
 
     ``n_total`` = number of heads the sets were drawn from (``n_layers * n_heads``). ``expected``
     is the mean intersection size for random sets of the same sizes, ``|a| |b| / n_total``;
-    ``min_p`` the p of the largest possible overlap (``min(|a|, |b|)``).
+    ``min_p`` the p of the largest possible overlap (``min(|a|, |b|)``). Fields: :class:`SetOverlap`.
     """
     sa, sb = as_head_set(a), as_head_set(b)
     union = sa | sb
@@ -296,20 +328,20 @@ def set_overlap(a: HeadSet, b: HeadSet, n_total: int) -> dict[str, Any]:
         )
     inter = sa & sb
     smaller = min(len(sa), len(sb))
-    return {
-        "intersection": [head_name(h) for h in sorted(inter)],
-        "size_a": len(sa),
-        "size_b": len(sb),
-        "size_intersection": len(inter),
-        "n_total": int(n_total),
-        "n": int(n_total),
-        "jaccard": len(inter) / len(union) if union else 0.0,
-        "overlap_coefficient": len(inter) / smaller if smaller else 0.0,
-        "expected": len(sa) * len(sb) / n_total,
-        "p_value": hypergeom_p(len(inter), n_total, len(sa), len(sb)),
-        "p_method": "exact, hypergeometric",
-        "min_p": hypergeom_p(smaller, n_total, len(sa), len(sb)),
-    }
+    return SetOverlap(
+        intersection=tuple(head_name(h) for h in sorted(inter)),
+        size_a=len(sa),
+        size_b=len(sb),
+        size_intersection=len(inter),
+        n_total=int(n_total),
+        n=int(n_total),
+        jaccard=len(inter) / len(union) if union else 0.0,
+        overlap_coefficient=len(inter) / smaller if smaller else 0.0,
+        expected=len(sa) * len(sb) / n_total,
+        p_value=hypergeom_p(len(inter), n_total, len(sa), len(sb)),
+        p_method="exact, hypergeometric",
+        min_p=hypergeom_p(smaller, n_total, len(sa), len(sb)),
+    )
 
 
 def hypergeom_p(observed: int, n_total: int, size_a: int, size_b: int) -> float:
@@ -336,6 +368,11 @@ def _check_same_grid(a: HeadScores, b: HeadScores) -> None:
         )
 
 
+def _flat_names(x: HeadScores, idx: Int[np.ndarray, " n"]) -> list[str]:
+    """``"L.H"`` names of flat head indices ``layer * n_heads + head`` on ``x``'s grid."""
+    return [head_name((int(i) // x.n_heads, int(i) % x.n_heads)) for i in idx]
+
+
 def _flat_index(x: HeadScores, heads: Iterable[Head], what: str) -> Int[np.ndarray, " n"]:
     """Sorted flat indices ``layer * n_heads + head`` of ``heads``, checked against ``x``'s grid."""
     idx = []
@@ -347,6 +384,44 @@ def _flat_index(x: HeadScores, heads: Iterable[Head], what: str) -> Int[np.ndarr
     return np.array(sorted(idx), dtype=np.intp)
 
 
+def _permutation_fields(res: PValue) -> dict[str, Any]:
+    """The fields a rank statistic takes from its :func:`permutation_test` result."""
+    return dict(p_value=res.p_value, p_method=res.how, exact=res.method == "exact", n_permutations=res.n_resamples,
+                min_p=res.min_p)
+
+
+@dataclass(frozen=True)
+class RankCorrelation(MappingResult):
+    """Spearman's rho between two scorings of the same heads (:func:`rank_correlation`).
+
+    - ``rho``: Spearman's rho, average ranks for ties, ranks taken among the ``n`` heads compared;
+    - ``p_value``: two-sided permutation p, ``|rho_perm| >= |rho|`` (float tolerance
+      ``1e-9 * max(1, |rho|)``), from :func:`permutation_test`; ``p_method`` says how
+      (``"exact, 720 permutations"`` or ``"Monte Carlo, 20,000 permutations, +1 correction"``),
+      ``exact`` whether every relabelling was enumerated, ``n_permutations`` how many were enumerated
+      or drawn, ``min_p`` the smallest p attainable with these data;
+    - ``n``: heads compared; ``heads``: their names, or ``None`` for all heads of the grid;
+    - ``permutations``: ``"all heads"`` or ``"within layers"`` (the null permutes one scoring only
+      within each layer); ``alternative``: ``"two-sided"``;
+    - ``note``: only when rho is undefined (fewer than 2 heads, or a constant scoring); then ``rho``,
+      ``p_value``, ``p_method``, ``exact``, ``n_permutations`` and ``min_p`` are ``None``.
+    """
+
+    _optional: ClassVar[tuple[str, ...]] = ("note",)
+
+    rho: float | None
+    p_value: float | None
+    p_method: str | None
+    exact: bool | None
+    n_permutations: int | None
+    min_p: float | None
+    n: int
+    heads: tuple[str, ...] | None
+    permutations: str
+    alternative: str = "two-sided"
+    note: str | None = None
+
+
 def rank_correlation(
     a: HeadScores,
     b: HeadScores,
@@ -356,7 +431,7 @@ def rank_correlation(
     absolute: bool = False,
     n_permutations: int = MIN_MONTE_CARLO,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> RankCorrelation:
     """Spearman's rho between two scorings of the same heads, with a two-sided permutation p-value.
 
     ``heads``: compare only these heads (e.g. the model's live heads; ranks are taken within them),
@@ -366,35 +441,59 @@ def rank_correlation(
     relabellings number <= 50,000, e.g. up to 8 heads over all heads; else ``n_permutations`` >= 20,000
     Monte-Carlo draws, one matrix product per batch).
 
-    Returns ``rho``, ``p_value``, ``p_method`` (how p was obtained), ``exact``, ``n_permutations``
-    (enumerated or drawn), ``min_p`` (smallest attainable p), ``n`` (heads compared), ``heads``
-    (``None`` = all, else their names), ``permutations``, ``alternative``. If either scoring is
-    constant on the heads compared (or fewer than 2 heads), rho is undefined: ``rho``, ``p_value``
-    and ``min_p`` are ``None`` and ``note`` says why.
+    Returns a :class:`RankCorrelation`. If either scoring is constant on the heads compared (or fewer
+    than 2 heads), rho is undefined: ``rho``, ``p_value`` and ``min_p`` are ``None`` and ``note`` says why.
     """
     _check_same_grid(a, b)
     idx = (np.arange(a.scores.numel()) if heads is None
            else _flat_index(a, as_head_set(heads), "a requested"))
     n = int(idx.size)
-    out: dict[str, Any] = {
-        "rho": None, "p_value": None, "p_method": None, "exact": None, "n_permutations": None, "min_p": None,
-        "n": n, "heads": None if heads is None else [head_name((int(i) // a.n_heads, int(i) % a.n_heads)) for i in idx],
-        "permutations": "within layers" if within_layers else "all heads", "alternative": "two-sided",
-    }
+    described = dict(n=n, heads=None if heads is None else tuple(_flat_names(a, idx)),
+                     permutations="within layers" if within_layers else "all heads")
     ra = stats.rankdata(_flat_scores(a, absolute)[idx])
     rb = stats.rankdata(_flat_scores(b, absolute)[idx])
     if n < 2 or ra.std() == 0 or rb.std() == 0:
-        out["note"] = "fewer than 2 heads or a constant scoring: rank correlation undefined"
-        return out
+        return RankCorrelation(rho=None, p_value=None, p_method=None, exact=None, n_permutations=None, min_p=None,
+                               note="fewer than 2 heads or a constant scoring: rank correlation undefined", **described)
     za = (ra - ra.mean()) / ra.std()
     zb = (rb - rb.mean()) / rb.std()
     layers = idx // a.n_heads
     blocks = [np.flatnonzero(layers == l) for l in np.unique(layers)] if within_layers else [np.arange(n)]
     res = permutation_test(lambda perm: zb[perm] @ za / n, BlockPermutations(n, blocks),
                            alternative="two-sided", n_permutations=n_permutations, seed=seed)
-    out.update(rho=res.statistic, p_value=res.p_value, p_method=res.how, exact=res.method == "exact",
-               n_permutations=res.n_resamples, min_p=res.min_p)
-    return out
+    return RankCorrelation(rho=res.statistic, **_permutation_fields(res), **described)
+
+
+@dataclass(frozen=True)
+class CircuitRankTest(MappingResult):
+    """Do a circuit's heads score higher than the other heads? (:func:`circuit_rank_test`)
+
+    - ``auroc``: the probability that a random circuit head outscores a random other head, ties
+      counting 1/2 (0.5 = no relation, 1 = every circuit head above every other head);
+    - ``p_value``: one-sided permutation p (``AUROC_perm >= AUROC``), the null making every choice of
+      ``n_in`` of the ``n`` heads equally likely (``C(n, n_in)`` labellings); ``p_method``, ``exact``,
+      ``n_permutations``, ``min_p`` as in :class:`RankCorrelation`;
+    - ``alternative``: ``"greater (circuit heads score higher)"``;
+    - ``n``: heads compared, ``n_in`` / ``n_out``: inside / outside the circuit;
+    - ``mean_score_in`` / ``mean_score_out``: mean score inside / outside (only when defined);
+    - ``note``: only when no head is inside or none outside; then the p fields are ``None``.
+    """
+
+    _optional: ClassVar[tuple[str, ...]] = ("note", "mean_score_in", "mean_score_out")
+
+    auroc: float | None
+    p_value: float | None
+    p_method: str | None
+    exact: bool | None
+    n_permutations: int | None
+    min_p: float | None
+    alternative: str
+    n: int
+    n_in: int
+    n_out: int
+    note: str | None = None
+    mean_score_in: float | None = None
+    mean_score_out: float | None = None
 
 
 def circuit_rank_test(
@@ -405,7 +504,7 @@ def circuit_rank_test(
     absolute: bool = False,
     n_permutations: int = MIN_MONTE_CARLO,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> CircuitRankTest:
     """Do circuit heads score higher than the other heads? AUROC with a one-sided permutation p.
 
     ``heads``: compare only among these heads (e.g. the live heads: the circuit must lie inside
@@ -417,8 +516,7 @@ def circuit_rank_test(
     3 of 24 heads: 2,024 labellings; else Monte Carlo). Needs at least one head inside and one
     outside the circuit (else ``auroc`` / ``p_value`` / ``min_p`` are ``None`` with a ``note``).
 
-    Returns ``auroc``, ``p_value``, ``p_method``, ``exact``, ``n_permutations``, ``min_p``,
-    ``alternative``, ``n`` (heads), ``n_in``, ``n_out``, ``mean_score_in``, ``mean_score_out``.
+    Returns a :class:`CircuitRankTest`.
     """
     values = _flat_scores(scores, absolute)
     inside = _flat_index(scores, as_head_set(circuit), "circuit")
@@ -426,27 +524,22 @@ def circuit_rank_test(
         among = _flat_index(scores, as_head_set(heads), "compared")
         missing = np.setdiff1d(inside, among)
         if missing.size:
-            raise ValueError(f"circuit heads {[head_name((int(i) // scores.n_heads, int(i) % scores.n_heads)) for i in missing]} "
+            raise ValueError(f"circuit heads {_flat_names(scores, missing)} "
                              "are not among the heads compared: pass heads= that contain the circuit")
         values, inside = values[among], np.searchsorted(among, inside)
     n, k = values.size, int(inside.size)
-    out: dict[str, Any] = {
-        "auroc": None, "p_value": None, "p_method": None, "exact": None, "n_permutations": None, "min_p": None,
-        "alternative": "greater (circuit heads score higher)", "n": n, "n_in": k, "n_out": n - k,
-    }
+    described = dict(alternative="greater (circuit heads score higher)", n=n, n_in=k, n_out=n - k)
     if k == 0 or k == n:
-        out["note"] = "need heads both inside and outside the circuit"
-        return out
+        return CircuitRankTest(auroc=None, p_value=None, p_method=None, exact=None, n_permutations=None, min_p=None,
+                               note="need heads both inside and outside the circuit", **described)
     ranks = stats.rankdata(values)  # average ranks: U = rank sum - k(k+1)/2 counts ties as 1/2
     scale = k * (n - k)
     res = permutation_test(lambda marked: (ranks[marked].sum(axis=1) - k * (k + 1) / 2) / scale,
                            Labellings(n, inside), alternative="greater", n_permutations=n_permutations, seed=seed)
     mask = np.zeros(n, dtype=bool)
     mask[inside] = True
-    out.update(auroc=res.statistic, p_value=res.p_value, p_method=res.how, exact=res.method == "exact",
-               n_permutations=res.n_resamples, min_p=res.min_p,
-               mean_score_in=float(values[mask].mean()), mean_score_out=float(values[~mask].mean()))
-    return out
+    return CircuitRankTest(auroc=res.statistic, **_permutation_fields(res), **described,
+                           mean_score_in=float(values[mask].mean()), mean_score_out=float(values[~mask].mean()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,9 +559,29 @@ def _ranking(x: HeadScores, *, seed: int, absolute: bool) -> np.ndarray:
     return np.lexsort((tiebreak, -values))  # best first
 
 
+@dataclass(frozen=True)
+class TopkOverlapCurve(MappingResult):
+    """``|top-k(a) & top-k(b)|`` over a sweep of k (:func:`topk_overlap_curve`).
+
+    - ``names``: ``"method:target"`` of ``a`` and ``b``;
+    - ``k``: the k swept; ``observed``: heads in both top-k sets at each k (ties broken at random with
+      ``seed`` for ``a`` and ``seed + 1`` for ``b``); ``expected`` = ``k^2 / n_total`` (chance);
+    - ``p_value``: hypergeometric ``P(X >= observed)`` at each k, descriptive (one curve, many
+      overlapping tests, no correction);
+    - ``n_total``: heads on the grid.
+    """
+
+    names: tuple[str, str]
+    k: tuple[int, ...]
+    observed: tuple[int, ...]
+    expected: tuple[float, ...]
+    p_value: tuple[float, ...]
+    n_total: int
+
+
 def topk_overlap_curve(
     a: HeadScores, b: HeadScores, ks: Sequence[int] | None = None, *, seed: int = 0, absolute: bool = False
-) -> dict[str, Any]:
+) -> TopkOverlapCurve:
     """|top-k(a) & top-k(b)| for a sweep of k, with chance ``k^2 / N`` and a hypergeometric p per k.
 
     ``ks`` defaults to ``1 .. min(N, 50)``. Ties are broken at random (``seed``), independently for
@@ -487,14 +600,14 @@ def topk_overlap_curve(
     # head at rank i of a is in top-k of b iff pos_b < k; overlap(k) = #{i < k : pos_b[order_a[i]] < k}
     rank_b_of_a = pos_b[order_a]
     observed = [int((rank_b_of_a[:k] < k).sum()) for k in ks]
-    return {
-        "names": [_describe_short(a), _describe_short(b)],
-        "k": ks,
-        "observed": observed,
-        "expected": [k * k / n for k in ks],
-        "p_value": [hypergeom_p(o, n, k, k) for o, k in zip(observed, ks)],
-        "n_total": n,
-    }
+    return TopkOverlapCurve(
+        names=(_describe_short(a), _describe_short(b)),
+        k=tuple(ks),
+        observed=tuple(observed),
+        expected=tuple(k * k / n for k in ks),
+        p_value=tuple(hypergeom_p(o, n, k, k) for o, k in zip(observed, ks)),
+        n_total=n,
+    )
 
 
 def _describe_short(x: HeadScores) -> str:
@@ -533,21 +646,21 @@ class Comparison(Result):
     - ``topk_curve``: :func:`topk_overlap_curve` (scores vs scores);
     - ``rank_test``: :func:`circuit_rank_test` of the set's heads under the scores (scores vs set).
 
-    ``to_dict()`` gives the JSON-able dict (without the ``None`` fields); ``c["rank"]`` reads it.
+    ``to_dict()`` gives the JSON-able dict (without the ``None`` fields); ``c["rank"]`` reads it
+    there, ``c.rank`` is the :class:`RankCorrelation` itself.
     """
+
+    _optional: ClassVar[tuple[str, ...]] = ("top_k", "rank", "rank_within_layers", "topk_curve", "rank_test")
 
     kind: str
     a: dict[str, Any]
     b: dict[str, Any]
-    set: dict[str, Any]
+    set: SetOverlap
     top_k: int | None = None
-    rank: dict[str, Any] | None = None
-    rank_within_layers: dict[str, Any] | None = None
-    topk_curve: dict[str, Any] | None = None
-    rank_test: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    rank: RankCorrelation | None = None
+    rank_within_layers: RankCorrelation | None = None
+    topk_curve: TopkOverlapCurve | None = None
+    rank_test: CircuitRankTest | None = None
 
 
 def compare(
@@ -632,8 +745,8 @@ class TestRow(Result):
 
     @classmethod
     def from_result(cls, name: str, result: Mapping[str, Any] | PValue, *, statistic: str) -> "TestRow":
-        """A row from a :class:`PValue` or a result dict of :func:`rank_correlation`,
-        :func:`circuit_rank_test` or :func:`set_overlap`; ``statistic`` names the value's key
+        """A row from a :class:`PValue`, a :class:`RankCorrelation`, :class:`CircuitRankTest` or
+        :class:`SetOverlap` (or a dict with their keys); ``statistic`` names the value's field
         (``"rho"``, ``"auroc"``, ``"size_intersection"``; for a PValue just a label)."""
         if isinstance(result, PValue):
             return cls(name, statistic, result.statistic, result.p_value, result.how, result.n_resamples, result.min_p)

@@ -3,6 +3,9 @@
 Every experiment (a faithfulness measurement, a causal check, a comparison, a test table) returns a
 dataclass deriving from :class:`Result`: its fields are documented where it is defined, ``to_dict()``
 gives plain JSON-able Python (tensors become lists, heads ``"L.H"``), ``to_json()`` the text.
+Single statistics (a rank correlation, a set overlap) derive from :class:`MappingResult`: they also
+read as the mapping of their ``to_dict()`` (``r["p_value"]``, ``r.get("note")``), as the plain dicts
+they replaced did.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,13 +44,33 @@ def jsonable(value: Any) -> Any:
 
 
 class Result:
-    """Mixin for result dataclasses: ``to_dict()`` / ``to_json()``; ``r["field"]`` reads a field."""
+    """Mixin for result dataclasses: ``to_dict()`` / ``to_json()``; ``r["field"]`` reads a field.
+
+    ``_optional`` names fields that ``to_dict()`` leaves out while they are ``None`` (e.g. a ``note``
+    that only an undefined statistic has), so the JSON holds only what applies.
+    """
+
+    _optional: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: jsonable(value) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if (value := getattr(self, f.name)) is not None or f.name not in self._optional}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
+
+
+class MappingResult(Result, Mapping):
+    """A result that is also the read-only mapping of its ``to_dict()``: ``r["p_value"]``,
+    ``r.get("note")``, ``"note" in r``, ``dict(r)``. For single statistics whose callers were written
+    against the plain dicts they once were; new code reads attributes (``r.p_value``).
+    Equality stays the dataclass's (field by field)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())

@@ -1,6 +1,7 @@
 """Overlap statistics against independent references: brute-force enumeration (itertools), scipy
 (spearmanr for rho, hypergeom, permutation_test), hand-computed Holm, closed-form counts."""
 
+import dataclasses
 import itertools
 import json
 from math import comb, factorial
@@ -71,7 +72,8 @@ def test_set_overlap_values_and_symmetry():
     swapped = overlap.set_overlap(b, a, 24)
     for key in ("jaccard", "overlap_coefficient", "p_value", "expected", "intersection", "min_p"):
         assert swapped[key] == pytest.approx(res[key]) if isinstance(res[key], float) else swapped[key] == res[key]
-    json.dumps(res)
+    assert res.intersection == ("0.1", "1.2") and res.size_intersection == 2  # a typed result, also read as a mapping
+    assert json.loads(res.to_json()) == dict(res) and dict(res)["intersection"] == ["0.1", "1.2"]
 
 
 def test_set_overlap_edge_cases():
@@ -319,7 +321,20 @@ def test_circuit_rank_test_monte_carlo_agrees_with_exact_enumeration():
 def test_circuit_rank_test_edge_cases():
     s = _random_hs(3)
     assert overlap.circuit_rank_test(s, [])["auroc"] is None
-    assert overlap.circuit_rank_test(s, [(l, h) for l in range(6) for h in range(8)])["p_value"] is None
+    everything = overlap.circuit_rank_test(s, [(l, h) for l in range(6) for h in range(8)])
+    assert everything["p_value"] is None and everything.p_value is None and everything.n_out == 0
+    # the JSON keeps the keys of the dicts these results replaced: the note only when undefined, the means only
+    # when defined (summary.json readers rely on them)
+    base = ["p_value", "p_method", "exact", "n_permutations", "min_p"]
+    assert list(everything.to_dict()) == ["auroc", *base, "alternative", "n", "n_in", "n_out", "note"]
+    defined = overlap.circuit_rank_test(s, [(0, 0)])
+    assert list(defined) == ["auroc", *base, "alternative", "n", "n_in", "n_out", "mean_score_in", "mean_score_out"]
+    assert defined.mean_score_in == pytest.approx(float(s.scores[0, 0]))
+    assert defined.mean_score_out == pytest.approx((float(s.scores.sum()) - float(s.scores[0, 0])) / 47)
+    rho = overlap.rank_correlation(s, _random_hs(4))
+    assert list(rho) == ["rho", *base, "n", "heads", "permutations", "alternative"] and "note" not in rho
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rho.rho = 1.0  # results are frozen
     with pytest.raises(ValueError, match="outside the 6x8"):
         overlap.circuit_rank_test(s, [(6, 0)])
 
