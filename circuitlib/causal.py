@@ -40,7 +40,15 @@ import numpy as np
 from scipy import stats
 
 from transformer_lens import HookedTransformer
-from .interventions import Ablation, AblationRun, control_sets, live_heads, run_ablations, sample_head_sets
+from .interventions import (
+    Ablation,
+    AblationRun,
+    HeadSetDraws,
+    control_sets,
+    live_heads,
+    run_ablations,
+    sample_head_sets,
+)
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
@@ -117,7 +125,8 @@ class CausalCheck(Result):
     their mean; ``controls``: the paper's control (relation heads on other relations' prompts), keyed by
     relation; ``control_candidates``: every relation considered and why it was kept or not;
     ``extra_tasks``: relation heads on other tasks (circuitlib's extra); ``extra_random``: layer-matched
-    live-head draws at ``m`` with an empirical p (circuitlib's extra); ``summary``: values at ``m``, and
+    live-head draws at ``m`` with an empirical p (circuitlib's extra; ``n_draws`` 0 and ``p_value`` None,
+    ``how`` / ``note`` saying why, when too few live heads remain); ``summary``: values at ``m``, and
     ``random_heads_live_fraction``: the share of MAPS's random heads that are live (on a model with
     switched-off heads, a random baseline of mostly dead heads ablates almost nothing).
     """
@@ -234,10 +243,9 @@ def causal_check(
 
     # circuitlib's extra: layer-matched draws from the live heads, all m heads ablated at once
     extra_random: dict = {"n_draws": 0}
-    try:
-        matched = control_sets(model, heads, n_extra_random, seed=seed)
-    except ValueError as exc:
-        extra_random["note"] = str(exc)
+    matched = control_sets(model, heads, n_extra_random, seed=seed)
+    if not len(matched):  # too few live heads outside the relation's: no test (never dead-head controls)
+        extra_random.update(how=matched.how, note=matched.how, p_value=None)
     else:
         run = run_ablations(model, batch, matched.sets, MAPS_ABLATION)
         top1 = run.top1_accuracy.numpy()
@@ -303,6 +311,8 @@ class TopVsRandom(Result):
     ``drop_top`` / ``drop_random``: clean minus ablated (accuracy and top-1 accuracy);
     ``p_random_as_harmful``: (1 + #random sets whose top-1 drop is at least the top heads') / (1 + n); ``binomial_p_above_chance``:
     one-sided exact binomial p that the two-way accuracy after ablating the top heads is above 0.5.
+    Random sets hold live heads only; when too few live heads remain for one set, ``n_random`` is 0,
+    ``random_mean`` / ``drop_random`` are empty, ``p_random_as_harmful`` is None and ``random_how`` says why.
     """
 
     task: str
@@ -331,15 +341,18 @@ def top_vs_random(
     ablation: Ablation = Ablation(),
     seed: int = 0,
 ) -> TopVsRandom:
-    """Ablate ``top`` vs random sets of ``len(top)`` heads outside ``top``: from ``pool`` if given, else
-    :func:`circuitlib.interventions.control_sets` (live heads, layer-matched where the layers allow);
+    """Ablate ``top`` vs random sets of ``len(top)`` heads outside ``top``: from the live heads of ``pool``
+    if given, else :func:`circuitlib.interventions.control_sets` (live heads, layer-matched where the layers allow);
     every such set when there are at most ``n_draws``, else ``n_draws`` seeded draws.
     Default ablation: mean over the corrupted prompts, every position, BOS excluded."""
     top = [(int(l), int(h)) for l, h in top]
     if pool is None:
         draws = control_sets(model, top, n_draws, seed=seed)
     else:
-        draws = sample_head_sets(model, n_draws, size=len(top), pool=pool, exclude=top, seed=seed)
+        try:
+            draws = sample_head_sets(model, n_draws, size=len(top), pool=pool, exclude=top, seed=seed)
+        except ValueError as exc:  # too few live heads in the pool: no random sets, no p-value
+            draws = HeadSetDraws([], [], f"no control sets: {exc}", meta={"no_test": str(exc)})
     run = run_ablations(model, batch, [[], top, *draws.sets], ablation)
     acc, top1, ld = run.accuracy.numpy(), run.top1_accuracy.numpy(), run.mean_logit_diff.numpy()
 
@@ -348,15 +361,16 @@ def top_vs_random(
                 "logit_diff": round(float(ld[i]), 4)}
 
     rand = slice(2, None)
+    has_random = len(draws) > 0
     n_correct = int((run.logit_diff[1] > 0).sum())
     return TopVsRandom(
         task=batch.task, heads=[head_name(h) for h in top], ablation=ablation.to_dict(), random_how=draws.how,
         n_random=len(draws), exhaustive=draws.exhaustive, clean=at(0), top=at(1),
         random_mean={"accuracy": round(float(acc[rand].mean()), 4), "top1_accuracy": round(float(top1[rand].mean()), 4),
-                     "logit_diff": round(float(ld[rand].mean()), 4)},
+                     "logit_diff": round(float(ld[rand].mean()), 4)} if has_random else {},
         drop_top={"accuracy": round(float(acc[0] - acc[1]), 4), "top1_accuracy": round(float(top1[0] - top1[1]), 4)},
         drop_random={"accuracy": round(float(acc[0] - acc[rand].mean()), 4),
-                     "top1_accuracy": round(float(top1[0] - top1[rand].mean()), 4)},
+                     "top1_accuracy": round(float(top1[0] - top1[rand].mean()), 4)} if has_random else {},
         p_random_as_harmful=_at_least_as_harmful(float(top1[1]), top1[rand]) if len(draws) else None,
         binomial_p_above_chance=float(stats.binomtest(n_correct, len(batch), 0.5, alternative="greater").pvalue),
         n_prompts=len(batch),

@@ -335,18 +335,30 @@ def sample_head_sets(
     pool: Iterable[Head] | None = None,
     exclude: Iterable[Head] = (),
     seed: int = 0,
+    live_only: bool = True,
 ) -> HeadSetDraws:
     """``n_draws`` random head sets: the library's one sampler for random-head controls.
 
     Heads are drawn from ``pool`` (default :func:`live_heads`) minus ``exclude`` (pass the heads under
-    test). ``like``: the heads a control is compared with; each draw then takes, for every head of
-    ``like``, one head of the same layer (layer-matched, without repeats). Otherwise ``size`` heads
-    uniformly. When the pool allows at most ``n_draws`` distinct sets, every one of them is returned
+    test). With ``live_only=True`` (default) a given ``pool`` is cut to its live heads, so a control never
+    holds a switched-off head (ablating one changes nothing: such a "control" only tests live vs dead);
+    ``how`` names the dead heads left out. ``live_only=False`` uses ``pool`` as given (for combinatorics
+    on a pool of your own). ``like``: the heads a control is compared with; each draw then takes, for every
+    head of ``like``, one head of the same layer (layer-matched, without repeats). Otherwise ``size``
+    heads uniformly. When the pool allows at most ``n_draws`` distinct sets, every one of them is returned
     once (``exhaustive=True``): an exact control instead of a sample. Seeded numpy generator.
+    Too few heads in the pool: ValueError saying which layer (or the pool) is short.
     """
-    pool = list(live_heads(model) if pool is None else pool)
+    live = live_heads(model)
+    given = [(int(l), int(h)) for l, h in (live if pool is None else pool)]
+    dead_dropped: list[Head] = []
+    if live_only and pool is not None:
+        live_set = set(live)
+        dead_dropped = sorted({hd for hd in given if hd not in live_set})
+        given = [hd for hd in given if hd in live_set]
     ex = {(int(l), int(h)) for l, h in exclude}
-    avail = sorted({(int(l), int(h)) for l, h in pool} - ex)
+    avail = sorted(set(given) - ex)
+    dropped = (f" ({len(dead_dropped)} switched-off heads of the given pool left out)" if dead_dropped else "")
     rng = np.random.default_rng(seed)
     if like is not None:
         need: dict[int, int] = {}
@@ -356,14 +368,15 @@ def sample_head_sets(
         short = {l: (len(per_layer[l]), k) for l, k in need.items() if len(per_layer[l]) < k}
         if short:
             raise ValueError("too few heads for layer-matched sets: " + ", ".join(
-                f"layer {l} has {have} other heads in the pool, needs {k}" for l, (have, k) in short.items())
+                f"layer {l} has {have} other {'live ' if live_only else ''}heads in the pool, needs {k}"
+                for l, (have, k) in sorted(short.items()))
                 + " (widen pool= or leave out like= to draw unmatched sets)")
         total = math.prod(math.comb(len(per_layer[l]), k) for l, k in need.items())
         how = f"layer-matched to {', '.join(head_name(h) for h in like)}"
         if total <= n_draws:
             combos = itertools.product(*[itertools.combinations(per_layer[l], k) for l, k in sorted(need.items())])
             sets = [sorted(h for part in c for h in part) for c in combos]
-            return HeadSetDraws(sets, avail, how + f"; all {total} possible sets", exhaustive=True)
+            return HeadSetDraws(sets, avail, how + f"; all {total} possible sets" + dropped, exhaustive=True)
         sets = []
         for _ in range(n_draws):
             s = []
@@ -371,41 +384,54 @@ def sample_head_sets(
                 idx = rng.choice(len(per_layer[l]), size=k, replace=False)
                 s += [per_layer[l][i] for i in idx]
             sets.append(sorted(s))
-        return HeadSetDraws(sets, avail, how + f"; {n_draws} draws (seed {seed})")
+        return HeadSetDraws(sets, avail, how + f"; {n_draws} draws (seed {seed})" + dropped)
     if size is None:
         raise ValueError("sample_head_sets needs size= (heads per set) or like= (heads to match by layer)")
+    kind = "live heads" if live_only else "heads"
     if size > len(avail):
-        raise ValueError(f"cannot draw {size} heads from a pool of {len(avail)} (after excluding {len(ex)}): "
-                         "widen pool= or lower size=")
+        raise ValueError(f"cannot draw {size} heads from a pool of {len(avail)} {kind} (after excluding "
+                         f"{len(ex)}): widen pool= or lower size=")
     total = math.comb(len(avail), size)
     if total <= n_draws:
         sets = [list(c) for c in itertools.combinations(avail, size)]
-        return HeadSetDraws(sets, avail, f"all {total} sets of {size} from {len(avail)} heads", exhaustive=True)
+        return HeadSetDraws(sets, avail, f"all {total} sets of {size} from {len(avail)} {kind}" + dropped,
+                            exhaustive=True)
     sets = [sorted(avail[i] for i in rng.choice(len(avail), size=size, replace=False)) for _ in range(n_draws)]
-    return HeadSetDraws(sets, avail, f"{n_draws} draws of {size} from {len(avail)} heads (seed {seed})")
+    return HeadSetDraws(sets, avail, f"{n_draws} draws of {size} from {len(avail)} {kind} (seed {seed})" + dropped)
 
 
 def control_sets(
     model: HookedTransformer, heads: Sequence[Head], n_draws: int, *, seed: int = 0, also_exclude: Iterable[Head] = ()
 ) -> HeadSetDraws:
-    """Random head sets to compare ``heads`` with: layer-matched draws from the live heads outside
-    ``heads`` (and outside ``also_exclude``, e.g. the measured task's own circuit); when a layer has too
-    few, size-matched draws from those live heads; when those are too few, from all heads outside them.
-    ``how`` says which (and why)."""
+    """Random head sets to compare ``heads`` with, drawn only from the **live** heads (:func:`live_heads`)
+    outside ``heads`` and outside ``also_exclude`` (e.g. the measured task's own circuit):
+
+    1. layer-matched to ``heads`` (:func:`sample_head_sets` with ``like=heads``);
+    2. when a layer has too few such heads, size-matched draws from them; ``how`` says
+       "not layer-matched" and which layer was short;
+    3. when fewer live heads remain than ``heads`` has, **no control set**: an empty result
+       (``len(draws) == 0``, ``meta["no_test"]`` = the reason, ``how`` starting "no control sets") and
+       callers run no test (p-value None). Never widened to switched-off heads: ablating a dead head
+       changes nothing, so such sets would test live vs dead, not the heads against comparable ones.
+    """
     also_exclude = list(also_exclude)  # read twice below: a generator would leave the note empty
-    exclude = sorted({(int(l), int(h)) for l, h in [*heads, *also_exclude]})
-    note = f" (also excluding {', '.join(head_name(h) for h in also_exclude)})" if list(also_exclude) else ""
+    heads = [(int(l), int(h)) for l, h in heads]
+    exclude = sorted({*heads, *((int(l), int(h)) for l, h in also_exclude)})
+    note = f" (also excluding {', '.join(head_name(h) for h in also_exclude)})" if also_exclude else ""
+    live = live_heads(model)
     try:
-        d = sample_head_sets(model, n_draws, like=heads, exclude=exclude, seed=seed)
+        d = sample_head_sets(model, n_draws, like=heads, pool=live, exclude=exclude, seed=seed)
         d.how += note
         return d
-    except ValueError as matched:
-        try:
-            d = sample_head_sets(model, n_draws, size=len(heads), exclude=exclude, seed=seed)
-        except ValueError:
-            every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-            d = sample_head_sets(model, n_draws, size=len(heads), pool=every, exclude=exclude, seed=seed)
-            d.how += " (from all heads: too few live heads)"
-        d.how += note + " (not layer-matched: " + str(matched).split(" (widen")[0].replace(
-            "too few heads for layer-matched sets: ", "") + ")"
-        return d
+    except ValueError as exc:
+        matched = str(exc).split(" (widen")[0].replace("too few heads for layer-matched sets: ", "")
+    try:
+        d = sample_head_sets(model, n_draws, size=len(heads), pool=live, exclude=exclude, seed=seed)
+    except ValueError:
+        avail = sorted(set(live) - set(exclude))
+        reason = (f"{len(heads)} heads per set needed, {len(avail)} live heads outside the heads under test"
+                  f"{' and the excluded ones' if also_exclude else ''} "
+                  f"({', '.join(head_name(h) for h in avail) or 'none'}); switched-off heads are never used as controls")
+        return HeadSetDraws([], avail, f"no control sets: {reason}{note}", meta={"no_test": reason})
+    d.how += note + f" (not layer-matched: {matched})"
+    return d

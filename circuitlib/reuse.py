@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from transformer_lens import HookedTransformer
-from .interventions import Ablation, HeadSetDraws, control_sets, live_heads, run_ablations
+from .interventions import Ablation, control_sets, live_heads, run_ablations
 from .overlap import (
     HeadSet,
     TestRow,
@@ -41,6 +41,8 @@ class CrossTaskAblation(Result):
     ``p_value``: (1 + #random sets whose normalised logit difference is at most the circuit's) / (1 + n),
     one-sided, "the circuit hurts more than random heads" (:func:`circuitlib.overlap.empirical_p`; exact
     under "the circuit is one of the n + 1 equally likely sets" when every set was evaluated).
+    Random sets come from live heads only (:func:`circuitlib.interventions.control_sets`); when too few
+    live heads remain for one set, ``n_random`` is 0, ``p_value`` is None and ``p_how`` says why.
     """
 
     circuit: list[str]
@@ -81,10 +83,8 @@ def cross_task_ablation(
     before END). Everything in one batched run.
     """
     heads = sorted(as_head_set(circuit))
-    try:
-        draws = control_sets(model, heads, n_random, seed=seed, also_exclude=sorted(as_head_set(exclude) - set(heads)))
-    except ValueError as exc:  # e.g. the circuit covers every head: no random set exists
-        draws = HeadSetDraws([], [], f"no random sets: {exc}")
+    # no control set when too few live heads remain (draws.how says so): then no p-value, never dead-head controls
+    draws = control_sets(model, heads, n_random, seed=seed, also_exclude=sorted(as_head_set(exclude) - set(heads)))
     run = run_ablations(model, batch, [[], heads, *draws.sets], ablation)
     corrupt = model(batch.corrupt.to(model.cfg.device))
     rows = torch.arange(len(batch))

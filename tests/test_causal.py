@@ -139,3 +139,36 @@ def test_wrong_answer_pairing_never_shares_a_target_and_refuses_when_impossible(
     assert (tgt[torch.as_tensor(other)] != tgt).all()
     with pytest.raises(ValueError, match="share one target"):
         _different_target_pairing(torch.tensor([1, 1, 1, 2]), rng)
+
+
+def test_top_vs_random_without_live_controls_runs_no_test(toy):
+    """A pool of switched-off heads only (found here from the OV norms) gives no random set: no p-value and
+    no random mean, never a comparison against dead heads."""
+    ov = torch.einsum("lhde,lhem->lhdm", toy.W_V, toy.W_O).flatten(-2).norm(dim=-1).detach()
+    dead = [(l, h) for l in range(3) for h in range(8) if ov[l, h] < 1e-6]
+    batch = capital_batch(toy.tokenizer, 12, seed=1)
+    r = causal.top_vs_random(toy, batch, [(0, 0), (0, 1), (0, 5)], pool=dead)
+    assert r.n_random == 0 and r.p_random_as_harmful is None and r.random_mean == {} and r.drop_random == {}
+    assert r.random_how.startswith("no control sets") and "live heads" in r.random_how
+    diff, top1 = ablate(toy, batch, [(0, 0), (0, 1), (0, 5)])
+    assert r.top["top1_accuracy"] == pytest.approx(float(top1.float().mean()))
+    # a pool mixing dead and live heads draws from its live heads only
+    mixed = dead + [(0, 2), (0, 4), (1, 6)]
+    r2 = causal.top_vs_random(toy, batch, [(0, 0), (0, 1), (0, 5)], pool=mixed)
+    assert r2.n_random == 1 and r2.p_random_as_harmful is not None
+
+
+def test_causal_check_extra_random_needs_live_heads(toy):
+    """Relation heads covering every live head but one leave no layer-matched or size-matched live set of 3:
+    the extra random baseline says so and has no p-value."""
+    ov = torch.einsum("lhde,lhem->lhdm", toy.W_V, toy.W_O).flatten(-2).norm(dim=-1).detach()
+    live = [(l, h) for l in range(3) for h in range(8) if ov[l, h] > 1e-6]
+    scores = torch.zeros(3, 8)
+    for i, (l, h) in enumerate(live[:-1]):
+        scores[l, h] = 1.0 - 0.1 * i
+    res = causal.causal_check(toy, CAPITAL, scores={CAPITAL: HeadScores(scores, "maps_static", CAPITAL, "toy")},
+                              m=len(live) - 1, n_random=1, n_extra_random=10, n_prompts=20)
+    assert res.m == len(live) - 1
+    assert res.extra_random["n_draws"] == 0 and res.extra_random["p_value"] is None
+    assert res.extra_random["how"].startswith("no control sets")
+    json.loads(res.to_json())

@@ -131,15 +131,91 @@ def test_live_heads_are_the_heads_with_weights(toy):
 def test_sampler_layer_matched_excludes_and_is_exhaustive_when_small(toy):
     pool = [(l, h) for l in range(3) for h in range(8)]
     like = [(0, 0), (0, 1), (1, 6)]
-    draws = sample_head_sets(toy, 50, like=like, pool=pool, exclude=like, seed=0)
+    draws = sample_head_sets(toy, 50, like=like, pool=pool, exclude=like, seed=0, live_only=False)
     assert len(draws) == 50 and not draws.exhaustive
     for s in draws:
         assert sorted(l for l, _ in s) == [0, 0, 1]
         assert not set(s) & set(like) and len(set(s)) == 3
-    small = sample_head_sets(toy, 1000, like=like, pool=pool, exclude=like)
+    small = sample_head_sets(toy, 1000, like=like, pool=pool, exclude=like, live_only=False)
     assert small.exhaustive and len(small) == math.comb(6, 2) * math.comb(7, 1)
     assert len({tuple(s) for s in small}) == len(small)
-    uni = sample_head_sets(toy, 10, size=2, pool=[(0, 0), (0, 1), (0, 2)], exclude=[(0, 2)])
+    uni = sample_head_sets(toy, 10, size=2, pool=[(0, 0), (0, 1), (0, 2)], exclude=[(0, 2)], live_only=False)
     assert uni.exhaustive and [sorted(s) for s in uni] == [[(0, 0), (0, 1)]]
     with pytest.raises(ValueError, match="layer 2 has 0"):
-        sample_head_sets(toy, 5, like=[(2, 0)], pool=pool, exclude=[(2, h) for h in range(8)])
+        sample_head_sets(toy, 5, like=[(2, 0)], pool=pool, exclude=[(2, h) for h in range(8)], live_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Control sets never hold a switched-off head (hand-built model: the live heads are known by construction)
+
+LIVE_BY_HAND = [(0, 0), (0, 1), (0, 2), (1, 0)]
+DEAD_BY_HAND = [(0, 3), (1, 1), (1, 2), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def half_dead(toy):
+    """2 layers x 4 heads, random weights; heads 0.3, 1.1, 1.2, 1.3 switched off (W_V and W_O zeroed)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=toy.cfg.n_ctx,
+                                  d_vocab=toy.cfg.d_vocab, act_fn="gelu", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg, tokenizer=toy.tokenizer)
+    with torch.no_grad():
+        for l, h in DEAD_BY_HAND:
+            model.blocks[l].attn.W_V[h].zero_()
+            model.blocks[l].attn.W_O[h].zero_()
+    model.eval()
+    return model
+
+
+def test_the_hand_built_model_has_the_live_heads_it_was_built_with(half_dead):
+    assert sorted(live_heads(half_dead)) == LIVE_BY_HAND
+
+
+def test_control_sets_layer_matched_then_size_matched_from_live_heads(half_dead):
+    from circuitlib.interventions import control_sets
+
+    d = control_sets(half_dead, [(0, 0)], 100)
+    assert d.pool == [(0, 1), (0, 2), (1, 0)]  # live, minus the head under test; never 0.3
+    assert sorted(map(tuple, d.sets)) == [((0, 1),), ((0, 2),)] and d.exhaustive
+    assert "layer-matched to 0.0" in d.how and "not layer-matched" not in d.how
+    # layer 1 keeps no other live head (1.1-1.3 are dead): size-matched live heads, with the reason
+    d = control_sets(half_dead, [(1, 0)], 100)
+    assert sorted(map(tuple, d.sets)) == [((0, 0),), ((0, 1),), ((0, 2),)]
+    assert "not layer-matched: layer 1 has 0 other live heads in the pool, needs 1" in d.how
+
+
+def test_control_sets_run_no_test_instead_of_using_dead_heads(half_dead):
+    """0.0, 0.1 under test and 1.0 excluded leave one live head (0.2) for sets of 2: no control set. The old
+    fallback drew the C(5, 2) = 10 pairs of 0.2 and the four dead heads."""
+    from circuitlib.interventions import control_sets
+
+    d = control_sets(half_dead, [(0, 0), (0, 1)], 100, also_exclude=[(1, 0)])
+    assert len(d) == 0 and d.sets == [] and d.pool == [(0, 2)]
+    assert d.how.startswith("no control sets") and "1 live heads" in d.meta["no_test"] and "also excluding 1.0" in d.how
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_control_sets_property_over_every_head_set(half_dead, size):
+    """For every head set of ``size`` heads: no drawn set holds a dead head or a head under test, and there is
+    no control exactly when fewer than ``size`` live heads lie outside the set (counted here by hand)."""
+    from circuitlib.interventions import control_sets
+
+    every = LIVE_BY_HAND + DEAD_BY_HAND
+    for heads in itertools.combinations(every, size):
+        d = control_sets(half_dead, list(heads), 50, seed=1)
+        outside_live = [h for h in LIVE_BY_HAND if h not in heads]
+        assert (len(d) == 0) == (len(outside_live) < size), heads
+        for s in d.sets:
+            assert len(s) == size and set(s) <= set(outside_live), (heads, s)
+
+
+def test_sampler_cuts_a_given_pool_to_live_heads(half_dead):
+    every = LIVE_BY_HAND + DEAD_BY_HAND
+    d = sample_head_sets(half_dead, 100, size=1, pool=every, exclude=[(0, 0)])
+    assert sorted(map(tuple, d.sets)) == [((0, 1),), ((0, 2),), ((1, 0),)]
+    assert "4 switched-off heads of the given pool left out" in d.how
+    raw = sample_head_sets(half_dead, 100, size=1, pool=every, exclude=[(0, 0)], live_only=False)
+    assert len(raw) == 7 and {h for s in raw for h in s} == set(every) - {(0, 0)}
+    with pytest.raises(ValueError, match="layer 1 has 0 other live heads"):
+        sample_head_sets(half_dead, 5, like=[(1, 0)], pool=every, exclude=[(1, 0)])

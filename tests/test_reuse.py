@@ -95,4 +95,47 @@ def test_cross_task_ablation_of_every_head_has_no_random_sets(toy):
     batch = ioi_batch(toy.tokenizer, 8, seed=0)
     every = [(l, h) for l in range(3) for h in range(8)]
     res = reuse.cross_task_ablation(toy, every, batch, n_random=10)
-    assert res.n_random == 0 and res.p_value is None and "no random sets" in res.p_how
+    assert res.n_random == 0 and res.p_value is None and res.p_how.startswith("no control sets")
+
+
+def test_no_control_when_too_few_live_heads_remain_never_dead_heads(toy):
+    """Capitals' 3 heads ablated on IOI, IOI's head excluded: the live heads left (counted here from the OV
+    norms) are fewer than 3, so there is no control and no p. The old fallback filled the sets with
+    switched-off heads (1,140 sets, 816 of them dead-only): a live-vs-dead null that looked significant."""
+    ov = torch.einsum("lhde,lhem->lhdm", toy.W_V, toy.W_O).flatten(-2).norm(dim=-1).detach()
+    live = {(l, h) for l in range(3) for h in range(8) if ov[l, h] > 1e-6}
+    batch = ioi_batch(toy.tokenizer, 8, seed=0)
+    ranked = sorted(live, key=lambda hd: -float(ov[hd]))
+    circuit, exclude = ranked[:3], ranked[3:5]  # leaves len(live) - 5 live heads
+    res = reuse.cross_task_ablation(toy, circuit, batch, n_random=2000, exclude=exclude)
+    left = live - set(circuit) - set(exclude)
+    assert len(left) < 3  # precondition for this checkpoint (6 live heads)
+    assert res.n_random == 0 and res.random_sets == [] and res.p_value is None and res.random_mean == {}
+    assert res.p_how.startswith("no control sets") and f"{len(left)} live heads" in res.p_how
+    # the ablation itself is still measured, against the oracle
+    diff, _ = ablate(toy, batch, circuit)
+    clean, _ = ablate(toy, batch, [])
+    assert res.ablated["logit_diff"] == pytest.approx(float(diff.mean()), abs=2e-3)
+    assert res.clean["logit_diff"] == pytest.approx(float(clean.mean()), abs=2e-3)
+    # with nothing else excluded, sets exist and hold only live heads outside the circuit
+    res2 = reuse.cross_task_ablation(toy, circuit, batch, n_random=2000)
+    names = {f"{l}.{h}" for l, h in live - set(circuit)}
+    assert len(names) >= 3 and res2.n_random > 0 and res2.p_value is not None
+    assert all(set(s) <= names for s in res2.random_sets)
+
+
+def test_reuse_analysis_reports_untested_cells_in_its_notes(toy):
+    ov = torch.einsum("lhde,lhem->lhdm", toy.W_V, toy.W_O).flatten(-2).norm(dim=-1).detach()
+    ranked = sorted(((l, h) for l in range(3) for h in range(8)), key=lambda hd: -float(ov[hd]))
+    g = torch.Generator().manual_seed(1)
+    rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),
+           "capitals": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "country_to_capital_wikidata", "toy")}
+    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in rel}
+    circuits = {"ioi": Circuit.of(ranked[3:5], "ioi", "toy"), "capitals": Circuit.of(ranked[:3], "capitals", "toy")}
+    batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in rel}
+    res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20)
+    cell = res.reuse["capitals"]["ioi"]
+    assert cell.p_value is None
+    assert any(n.startswith("remove capitals circuit -> ioi: not tested (no control sets") for n in res.notes)
+    every = [r.name for r in res.table.rows] + ([r.name for r in res.apart.rows] if res.apart else [])
+    assert "remove capitals circuit -> ioi: normalised logit diff vs random sets" not in every
