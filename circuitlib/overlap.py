@@ -384,37 +384,48 @@ def _flat_index(x: HeadScores, heads: Iterable[Head], what: str) -> Int[np.ndarr
     return np.array(sorted(idx), dtype=np.intp)
 
 
-def _permutation_fields(res: PValue) -> dict[str, Any]:
-    """The fields a rank statistic takes from its :func:`permutation_test` result."""
-    return dict(p_value=res.p_value, p_method=res.how, exact=res.method == "exact", n_permutations=res.n_resamples,
-                min_p=res.min_p)
+@dataclass(frozen=True, kw_only=True)
+class PermutationStatistic(MappingResult):
+    """The p fields of a rank statistic tested with :func:`permutation_test` (all ``None`` when the
+    statistic is undefined; then the result's ``note`` says why):
 
-
-@dataclass(frozen=True)
-class RankCorrelation(MappingResult):
-    """Spearman's rho between two scorings of the same heads (:func:`rank_correlation`).
-
-    - ``rho``: Spearman's rho, average ranks for ties, ranks taken among the ``n`` heads compared;
-    - ``p_value``: two-sided permutation p, ``|rho_perm| >= |rho|`` (float tolerance
-      ``1e-9 * max(1, |rho|)``), from :func:`permutation_test`; ``p_method`` says how
-      (``"exact, 720 permutations"`` or ``"Monte Carlo, 20,000 permutations, +1 correction"``),
-      ``exact`` whether every relabelling was enumerated, ``n_permutations`` how many were enumerated
-      or drawn, ``min_p`` the smallest p attainable with these data;
-    - ``n``: heads compared; ``heads``: their names, or ``None`` for all heads of the grid;
-    - ``permutations``: ``"all heads"`` or ``"within layers"`` (the null permutes one scoring only
-      within each layer); ``alternative``: ``"two-sided"``;
-    - ``note``: only when rho is undefined (fewer than 2 heads, or a constant scoring); then ``rho``,
-      ``p_value``, ``p_method``, ``exact``, ``n_permutations`` and ``min_p`` are ``None``.
+    - ``p_value``: the permutation p (exact: ``#{extreme} / count``; Monte Carlo: ``(1 + #{extreme}) /
+      (1 + n_permutations)``; "extreme" with a float tolerance of ``1e-9 * max(1, |observed|)``);
+    - ``p_method``: how p was obtained (``"exact, 720 permutations"``, ``"Monte Carlo, 20,000
+      permutations, +1 correction"``); ``exact``: whether every relabelling was enumerated;
+    - ``n_permutations``: relabellings enumerated or drawn; ``min_p``: the smallest p attainable with
+      these data.
     """
 
     _optional: ClassVar[tuple[str, ...]] = ("note",)
 
+    p_value: float | None = None
+    p_method: str | None = None
+    exact: bool | None = None
+    n_permutations: int | None = None
+    min_p: float | None = None
+
+    @staticmethod
+    def p_fields(res: PValue) -> dict[str, Any]:
+        """These fields from a :func:`permutation_test` result."""
+        return dict(p_value=res.p_value, p_method=res.how, exact=res.method == "exact",
+                    n_permutations=res.n_resamples, min_p=res.min_p)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankCorrelation(PermutationStatistic):
+    """Spearman's rho between two scorings of the same heads (:func:`rank_correlation`).
+
+    - ``rho``: Spearman's rho, average ranks for ties, ranks taken among the ``n`` heads compared;
+    - the p fields of :class:`PermutationStatistic`: two-sided, ``|rho_perm| >= |rho|``;
+    - ``n``: heads compared; ``heads``: their names, or ``None`` for all heads of the grid;
+    - ``permutations``: ``"all heads"`` or ``"within layers"`` (the null permutes one scoring only
+      within each layer); ``alternative``: ``"two-sided"``;
+    - ``note``: only when rho is undefined (fewer than 2 heads, or a constant scoring); then ``rho``
+      and the p fields are ``None``.
+    """
+
     rho: float | None
-    p_value: float | None
-    p_method: str | None
-    exact: bool | None
-    n_permutations: int | None
-    min_p: float | None
     n: int
     heads: tuple[str, ...] | None
     permutations: str
@@ -453,26 +464,25 @@ def rank_correlation(
     ra = stats.rankdata(_flat_scores(a, absolute)[idx])
     rb = stats.rankdata(_flat_scores(b, absolute)[idx])
     if n < 2 or ra.std() == 0 or rb.std() == 0:
-        return RankCorrelation(rho=None, p_value=None, p_method=None, exact=None, n_permutations=None, min_p=None,
-                               note="fewer than 2 heads or a constant scoring: rank correlation undefined", **described)
+        return RankCorrelation(rho=None, note="fewer than 2 heads or a constant scoring: rank correlation undefined",
+                               **described)
     za = (ra - ra.mean()) / ra.std()
     zb = (rb - rb.mean()) / rb.std()
     layers = idx // a.n_heads
     blocks = [np.flatnonzero(layers == l) for l in np.unique(layers)] if within_layers else [np.arange(n)]
     res = permutation_test(lambda perm: zb[perm] @ za / n, BlockPermutations(n, blocks),
                            alternative="two-sided", n_permutations=n_permutations, seed=seed)
-    return RankCorrelation(rho=res.statistic, **_permutation_fields(res), **described)
+    return RankCorrelation(rho=res.statistic, **RankCorrelation.p_fields(res), **described)
 
 
-@dataclass(frozen=True)
-class CircuitRankTest(MappingResult):
+@dataclass(frozen=True, kw_only=True)
+class CircuitRankTest(PermutationStatistic):
     """Do a circuit's heads score higher than the other heads? (:func:`circuit_rank_test`)
 
     - ``auroc``: the probability that a random circuit head outscores a random other head, ties
       counting 1/2 (0.5 = no relation, 1 = every circuit head above every other head);
-    - ``p_value``: one-sided permutation p (``AUROC_perm >= AUROC``), the null making every choice of
-      ``n_in`` of the ``n`` heads equally likely (``C(n, n_in)`` labellings); ``p_method``, ``exact``,
-      ``n_permutations``, ``min_p`` as in :class:`RankCorrelation`;
+    - the p fields of :class:`PermutationStatistic`: one-sided (``AUROC_perm >= AUROC``), the null
+      making every choice of ``n_in`` of the ``n`` heads equally likely (``C(n, n_in)`` labellings);
     - ``alternative``: ``"greater (circuit heads score higher)"``;
     - ``n``: heads compared, ``n_in`` / ``n_out``: inside / outside the circuit;
     - ``mean_score_in`` / ``mean_score_out``: mean score inside / outside (only when defined);
@@ -482,11 +492,6 @@ class CircuitRankTest(MappingResult):
     _optional: ClassVar[tuple[str, ...]] = ("note", "mean_score_in", "mean_score_out")
 
     auroc: float | None
-    p_value: float | None
-    p_method: str | None
-    exact: bool | None
-    n_permutations: int | None
-    min_p: float | None
     alternative: str
     n: int
     n_in: int
@@ -530,15 +535,14 @@ def circuit_rank_test(
     n, k = values.size, int(inside.size)
     described = dict(alternative="greater (circuit heads score higher)", n=n, n_in=k, n_out=n - k)
     if k == 0 or k == n:
-        return CircuitRankTest(auroc=None, p_value=None, p_method=None, exact=None, n_permutations=None, min_p=None,
-                               note="need heads both inside and outside the circuit", **described)
+        return CircuitRankTest(auroc=None, note="need heads both inside and outside the circuit", **described)
     ranks = stats.rankdata(values)  # average ranks: U = rank sum - k(k+1)/2 counts ties as 1/2
     scale = k * (n - k)
     res = permutation_test(lambda marked: (ranks[marked].sum(axis=1) - k * (k + 1) / 2) / scale,
                            Labellings(n, inside), alternative="greater", n_permutations=n_permutations, seed=seed)
     mask = np.zeros(n, dtype=bool)
     mask[inside] = True
-    return CircuitRankTest(auroc=res.statistic, **_permutation_fields(res), **described,
+    return CircuitRankTest(auroc=res.statistic, **CircuitRankTest.p_fields(res), **described,
                            mean_score_in=float(values[mask].mean()), mean_score_out=float(values[~mask].mean()))
 
 

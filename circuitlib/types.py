@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +37,22 @@ def parse_head(text: str) -> Head:
     return int(layer), int(head)
 
 
+_J = TypeVar("_J", bound="_JsonRoundTrip")
+
+
+class _JsonRoundTrip:
+    """``to_json()`` / ``from_json(text)`` through the class's ``to_dict()`` / ``from_dict(data)``."""
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_json(cls: type[_J], text: str) -> _J:
+        return cls.from_dict(json.loads(text))  # type: ignore[attr-defined]
+
+
 @dataclass
-class HeadScores:
+class HeadScores(_JsonRoundTrip):
     """A score for every attention head.
 
     ``scores[l, h]`` is head ``h`` of layer ``l``. ``method`` names how the scores were made
@@ -101,16 +115,9 @@ class HeadScores:
             meta=dict(data.get("meta", {})),
         )
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> "HeadScores":
-        return cls.from_dict(json.loads(text))
-
 
 @dataclass
-class Circuit:
+class Circuit(_JsonRoundTrip):
     """A set of attention heads, with the task it is for and how it was chosen (``how``)."""
 
     heads: frozenset[Head]
@@ -152,13 +159,6 @@ class Circuit:
             how=data.get("how", ""),
             meta=dict(data.get("meta", {})),
         )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> "Circuit":
-        return cls.from_dict(json.loads(text))
 
     @classmethod
     def of(cls, heads: Iterable[Head | str], task: str, model: str, how: str = "") -> "Circuit":

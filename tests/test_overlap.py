@@ -323,16 +323,16 @@ def test_circuit_rank_test_edge_cases():
     assert overlap.circuit_rank_test(s, [])["auroc"] is None
     everything = overlap.circuit_rank_test(s, [(l, h) for l in range(6) for h in range(8)])
     assert everything["p_value"] is None and everything.p_value is None and everything.n_out == 0
-    # the JSON keeps the keys of the dicts these results replaced: the note only when undefined, the means only
-    # when defined (summary.json readers rely on them)
+    # the JSON keeps the keys of the dicts these results replaced (the p fields first): the note only when
+    # undefined, the means only when defined (summary.json readers rely on them)
     base = ["p_value", "p_method", "exact", "n_permutations", "min_p"]
-    assert list(everything.to_dict()) == ["auroc", *base, "alternative", "n", "n_in", "n_out", "note"]
+    assert list(everything.to_dict()) == [*base, "auroc", "alternative", "n", "n_in", "n_out", "note"]
     defined = overlap.circuit_rank_test(s, [(0, 0)])
-    assert list(defined) == ["auroc", *base, "alternative", "n", "n_in", "n_out", "mean_score_in", "mean_score_out"]
+    assert list(defined) == [*base, "auroc", "alternative", "n", "n_in", "n_out", "mean_score_in", "mean_score_out"]
     assert defined.mean_score_in == pytest.approx(float(s.scores[0, 0]))
     assert defined.mean_score_out == pytest.approx((float(s.scores.sum()) - float(s.scores[0, 0])) / 47)
     rho = overlap.rank_correlation(s, _random_hs(4))
-    assert list(rho) == ["rho", *base, "n", "heads", "permutations", "alternative"] and "note" not in rho
+    assert list(rho) == [*base, "rho", "n", "heads", "permutations", "alternative"] and "note" not in rho
     with pytest.raises(dataclasses.FrozenInstanceError):
         rho.rho = 1.0  # results are frozen
     with pytest.raises(ValueError, match="outside the 6x8"):
