@@ -429,9 +429,10 @@ def control_sets(
         d = sample_head_sets(model, n_draws, size=len(heads), pool=live, exclude=exclude, seed=seed)
     except ValueError:
         avail = sorted(set(live) - set(exclude))
-        reason = (f"{len(heads)} heads per set needed, {len(avail)} live heads outside the heads under test"
-                  f"{' and the excluded ones' if also_exclude else ''} "
-                  f"({', '.join(head_name(h) for h in avail) or 'none'}); switched-off heads are never used as controls")
-        return HeadSetDraws([], avail, f"no control sets: {reason}{note}", meta={"no_test": reason})
+        also = f" and {', '.join(head_name(h) for h in also_exclude)}" if also_exclude else ""
+        reason = (f"{len(heads)} heads per set needed, only {len(avail)} live head{'' if len(avail) == 1 else 's'} "
+                  f"outside the heads under test{also} ({', '.join(head_name(h) for h in avail) or 'none'}); "
+                  "switched-off heads are never used as controls")
+        return HeadSetDraws([], avail, f"no control sets: {reason}", meta={"no_test": reason})
     d.how += note + f" (not layer-matched: {matched})"
     return d

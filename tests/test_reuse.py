@@ -111,7 +111,7 @@ def test_no_control_when_too_few_live_heads_remain_never_dead_heads(toy):
     left = live - set(circuit) - set(exclude)
     assert len(left) < 3  # precondition for this checkpoint (6 live heads)
     assert res.n_random == 0 and res.random_sets == [] and res.p_value is None and res.random_mean == {}
-    assert res.p_how.startswith("no control sets") and f"{len(left)} live heads" in res.p_how
+    assert res.p_how.startswith("no control sets") and f"only {len(left)} live head" in res.p_how
     # the ablation itself is still measured, against the oracle
     diff, _ = ablate(toy, batch, circuit)
     clean, _ = ablate(toy, batch, [])
@@ -139,3 +139,13 @@ def test_reuse_analysis_reports_untested_cells_in_its_notes(toy):
     assert any(n.startswith("remove capitals circuit -> ioi: not tested (no control sets") for n in res.notes)
     every = [r.name for r in res.table.rows] + ([r.name for r in res.apart.rows] if res.apart else [])
     assert "remove capitals circuit -> ioi: normalised logit diff vs random sets" not in every
+
+
+def test_cross_task_ablation_with_clean_equal_to_corrupt_is_one_clear_error(toy):
+    """clean == corrupt makes the normalised logit difference 0/0: one ValueError naming it, not inf / nan."""
+    import dataclasses
+
+    batch = ioi_batch(toy.tokenizer, 8, seed=0)
+    same = dataclasses.replace(batch, corrupt=batch.clean.clone())
+    with pytest.raises(ValueError, match="normalised metric is undefined"):
+        reuse.cross_task_ablation(toy, [(0, 0)], same, n_random=5)
