@@ -56,7 +56,13 @@ report: install
 	$(PY) -m circuitlib report --model toy --out $(OUT)
 
 test: install
-	$(PY) -m pytest
+	@status=0; \
+	echo "make test 1/2: notebooks (nbval) and bad_input tests, plain"; \
+	$(PY) -m pytest -m "notebook or bad_input" || status=1; \
+	echo "make test 2/2: every other test, tensor shapes and annotations checked at run time (jaxtyping + beartype)"; \
+	$(PY) -m pytest tests -o addopts="" -p no:nbval -p no:cacheprovider -m "not bad_input" \
+	  --jaxtyping-packages="circuitlib,beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))" || status=1; \
+	exit $$status
 
 # Only the end-to-end test of notebook 05's explorer in JupyterLab + headless Chromium (part of `make test`;
 # needs Debian's chromium or CIRCUITLIB_CHROMIUM=/path/to/chrome, else it skips). Screenshots, browser
