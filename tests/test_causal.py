@@ -89,14 +89,20 @@ def test_control_follows_the_papers_rule(toy):
     cand = {c["relation"]: c for c in res.control_candidates}
     copying = task_batch("copying", toy.tokenizer, 40)
     clean_top1 = float(ablate(toy, copying, [], kind="zero", positions="end")[1].float().mean())
-    accepted = abs(clean_top1 - res.top.top1_accuracy[0]) < 0.2
-    assert cand["name_copying"]["accepted"] == accepted and cand["name_copying"]["shared"] == 0
-    if accepted:
-        _, top1 = ablate(toy, copying, cap_heads, kind="zero", positions="end")
-        assert res.controls["name_copying"].top1_accuracy[-1] == pytest.approx(float(top1.float().mean()), abs=1e-6)
-    # with the real scores the two relations share their top heads: no control
+    _, cap_top1 = ablate(toy, causal.relation_prompts(toy, CAPITAL, n=40), [], kind="zero", positions="end")
+    accepted = abs(clean_top1 - float(cap_top1.float().mean())) < 0.2
+    assert accepted, "precondition: the copying prompts' clean top-1 must be within 0.2 of the capital prompts'"
+    assert cand["name_copying"]["accepted"] and cand["name_copying"]["shared"] == 0
+    assert cand["name_copying"]["clean_top1_accuracy"] == pytest.approx(clean_top1, abs=1e-6)
+    _, top1 = ablate(toy, copying, cap_heads, kind="zero", positions="end")
+    assert res.controls["name_copying"].top1_accuracy[-1] == pytest.approx(float(top1.float().mean()), abs=1e-6)
+    # with the real scores: the share of heads is counted here, and the rule decides acceptance from it
     res2 = causal.causal_check(toy, CAPITAL, n_random=1, n_extra_random=10, n_prompts=40)
-    assert res2.controls == {} or all(c["shared"] < 0.15 for c in res2.control_candidates if c.get("accepted"))
+    copy_heads = causal.relation_heads(static_scores_many(toy, ["name_copying"])["name_copying"], len(cap_heads))
+    shared = len(set(copy_heads) & set(cap_heads)) / len(cap_heads)
+    cand2 = {c["relation"]: c for c in res2.control_candidates}["name_copying"]
+    assert cand2["shared"] == pytest.approx(shared) and cand2["accepted"] == (shared < 0.15 and accepted)
+    assert ("name_copying" in res2.controls) == cand2["accepted"]
 
 
 def test_causal_check_without_positive_heads_is_a_clear_error(toy):
