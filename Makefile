@@ -31,7 +31,7 @@ comma := ,
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation$(if $(PYTHONWARNINGS),$(comma)$(PYTHONWARNINGS))"
 WH_DIR := $(or $(WHEELHOUSE),wheelhouse)
 
-.PHONY: report test test-browser workshop install wheelhouse benchmarks clean
+.PHONY: report test test-browser workshop install wheelhouse benchmarks clean rehearse
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,15 @@ wheelhouse:
 
 report: install
 	$(PY) -m circuitlib report --model toy --out $(OUT)
+
+# The report on a random-weight model in REHEARSE_MODEL's hub format, offline (issue 12): wall time per
+# section and peak memory in $(REHEARSE_OUT)/summary.json. A benchmark, not a test (gpt2-medium: see README).
+#   make rehearse REHEARSE_ARGS="--plan discovery_prompts=32 --skip path_patch"
+REHEARSE_MODEL ?= gpt2-medium
+REHEARSE_OUT ?= rehearsal-$(subst /,--,$(REHEARSE_MODEL))
+REHEARSE_ARGS ?=
+rehearse: install
+	$(PY) -m circuitlib rehearse $(REHEARSE_MODEL) --out $(REHEARSE_OUT) $(REHEARSE_ARGS)
 
 test: install
 	@status=0; \

@@ -4,6 +4,8 @@
              tokenizer (no weights are loaded)
   scores     MAPS static (or suppression) scores of every head for one relation
   report     the whole pipeline; writes summary.json, report.md and the figures to a directory
+  rehearse   the report on a random-weight model in a hub-format cache, offline (default gpt2-medium):
+             wall time per section and peak memory, before you run it on the real weights
 
 MODEL is 'toy' (the embedded model, offline), a TransformerLens name such as gpt2-medium (read from
 the Hugging Face cache, downloaded only when hub access is on), or a local Hugging Face model
@@ -28,6 +30,8 @@ EXAMPLES = """examples:
   python -m circuitlib scores --model toy --relation name_copying --json
   python -m circuitlib scores --model gpt2-medium --relation adj_antonym --min-pairs 20
   python -m circuitlib report --model toy --out report
+  python -m circuitlib report --model gpt2-medium --out report-gpt2m --plan discovery_prompts=32
+  python -m circuitlib rehearse gpt2-medium --out rehearsal-gpt2m
 """
 MODEL_HELP = "'toy' (default), a TransformerLens name such as gpt2-medium, or a local Hugging Face directory"
 
@@ -87,8 +91,16 @@ def _missing_top(path: Path) -> Path | None:
 
 
 def cli_report(args: argparse.Namespace) -> str:
-    from .report import run_report
+    from .rehearsal import parse_plan
+    from .report import SKIPPABLE, run_report
 
+    try:
+        plan = parse_plan(args.plan)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    bad = sorted(set(args.skip) - set(SKIPPABLE))
+    if bad:
+        raise CLIError(f"cannot skip {', '.join(bad)}: skippable are {', '.join(SKIPPABLE)}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} is a file; pass a directory (it is created if missing)")
@@ -98,7 +110,8 @@ def cli_report(args: argparse.Namespace) -> str:
     except OSError as exc:
         raise CLIError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from exc
     try:
-        run_report(args.model, out, all_relations=args.all_relations, progress=not args.quiet)
+        run_report(args.model, out, all_relations=args.all_relations, progress=not args.quiet, plan=plan,
+                   skip=args.skip)
     except BaseException:
         if created is not None:  # a failed run leaves no directory behind that it made itself
             shutil.rmtree(created, ignore_errors=True)
@@ -111,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m circuitlib", description=__doc__, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{relations,scores,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{relations,scores,report,rehearse}")
 
     p = sub.add_parser("relations", help="pairs kept per MAPS relation for a model's tokenizer",
                        description="Pairs kept per MAPS relation for a model's tokenizer (no weights loaded).")
@@ -140,8 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output directory (created; removed again if the run fails)")
     p.add_argument("--all-relations", action="store_true", help="score every valid relation, not only the figure's two")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .rehearsal import add_arguments, add_report_options
+
+    add_report_options(p)
     p.set_defaults(func=cli_report)
+
+    p = sub.add_parser("rehearse", help="the report on a random-weight model in a hub-format cache, offline",
+                       description="Write a random-weight MODEL in its hub cache format (real config.json, "
+                                   "GPT-2's tokenizer) to a temporary Hugging Face cache and run the whole report "
+                                   "on it offline, by name, in a fresh process; print wall time per section and "
+                                   "peak memory. The scores of random weights mean nothing; the times do.")
+    add_arguments(p, model_option=True)
+    p.set_defaults(func=cli_rehearse)
     return parser
+
+
+def cli_rehearse(args: argparse.Namespace) -> str:
+    from .rehearsal import RehearsalError, run_args
+
+    try:
+        return run_args(args)
+    except (RehearsalError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _cli_message(exc: Exception) -> str:

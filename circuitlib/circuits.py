@@ -48,6 +48,10 @@ HEAD_SCORERS: dict[str, Callable[..., HeadScores]] = {}
 def register_scorer(name: str, fn: Callable[..., HeadScores]) -> None:
     """Register a head-scoring method ``fn(model, batch, *, direction, progress) -> HeadScores``.
 
+    A method that can score a subset of heads exactly takes a keyword ``candidates`` (a list of
+    ``(layer, head)``; ``None`` = every head): :func:`discover_circuit` with a ``screen`` passes it the
+    heads the attribution screen kept (the other heads then score 0 and ``meta`` lists the candidates).
+
     A method that has only one direction records it in ``HeadScores.meta["direction"]`` (path patching
     is always noising: ``discover_circuit(direction="denoising")`` still gives noising path patching,
     and its meta says so)."""
@@ -56,10 +60,30 @@ def register_scorer(name: str, fn: Callable[..., HeadScores]) -> None:
     HEAD_SCORERS[name] = fn
 
 
-def _act_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
-    from .patching import act_patch_heads
+def _act_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False,
+               candidates: list[Head] | None = None) -> HeadScores:
+    from . import patching
 
-    return act_patch_heads(model, batch, direction=direction, progress=progress)
+    if candidates is not None:
+        screened = screened_act_patch()
+        if screened is not None:
+            return screened(model, batch, direction=direction, progress=progress, candidates=candidates)
+    return patching.act_patch_heads(model, batch, direction=direction, progress=progress)
+
+
+def screened_act_patch() -> Callable[..., HeadScores] | None:
+    """Exact activation patching of given candidate heads, from :mod:`circuitlib.patching`, if that module
+    has it (``act_patch_heads(..., heads=...)``); ``None`` otherwise (discovery then patches every head and
+    says so in the scores' meta)."""
+    import inspect
+
+    from . import patching
+
+    if "heads" in inspect.signature(patching.act_patch_heads).parameters:
+        def run(model, batch, *, direction, progress, candidates):
+            return patching.act_patch_heads(model, batch, direction=direction, progress=progress, heads=candidates)
+        return run
+    return None
 
 
 def _attribution(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
@@ -68,10 +92,11 @@ def _attribution(model: HookedTransformer, batch: TaskBatch, *, direction: Direc
     return attribution_patch_heads(model, batch, direction=direction)
 
 
-def _path_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
+def _path_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False,
+                candidates: list[Head] | None = None) -> HeadScores:
     from .patching import path_patch
 
-    return path_patch(model, batch, progress=progress)
+    return path_patch(model, batch, senders=candidates, progress=progress)
 
 
 register_scorer("act_patch", _act_patch)
@@ -215,27 +240,90 @@ def k_grid(n_heads: int, dense_up_to: int = 40) -> list[int]:
     return sorted(set(ks))
 
 
+#: Models with more heads than this get the big-model discovery defaults: a coarse, capped k grid
+#: evaluated until the target is reached (:func:`coarse_k_grid`, :data:`BIG_K_CAP`) and exact patching
+#: only on the heads an attribution screen keeps (:data:`SCREEN_CANDIDATES`).
+BIG_MODEL_HEADS = 100
+#: Largest k the big-model curve evaluates, as a fraction of all heads (gpt2-medium: 96 of 384). A head set
+#: of more than a quarter of the model is no circuit the report would name; discovery then falls back to
+#: the most faithful k evaluated and says ``reached_target: False``. ``discover_circuit(max_k=...)`` changes it.
+BIG_K_CAP = 0.25
+#: Heads kept by the attribution screen for exact activation / path patching on big models (``screen=``).
+SCREEN_CANDIDATES = 64
+
+
+def coarse_k_grid(n_heads: int, cap: int | None = None, ratio: float = 1.5) -> list[int]:
+    """A coarse k grid for big models: 0, 1, 2, 3, 4, then x``ratio`` (rounded) up to ``cap`` (default
+    ``BIG_K_CAP`` of the heads), with ``cap`` itself last. gpt2-medium: 0 1 2 3 4 6 9 14 21 32 48 72 96
+    (13 points); :func:`smallest_k` bisects inside the gap before the first point reaching the target."""
+    cap = max(1, int(round(BIG_K_CAP * n_heads))) if cap is None else int(cap)
+    cap = min(cap, n_heads)
+    ks = [k for k in range(5) if k <= cap]
+    while ks[-1] < cap:
+        ks.append(min(cap, max(ks[-1] + 1, int(round(ks[-1] * ratio)))))
+    return ks
+
+
 def faithfulness_curve(
     model: HookedTransformer, batch: TaskBatch, scores: HeadScores, *, ks: list[int] | None = None,
-    absolute: bool = True, ablation: Ablation = Ablation(),
+    absolute: bool = True, ablation: Ablation = Ablation(), full: float | None = None,
 ) -> dict[int, float]:
     """Faithfulness of the top-k circuit (by ``|score|``) for every k in ``ks`` (default
-    :func:`k_grid`), one batched run."""
+    :func:`k_grid`), one batched run. ``full``: the full model's mean logit difference under
+    ``ablation`` when already known (saves one set per call); else it is computed in the same run."""
     n = scores.scores.numel()
     ks = k_grid(n) if ks is None else [int(k) for k in ks]
     order = scores.top(n, absolute=absolute)
-    sets = [frozenset(order)] + [frozenset(order[:k]) for k in ks]
+    sets = ([] if full is not None else [frozenset(order)]) + [frozenset(order[:k]) for k in ks]
     d = run_ablations(model, batch, _complement_masks(model, sets), ablation).mean_logit_diff
-    return {k: round(float(x) / float(d[0]), 4) for k, x in zip(ks, d[1:])}
+    if full is None:
+        full, d = float(d[0]), d[1:]
+    return {k: round(float(x) / float(full), 4) for k, x in zip(ks, d)}
+
+
+def full_logit_diff(model: HookedTransformer, batch: TaskBatch, ablation: Ablation = Ablation()) -> float:
+    """The full model's mean logit difference as :func:`faithfulness_curve` measures it (no head ablated)."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    everything = frozenset((l, h) for l in range(L) for h in range(H))
+    return float(run_ablations(model, batch, _complement_masks(model, [everything]), ablation).mean_logit_diff[0])
+
+
+def scan_curve(
+    model: HookedTransformer, batch: TaskBatch, scores: HeadScores, ks: list[int], target: float, *,
+    chunk: int = 4, absolute: bool = True, ablation: Ablation = Ablation(), progress: bool = False,
+) -> tuple[dict[int, float], float]:
+    """:func:`faithfulness_curve` over ascending ``ks``, ``chunk`` points per batched run, stopping after
+    the first run in which a point reaches ``target`` (the points beyond it are not evaluated). The cost
+    of a run grows with its number of head sets, so stopping early saves what the unused points would
+    cost. Returns the curve and the full model's mean logit difference. Shows a progress bar (with ETA)
+    over the grid when ``progress``."""
+    from tqdm.auto import tqdm
+
+    full = full_logit_diff(model, batch, ablation)
+    if abs(full) < 1e-9:
+        raise ValueError("the full model's logit difference is 0: faithfulness is undefined; check the task batch")
+    ks = sorted(int(k) for k in ks)
+    curve: dict[int, float] = {}
+    with tqdm(total=len(ks), desc="  faithfulness curve", unit=" k", leave=False, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for lo in range(0, len(ks), chunk):
+            part = ks[lo:lo + chunk]
+            curve.update(faithfulness_curve(model, batch, scores, ks=part, absolute=absolute, ablation=ablation,
+                                            full=full))
+            bar.update(len(part))
+            if any(curve[k] >= target for k in part if k > 0):
+                break
+    return curve, full
 
 
 def smallest_k(
     model: HookedTransformer, batch: TaskBatch, scores: HeadScores, curve: dict[int, float], target: float, *,
-    absolute: bool = True, ablation: Ablation = Ablation(),
+    absolute: bool = True, ablation: Ablation = Ablation(), full: float | None = None,
 ) -> int | None:
     """The smallest k > 0 whose top-k circuit reaches ``target``: the first grid point of ``curve``
     that does, refined by bisection inside the grid gap before it (assumes the curve rises within a
-    gap). ``None`` when no k on the curve reaches it."""
+    gap; one ablated run of one head set per step). ``None`` when no k on the curve reaches it.
+    ``full``: the full model's logit difference, if known (see :func:`faithfulness_curve`)."""
     ks = sorted(k for k in curve if k > 0)
     hit = next((k for k in ks if curve[k] >= target), None)
     if hit is None:
@@ -243,7 +331,7 @@ def smallest_k(
     lo = max([k for k in ks if k < hit], default=0)
     while hit - lo > 1:
         mid = (lo + hit) // 2
-        f = faithfulness_curve(model, batch, scores, ks=[mid], absolute=absolute, ablation=ablation)[mid]
+        f = faithfulness_curve(model, batch, scores, ks=[mid], absolute=absolute, ablation=ablation, full=full)[mid]
         curve[mid] = f
         lo, hit = (lo, mid) if f >= target else (mid, hit)
     return hit
@@ -335,13 +423,30 @@ def discover_circuit(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    screen: int | None | Literal["auto"] = "auto",
+    max_k: int | None | Literal["auto"] = "auto",
 ) -> CircuitDiscovery:
     """Head scores by every registered method, a circuit from ``method``'s scores, and its faithfulness.
 
     ``n_prompts`` selection prompts and as many held-out ones (:func:`split_prompts`). The circuit is
     chosen by ``top_k`` / ``threshold``; with neither, the smallest top-k whose faithfulness (under
     ``ablation``) reaches ``target`` on the selection prompts (:func:`smallest_k`; else the most
-    faithful k, and ``reached_target`` is False). Held-out faithfulness under every convention.
+    faithful k evaluated, and ``reached_target`` is False). Held-out faithfulness under every convention.
+
+    What is evaluated (defaults by model size; ``meta["k_grid"]`` and ``meta["screen"]`` record it):
+
+    - ``max_k``: ``None`` evaluates the faithfulness curve on :func:`k_grid` (every k up to 40, then x1.25,
+      up to all heads) in one batched run: the default on models with at most :data:`BIG_MODEL_HEADS`
+      heads. An int (the ``"auto"`` default above that: :data:`BIG_K_CAP` of the heads, 96 on gpt2-medium)
+      evaluates :func:`coarse_k_grid` up to it, 4 points per run, stopping at the first run reaching
+      ``target`` (:func:`scan_curve`), then bisects; a head set of more than ``max_k`` heads is not sought.
+    - ``screen``: ``None`` patches every head exactly. An int N keeps the N heads with the largest
+      |attribution patching| score (a gradient estimate, ~3 forwards) and runs the exact methods that
+      accept ``candidates`` (path patching; activation patching when :mod:`circuitlib.patching` offers a
+      candidate subset, :func:`screened_act_patch`) on those only; other heads then score 0 and the curve is
+      capped at N. ``"auto"``: N = the k cap on models with more than :data:`BIG_MODEL_HEADS` heads (96 on
+      gpt2-medium), ``None`` otherwise. A head the screen misses (attribution's linear estimate can be far
+      off, e.g. for heads whose effect saturates) cannot enter the circuit; ``screen=None`` is the check.
     """
     names = list(HEAD_SCORERS) if scorers is None else list(scorers)
     unknown = [n for n in [method, *names] if n not in HEAD_SCORERS]
@@ -352,21 +457,65 @@ def discover_circuit(
         names.append(method)
     if direction not in ("noising", "denoising"):
         raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+    import inspect
+
+    n_all = model.cfg.n_layers * model.cfg.n_heads
+    big = n_all > BIG_MODEL_HEADS
+    if max_k == "auto":
+        max_k = max(1, int(round(BIG_K_CAP * n_all))) if big else None
+    if screen == "auto":
+        screen = max_k if big else None
+    if screen is not None and not 1 <= int(screen) <= n_all:
+        raise ValueError(f"screen must be between 1 and {n_all} heads (or None: patch every head exactly)")
     sel, held = split_prompts(task, model.tokenizer, n_prompts, seed=seed)
     scores, timings = {}, {}
-    for name in names:
+    candidates = None
+    screen_meta: dict[str, Any] = {"n_candidates": None, "note": "every head patched exactly (screen=None)"}
+    if screen is not None:
         t0 = time.perf_counter()
-        scores[name] = HEAD_SCORERS[name](model, sel, direction=direction, progress=progress)
+        attr = HEAD_SCORERS["attribution"](model, sel, direction=direction, progress=progress)
+        timings["attribution"] = time.perf_counter() - t0
+        if "attribution" in names:
+            scores["attribution"] = attr
+        candidates = sorted(attr.top(int(screen), absolute=True))
+        screened_methods = [n for n in names if n != "attribution"
+                            and "candidates" in inspect.signature(HEAD_SCORERS[n]).parameters
+                            and (n != "act_patch" or screened_act_patch() is not None)]
+        screen_meta = {"n_candidates": len(candidates), "by": "|attribution patching| on the selection prompts",
+                       "candidates": [head_name(h) for h in candidates], "exact_on_candidates": screened_methods,
+                       "note": f"exact patching of the {len(candidates)} heads with the largest |attribution| "
+                               f"score for {', '.join(screened_methods) or 'no method'}; other heads score 0 there"}
+        if max_k is None or max_k > len(candidates):
+            max_k = len(candidates) if method in screened_methods else max_k
+    for name in names:
+        if name in scores:
+            continue
+        t0 = time.perf_counter()
+        fn = HEAD_SCORERS[name]
+        if candidates is not None and "candidates" in inspect.signature(fn).parameters:
+            scores[name] = fn(model, sel, direction=direction, progress=progress, candidates=candidates)
+        else:
+            scores[name] = fn(model, sel, direction=direction, progress=progress)
         timings[name] = time.perf_counter() - t0
     chosen = scores[method]
     t0 = time.perf_counter()
-    curve = faithfulness_curve(model, sel, chosen, ablation=ablation)
+    if max_k is None:
+        ks = k_grid(n_all)
+        curve = faithfulness_curve(model, sel, chosen, ablation=ablation)
+        full = None
+        grid_meta = {"grid": "k_grid: every k up to 40, then x1.25 up to all heads", "max_k": n_all}
+    else:
+        ks = coarse_k_grid(n_all, cap=int(max_k))
+        curve, full = scan_curve(model, sel, chosen, ks, target, ablation=ablation, progress=progress)
+        grid_meta = {"grid": "coarse_k_grid (0-4, then x1.5), 4 points per run until one reaches the target",
+                     "max_k": int(max_k), "evaluated": sorted(curve)}
     reached = True
     if top_k is None and threshold is None:
-        top_k = smallest_k(model, sel, chosen, curve, target, ablation=ablation)
+        top_k = smallest_k(model, sel, chosen, curve, target, ablation=ablation, full=full)
         if top_k is None:
             reached = False
             top_k = max(curve, key=curve.get)
+    grid_meta["bisected"] = sorted(set(curve) - set(ks))
     circuit = select_circuit(chosen, top_k=top_k, threshold=threshold)
     selection = faithfulness(model, sel, circuit, ablation=ablation, n_boot=n_boot, seed=seed,
                              prompts=f"{task} selection prompts ({len(sel)})")
@@ -379,7 +528,7 @@ def discover_circuit(
     timings["heldout"] = time.perf_counter() - t0
     meta = {"n_selection": len(sel), "n_heldout": len(held), "seed": seed, "method": method,
             "direction": direction, "target": target, "top_k": top_k, "threshold": threshold,
-            "ablation": ablation.to_dict(), **sel.meta}
+            "ablation": ablation.to_dict(), "k_grid": grid_meta, "screen": screen_meta, **sel.meta}
     return CircuitDiscovery(
         task=task, model=model.cfg.model_name or "", scores=scores, circuit=circuit, selection=selection,
         heldout=heldout, robust=[n for n, f in heldout.items() if f.reaches(target)], reached_target=reached,

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 # The hub's config.json of the models circuitlib rehearses, verbatim (key order as on the hub).
 # gpt2-medium: checked field by field against a GPT2Config print of gpt2-medium (transformers 4.6) in a
 # public repository; gpt2 and pythia-160m: the hub files as recorded here, not re-checked offline.
@@ -152,7 +154,7 @@ def repo_dir(hf_home: str | Path, official: str) -> Path:
     return Path(hf_home) / "hub" / ("models--" + official.replace("/", "--"))
 
 
-def plant_heads(model, hf_config, *, seed: int = 0) -> dict[str, Any]:
+def plant_heads(model: torch.nn.Module, hf_config: Any, *, seed: int = 0) -> dict[str, Any]:
     """Give a random GPT-2 (transformers' ``GPT2LMHeadModel``) heads that MAPS scores above 0, in place.
 
     A random model's static scores are ~0 everywhere (a target lands in the top-k of 50,257 entries by
@@ -454,36 +456,64 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser, *, model_option: bool = False) -> None:
     """The rehearsal's options, for this module's entry point and for ``python -m circuitlib rehearse``
-    (``model_option``: ``--model NAME``, default gpt2-medium, instead of a positional name)."""
+    (``model_option``: the model name is optional, default gpt2-medium, and ``--out`` defaults to
+    ``rehearsal-<name>``)."""
     model_help = "a TransformerLens model name (stored hub configs: " + ", ".join(HUB_CONFIGS) + "; others: --config)"
     if model_option:
-        parser.add_argument("--model", default="gpt2-medium", help=model_help + " (default: gpt2-medium)")
+        parser.add_argument("model", nargs="?", default="gpt2-medium", help=model_help + " (default: gpt2-medium)")
     else:
         parser.add_argument("model", help=model_help)
-    parser.add_argument("--out", required=not model_option, default=None if not model_option else "rehearsal",
-                        help="report directory (summary.json with a 'rehearsal' entry)")
+    parser.add_argument("--out", required=not model_option, default=None,
+                        help="report directory (summary.json with a 'rehearsal' entry)"
+                             + ("; default: rehearsal-<model>" if model_option else ""))
     parser.add_argument("--config", help="the model's hub config.json, for models without a stored one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one config.json entry (e.g. n_layer=2 for a quick run); repeatable")
     parser.add_argument("--hf-home", help="write the cache here and keep it (default: a temporary directory)")
-    parser.add_argument("--skip", action="append", default=[], metavar="PART",
-                        help="report sections / parts to leave out (discovery, scoring, overlap, dynamic, "
-                             "causal_check); repeatable")
-    parser.add_argument("--plan", action="append", default=[], metavar="KEY=N",
-                        help="report prompt counts / draws (circuitlib.report.report_plan); repeatable")
+    add_report_options(parser)
     parser.add_argument("--no-resume", action="store_true", help="recompute sections already in OUT/sections")
     parser.add_argument("--no-plant", action="store_true",
                         help="purely random weights (no heads MAPS scores above 0: the causal checks are then skipped)")
     parser.add_argument("--progress", choices=("auto", "always", "off"), default="auto",
                         help="progress bars: on a terminal outside CI (auto, default), always, or off")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (same as --progress off)")
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``--plan KEY=N`` and ``--skip PART``, shared by ``report``, ``rehearse`` and this module's entry point."""
+    from .report import PLAN_KEYS, SKIPPABLE
+
+    parser.add_argument("--skip", action="append", default=[], metavar="PART",
+                        help=f"report sections / parts to leave out ({', '.join(SKIPPABLE)}); repeatable")
+    parser.add_argument("--plan", action="append", default=[], metavar="KEY=N",
+                        help="prompt counts / draws / discovery limits, overriding the defaults by model size "
+                             f"(keys: {', '.join(PLAN_KEYS)}; screen=0 / max_k=0: every head; "
+                             "circuitlib.report.report_plan); repeatable")
+
+
+def parse_plan(items: Sequence[str]) -> dict[str, Any] | None:
+    """``--plan`` items as a plan dict (``None`` when none given); a bad item raises ``ValueError``."""
+    from .report import PLAN_KEYS
+
+    plan = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PLAN_KEYS:
+            raise ValueError(f"--plan needs KEY=N with KEY one of {', '.join(PLAN_KEYS)}; got {item!r}")
+        try:
+            plan[key] = None if value.lower() in ("none", "") else int(value)
+        except ValueError:
+            raise ValueError(f"--plan {key}= needs a whole number (or none); got {value!r}") from None
+    return plan or None
 
 
 def run_args(args: argparse.Namespace) -> str:
     """Run the rehearsal from parsed :func:`add_arguments` options; returns :func:`format_times`'s text.
     Raises :class:`RehearsalError` (one line) when it cannot run."""
-    progress = {"auto": True, "always": "always", "off": False}[args.progress]
-    summary = rehearse(args.model, args.out, hf_home=args.hf_home, config_file=args.config,
-                       overrides=_parse_sets(args.set), plan=_parse_sets(args.plan) or None, skip=args.skip,
+    progress = False if getattr(args, "quiet", False) else {"auto": True, "always": "always", "off": False}[args.progress]
+    out = args.out or "rehearsal-" + args.model.replace("/", "--")
+    summary = rehearse(args.model, out, hf_home=args.hf_home, config_file=args.config,
+                       overrides=_parse_sets(args.set), plan=parse_plan(args.plan), skip=args.skip,
                        progress=progress, resume=not args.no_resume, plant=not args.no_plant)
     return format_times(summary)
 

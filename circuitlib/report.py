@@ -44,10 +44,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .metrics import evaluate
+from transformer_lens import HookedTransformer
+
+from .metrics import accuracy, logit_diff, top1_accuracy
 from .models import load_model, model_identity
 from .tasks import TASK_SPECS, relation_table, report_tasks, task_batch
-from .types import Circuit, HeadScores, parse_head
+from .types import Circuit, HeadScores, TaskBatch, parse_head
 
 N_PROMPTS = 128  # baseline evaluation prompts per task (also the cross-task ablation's prompts)
 DISCOVERY_PROMPTS = 64  # selection prompts per task (and as many held-out ones)
@@ -68,12 +70,13 @@ BIG_MODEL: dict[str, int | None] = {
     "n_random": 50,
     "reuse_prompts": 16,
 }
-PLAN_KEYS = ("n_prompts", "discovery_prompts", "causal_prompts", "causal_random", "n_random", "reuse_prompts")
+PLAN_KEYS = ("n_prompts", "discovery_prompts", "causal_prompts", "causal_random", "n_random", "reuse_prompts",
+             "screen", "max_k")
 SKIPPABLE = ("discovery", "scoring", "overlap", "dynamic", "causal_check", "path_patch")
 REFERENCE_FILE = Path(__file__).parent / "data" / "reference_heads.json"
 
 
-def report_plan(model, plan: dict | None = None) -> dict[str, Any]:
+def report_plan(model: HookedTransformer, plan: dict | None = None) -> dict[str, Any]:
     """Prompt counts and random draws for ``model``: the module constants, :data:`BIG_MODEL` above
     :data:`BIG_MODEL_HEADS` heads, then ``plan``'s entries (``None`` values are ignored).
 
@@ -81,18 +84,28 @@ def report_plan(model, plan: dict | None = None) -> dict[str, Any]:
     held out); ``causal_prompts``: prompts per relation in MAPS's causal check (``None`` = every pair);
     ``causal_random``: layer-matched random head sets in the causal check; ``n_random``: random head
     sets per cross-task ablation; ``reuse_prompts``: prompts per task in the cross-task ablation
-    (``None`` = the baseline prompts)."""
+    (``None`` = the baseline prompts); ``screen``: heads kept by discovery's attribution screen for exact
+    patching, ``max_k``: the largest head set discovery's faithfulness curve evaluates (both ``None`` =
+    every head, the default up to :data:`BIG_MODEL_HEADS` heads; above it :data:`circuitlib.circuits.BIG_K_CAP`
+    of the heads, 96 on gpt2-medium; given as 0 in ``plan`` they mean every head). See
+    :func:`circuitlib.circuits.discover_circuit`."""
     unknown = set(plan or {}) - set(PLAN_KEYS)
     if unknown:
         raise ValueError(f"unknown plan entries {sorted(unknown)}: use {', '.join(PLAN_KEYS)}")
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     out: dict[str, Any] = {"n_prompts": N_PROMPTS, "discovery_prompts": DISCOVERY_PROMPTS,
                            "causal_prompts": CAUSAL_PROMPTS, "causal_random": CAUSAL_RANDOM, "n_random": N_RANDOM,
-                           "reuse_prompts": None}
+                           "reuse_prompts": None, "screen": None, "max_k": None}
     big = n_heads > BIG_MODEL_HEADS
     if big:
+        from .circuits import BIG_K_CAP
+
         out.update(BIG_MODEL)
+        out["screen"] = out["max_k"] = max(1, int(round(BIG_K_CAP * n_heads)))
     out.update({k: v for k, v in (plan or {}).items() if v is not None})
+    for key in ("screen", "max_k"):  # 0: every head
+        if out[key] is not None and int(out[key]) <= 0:
+            out[key] = None
     if out["reuse_prompts"] is not None and out["reuse_prompts"] >= out["n_prompts"]:
         out["reuse_prompts"] = None
     out["rule"] = (f"{n_heads} heads > {BIG_MODEL_HEADS}: the big-model counts" if big
@@ -115,7 +128,7 @@ def bars_enabled(progress: bool | str) -> bool:
 
 
 @contextlib.contextmanager
-def forward_counter(model, desc: str, enabled: bool) -> Iterator[None]:
+def forward_counter(model: HookedTransformer, desc: str, enabled: bool) -> Iterator[None]:
     """A tqdm counter of the model's forward passes (from its embedding) while inside the block: a
     sign of life in steps that run many batched forwards (ablation curves, cross-task ablation)."""
     if not enabled:
@@ -167,7 +180,7 @@ class Steps:
 class Context:
     """What the sections share: the model, the task batches, the output folder, results so far."""
 
-    def __init__(self, model, out: Path, *, all_relations: bool, plan: dict, skip: frozenset[str], bars: bool):
+    def __init__(self, model: HookedTransformer, out: Path, *, all_relations: bool, plan: dict, skip: frozenset[str], bars: bool):
         self.model = model
         self.out = out
         self.all_relations = all_relations
@@ -188,6 +201,7 @@ class Context:
         self.resumed_parts: list[str] = []
         self.batches = {t: task_batch(t, model.tokenizer, plan["n_prompts"], seed=SEED,
                                       model_name=model.cfg.model_name) for t in self.tasks}
+        self.big_grid = model.cfg.n_layers * model.cfg.n_heads > 64  # no cell annotations on the heatmaps
 
     def save_figure(self, fig, name: str, caption: str) -> None:
         import matplotlib.pyplot as plt
@@ -237,13 +251,42 @@ def _title(task: str) -> str:
 # Sections: each returns a JSON-able dict; ``restore_*`` rebuilds the shared state from it
 
 
+@torch.no_grad()
+def evaluate_end(model: HookedTransformer, batch: TaskBatch, *, max_tokens: int = 4096) -> dict[str, float]:
+    """:func:`circuitlib.metrics.evaluate` (same keys, same numbers) reading out only each prompt's END
+    position: the forward stops before the final LayerNorm and the unembedding is applied to END's
+    residual vector alone (:func:`circuitlib.interventions.readout`), in chunks of at most ``max_tokens``
+    token rows. On gpt2-medium the full-vocabulary logits at every position cost as much as ~4 of its 24
+    layers and 200 MB per 64 prompts; END-only costs one row per prompt."""
+    from .interventions import readout
+
+    L, device = model.cfg.n_layers, model.cfg.device
+    B, S = batch.clean.shape
+    step = max(1, max_tokens // S)
+    out = {}
+    for kind, tokens in (("clean", batch.clean), ("corrupt", batch.corrupt)):
+        rows = []
+        for lo in range(0, B, step):
+            resid = model(tokens[lo:lo + step].to(device), stop_at_layer=L)
+            end = batch.end[lo:lo + step].to(device)
+            rows.append(readout(model, resid[torch.arange(resid.shape[0], device=device), end]).float().cpu())
+        out[kind] = torch.cat(rows)  # [batch, vocab]
+    return {
+        "accuracy": accuracy(out["clean"], batch),
+        "top1_accuracy": top1_accuracy(out["clean"], batch),
+        "logit_diff": float(logit_diff(out["clean"], batch)),
+        "corrupt_logit_diff": float(logit_diff(out["corrupt"], batch)),
+        "n_prompts": len(batch),
+    }
+
+
 def section_baseline(ctx: Context) -> dict:
     """Model identity, per-task accuracy and logit difference, per-relation pair counts."""
     tasks = {}
     with ctx.section_steps("baseline", len(ctx.batches) + 1) as step:
         for t, b in ctx.batches.items():
             with step(f"evaluate {t}"):
-                tasks[t] = {**evaluate(ctx.model, b), "split": b.meta.get("split")}
+                tasks[t] = {**evaluate_end(ctx.model, b), "split": b.meta.get("split")}
         with step("relation table"):
             relations = relation_table(ctx.model.tokenizer)
     return {"model": model_identity(ctx.model), "tasks": tasks, "relations": relations}
@@ -261,7 +304,8 @@ def section_discovery(ctx: Context) -> dict:
         with step(f"discover {t}"):
             try:
                 d = discover_circuit(ctx.model, t, n_prompts=ctx.plan["discovery_prompts"], target=TARGET,
-                                     scorers=scorers, seed=SEED, progress=ctx.bars).to_dict()
+                                     scorers=scorers, seed=SEED, progress=ctx.bars, screen=ctx.plan.get("screen"),
+                                     max_k=ctx.plan.get("max_k")).to_dict()
             except ValueError as exc:  # e.g. a model whose clean and corrupted prompts score alike
                 return {"skipped": f"discovery failed: {exc}"}
         for method, seconds in d.pop("timings").items():  # timings stay out of the results
@@ -297,7 +341,7 @@ def restore_discovery(ctx: Context, data: dict) -> None:
         ctx.patching[t] = HeadScores.from_dict(d["scores"]["act_patch"])
 
 
-def relation_summary(model, relations: Sequence[str], *, n_top: int = 10, causal: bool = True, dynamic: bool = True,
+def relation_summary(model: HookedTransformer, relations: Sequence[str], *, n_top: int = 10, causal: bool = True, dynamic: bool = True,
                      extra_tasks: Sequence[str] = (), n_prompts: int | None = None, n_extra_random: int = CAUSAL_RANDOM,
                      step: Callable[[str], Any] | None = None,
                      part: Callable[..., Any] | None = None) -> dict[str, dict]:
@@ -515,13 +559,13 @@ SECTIONS: list[tuple[str, Callable[[Context], dict], Callable[[Context, dict], N
 #: settings and skip entries. A rerun resumes a section only when all of these are unchanged.
 SECTION_INPUTS: dict[str, tuple[str, ...]] = {
     "baseline": ("n_prompts",),
-    "discovery": ("discovery_prompts", "target", "skip:discovery", "skip:path_patch"),
+    "discovery": ("discovery_prompts", "screen", "max_k", "target", "skip:discovery", "skip:path_patch"),
     "scoring": ("causal_prompts", "causal_random", "all_relations", "skip:scoring", "skip:dynamic", "skip:causal_check"),
     "overlap": (*PLAN_KEYS, "target", "all_relations", *(f"skip:{s}" for s in SKIPPABLE)),
 }
 
 
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model: HookedTransformer) -> str:
     """A short hash of a strided sample (<= 256 values) of every parameter: a rerun resumes only on the same
     weights (a model name alone does not say which weights are behind it)."""
     import hashlib
@@ -558,7 +602,7 @@ def peak_rss_gib() -> float:
 
 
 def run_report(model_name: str, out: str | Path, *, all_relations: bool = False, progress: bool | str = True,
-               resume: bool = True, n_random: int | None = None, model=None, plan: dict | None = None,
+               resume: bool = True, n_random: int | None = None, model: HookedTransformer | None = None, plan: dict | None = None,
                skip: Sequence[str] = ()) -> dict:
     """Run every section on ``model_name`` (or a loaded ``model``) and write the report to ``out``.
 
@@ -581,7 +625,6 @@ def run_report(model_name: str, out: str | Path, *, all_relations: bool = False,
     plan = report_plan(model, {**(plan or {}), **({"n_random": n_random} if n_random is not None else {})})
     bars = bars_enabled(progress)
     ctx = Context(model, out, all_relations=all_relations, plan=plan, skip=skip, bars=bars)
-    ctx.big_grid = model.cfg.n_layers * model.cfg.n_heads > 64
     base_settings = {"model": model_identity(model), "weights": weights_fingerprint(model),
                      "all_relations": all_relations, "tasks": list(ctx.tasks),
                      "seed": SEED, "target": TARGET, "plan": {k: plan[k] for k in PLAN_KEYS}}
@@ -831,6 +874,16 @@ def _plan_md(settings: dict) -> list[str]:
              f"many held-out prompts for circuit discovery, {reuse} for the cross-task ablations; MAPS's causal check: "
              f"{causal} per relation, {plan['causal_random']} layer-matched random head sets; cross-task ablation: "
              f"{plan['n_random']} random head sets. Why these counts: {plan['rule']} (circuitlib.report.report_plan)."]
+    if plan.get("screen") is not None or plan.get("max_k") is not None:
+        lines.append(
+            "Circuit discovery on this many heads: "
+            + (f"exact patching only of the {plan['screen']} heads with the largest |attribution patching| score "
+               "(a gradient screen; the other heads score 0 in the exactly patched methods, and a head the screen "
+               "misses cannot enter the head set); " if plan.get("screen") is not None else "every head patched exactly; ")
+            + (f"the faithfulness curve on a coarse grid of k up to {plan['max_k']}, stopped at the first k reaching "
+               "the target and refined by bisection (a head set of more heads is not sought)."
+               if plan.get("max_k") is not None else "the faithfulness curve over every k.")
+            + " Set both to 0 (--plan screen=0 --plan max_k=0) for the exhaustive version.")
     if settings.get("skip"):
         lines.append(f"Left out on request: {', '.join(settings['skip'])}.")
     return lines + [""]

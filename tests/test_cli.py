@@ -140,6 +140,49 @@ def test_report_out_is_a_file(capsys, tmp_path):
     assert code == 2 and "is a file" in one_error_line(err)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("--plan", "prompts=3"), "--plan needs KEY=N with KEY one of n_prompts"),
+    (("--plan", "n_prompts=many"), "--plan n_prompts= needs a whole number"),
+    (("--skip", "everything"), "cannot skip everything: skippable are discovery"),
+])
+def test_report_plan_and_skip_mistakes_are_one_line(capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, "report", "--model", "toy", "--out", str(tmp_path / "new"), *argv)
+    assert code == 2 and message in one_error_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_report_plan_and_skip_reach_the_report(capsys, tmp_path, monkeypatch):
+    from circuitlib import report
+
+    seen = {}
+    monkeypatch.setattr(report, "run_report", lambda model, out, **kw: seen.update(kw, model=model))
+    code, _, _ = run_cli(capsys, "report", "--model", "toy", "--out", str(tmp_path), "--quiet", "--plan",
+                         "discovery_prompts=8", "--plan", "screen=0", "--skip", "dynamic", "--skip", "path_patch")
+    assert code == 0
+    assert seen["plan"] == {"discovery_prompts": 8, "screen": 0} and seen["skip"] == ["dynamic", "path_patch"]
+    assert seen["progress"] is False and seen["model"] == "toy"
+
+
+def test_rehearse_subcommand_mistakes_are_one_line(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "rehearse", "gpt2", "--out", str(tmp_path / "r"), "--skip", "everything")
+    assert code == 2 and "cannot skip ['everything']" in one_error_line(err)
+    code, out, err = run_cli(capsys, "rehearse", "not-a-model", "--out", str(tmp_path / "r"))
+    assert code == 2 and "'not-a-model' is not a TransformerLens model name" in one_error_line(err)
+
+
+def test_rehearse_subcommand_defaults(monkeypatch):
+    from circuitlib import rehearsal
+    from circuitlib.__main__ import build_parser
+
+    seen = {}
+    monkeypatch.setattr(rehearsal, "rehearse", lambda name, out, **kw: seen.update(kw, name=name, out=out) or {})
+    monkeypatch.setattr(rehearsal, "format_times", lambda summary: "times")
+    args = build_parser().parse_args(["rehearse", "--quiet", "--plan", "max_k=0"])
+    assert args.func(args) == "times"
+    assert (seen["name"], seen["out"]) == ("gpt2-medium", "rehearsal-gpt2-medium")
+    assert seen["progress"] is False and seen["plan"] == {"max_k": 0}
+
+
 # ---------------------------------------------------------------------------------------------
 # help, pipes, stdout purity, no network
 

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 from circuitlib import report
@@ -43,3 +45,65 @@ def test_report_runs_with_a_third_task(toy, extra_task, tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     assert "Short copying" in md
     json.loads((tmp_path / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers that take a candidate subset, and discovery's big-model limits (forced on the toy's 24 heads)
+
+
+def test_coarse_k_grid_by_hand():
+    from circuitlib.circuits import coarse_k_grid
+
+    # 4 x 1.5 = 6, 9, 13.5 -> 14, 21, 31.5 -> 32, 48, 72, 108 -> the cap 96 (a quarter of 384)
+    assert coarse_k_grid(384) == [0, 1, 2, 3, 4, 6, 9, 14, 21, 32, 48, 72, 96]
+    assert coarse_k_grid(24, cap=5) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_scorer_taking_candidates_gets_the_attribution_screen(toy, monkeypatch):
+    from circuitlib import circuits
+    from circuitlib.patching import act_patch_heads, attribution_patch_heads
+    from circuitlib.types import HeadScores
+
+    seen = {}
+
+    def subset_scorer(model, batch, *, direction, progress=False, candidates=None):
+        seen["candidates"] = candidates
+        seen["batch"] = batch
+        full = act_patch_heads(model, batch, direction=direction)
+        keep = torch.zeros_like(full.scores, dtype=torch.bool)
+        for l, h in candidates:
+            keep[l, h] = True
+        return HeadScores(torch.where(keep, full.scores, 0.0), method="subset", target=batch.task,
+                          model=full.model, meta=full.meta)
+
+    monkeypatch.setitem(circuits.HEAD_SCORERS, "subset", subset_scorer)
+    res = circuits.discover_circuit(toy, "capitals", n_prompts=8, method="subset", scorers=["subset", "attribution"],
+                                    screen=5, max_k=None, n_boot=10)
+    attr = attribution_patch_heads(toy, seen["batch"])  # the screen, recomputed independently
+    want = sorted(attr.top(5, absolute=True))
+    assert seen["candidates"] == want
+    assert res.meta["screen"]["candidates"] == [f"{l}.{h}" for l, h in want]
+    assert "subset" in res.meta["screen"]["exact_on_candidates"]
+    assert res.meta["k_grid"]["max_k"] == 5  # the curve stops at the screened heads
+    assert max(res.curve) <= 5 and set(res.circuit.heads) <= set(want)
+    with pytest.raises(ValueError, match="screen must be between 1 and 24"):
+        circuits.discover_circuit(toy, "capitals", n_prompts=4, screen=25)
+
+
+def test_capped_curve_stops_at_the_target_and_bisects(toy):
+    from circuitlib import circuits
+    from circuitlib.circuits import faithfulness_curve, split_prompts
+
+    target = 0.8
+    res = circuits.discover_circuit(toy, "capitals", n_prompts=16, target=target, scorers=["act_patch"], screen=None,
+                                    max_k=12, n_boot=10)
+    sel, _ = split_prompts("capitals", toy.tokenizer, 16)
+    dense = faithfulness_curve(toy, sel, res.scores["act_patch"], ks=list(range(25)))  # every k, one run
+    for k, v in res.curve.items():
+        assert v == pytest.approx(dense[k], abs=2e-4)
+    grid = circuits.coarse_k_grid(24, cap=12)  # [0, 1, 2, 3, 4, 6, 9, 12]
+    first_hit = next(k for k in grid if k > 0 and dense[k] >= target)
+    stop = grid[(grid.index(first_hit) // 4 + 1) * 4 - 1] if (grid.index(first_hit) // 4 + 1) * 4 <= len(grid) else grid[-1]
+    assert max(k for k in res.curve if k in grid) == stop  # runs of 4 points, none after the one with the hit
+    want = next(k for k in range(1, 25) if dense[k] >= target)
+    assert res.meta["top_k"] == want and res.reached_target

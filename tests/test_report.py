@@ -193,14 +193,21 @@ def test_skipped_parts_are_recorded_and_dependents_skipped(small, tmp_path):
 
 
 def test_plan_for_big_models():
-    def fake(layers, heads):
-        return SimpleNamespace(cfg=SimpleNamespace(n_layers=layers, n_heads=heads))
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    def fake(layers, heads):  # a real model with that head grid, tiny otherwise
+        return HookedTransformer(HookedTransformerConfig(n_layers=layers, n_heads=heads, d_model=2 * heads, d_head=2,
+                                                         n_ctx=8, d_vocab=8, attn_only=True))
 
     small_plan = report.report_plan(fake(3, 8))
     assert small_plan["n_prompts"] == report.N_PROMPTS and small_plan["causal_prompts"] == report.CAUSAL_PROMPTS
     big = report.report_plan(fake(24, 16))  # gpt2-medium's 384 heads
     assert {k: big[k] for k in report.BIG_MODEL} == report.BIG_MODEL
     assert big["rule"].startswith("384 heads > 100")
+    # discovery on 384 heads: exact patching of an attribution screen's 96 heads, curve capped at k = 96
+    assert (big["screen"], big["max_k"]) == (96, 96) and (small_plan["screen"], small_plan["max_k"]) == (None, None)
+    exhaustive = report.report_plan(fake(24, 16), {"screen": 0, "max_k": 0})
+    assert (exhaustive["screen"], exhaustive["max_k"]) == (None, None)
     given = report.report_plan(fake(24, 16), {"discovery_prompts": 8, "n_random": None})
     assert given["discovery_prompts"] == 8 and given["n_random"] == report.BIG_MODEL["n_random"]
     with pytest.raises(ValueError, match="unknown plan entries"):
@@ -213,15 +220,29 @@ def test_progress_bars_stay_out_of_ci_logs(monkeypatch):
     assert report.bars_enabled("always") is True and report.bars_enabled(False) is False
 
 
-def test_seed_figure_on_a_gpt2_medium_grid():
+def _gpt2_medium_grid():
+    """A real HookedTransformer with gpt2-medium's name, head grid (24 x 16) and tokenizer, of tiny width."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuitlib.models import gpt2_tokenizer
+
+    cfg = HookedTransformerConfig(n_layers=24, n_heads=16, d_model=32, d_head=2, d_mlp=32, n_ctx=64, d_vocab=50257,
+                                  act_fn="gelu_new", normalization_type="LN", model_name="gpt2-medium", seed=0)
+    model = HookedTransformer(cfg)
+    model.set_tokenizer(gpt2_tokenizer(), default_padding_side="right")
+    return model
+
+
+def test_seed_figure_on_a_gpt2_medium_grid(tmp_path):
     """The two-panel MAPS figure at 24 x 16: layer on x, head on y, 0-1, the relation as title, the
     score's name on each colour bar, the reference heads' X marks with their source in the legend."""
     g = torch.Generator().manual_seed(0)
     summary = {r: {"k": k, "static": HeadScores(torch.rand(24, 16, generator=g), "maps_static", r, "gpt2-medium",
                                                 k=k).to_dict()}
                for r, k in (("name_copying", 1), ("country_to_capital_wikidata", 10))}
-    ctx = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(model_name="gpt2-medium")), circuits={},
-                          big_grid=True)
+    ctx = report.Context(_gpt2_medium_grid(), tmp_path, all_relations=False, plan={"n_prompts": 4, "n_random": 1},
+                         skip=frozenset(), bars=False)
+    assert ctx.big_grid and not ctx.circuits
     fig = report._maps_figure(ctx, summary, list(summary), "static", "MAPS static score", "fraction of pairs in top-k")
     panels = fig.axes[:2]
     assert [ax.get_title() for ax in panels] == ["Name copying", "Country to capital"]
@@ -284,3 +305,18 @@ def test_forward_counter_leaves_the_forward_pass_alone():
                 counted.append(model(batch.clean))
     assert all(torch.equal(plain, c) for c in counted)
     assert not model.embed._forward_hooks  # removed again
+
+
+def test_baseline_reads_out_at_end_only_and_matches_full_logits(toy):
+    """The baseline's END-only readout gives metrics.evaluate's numbers (full logits at every position)."""
+    from circuitlib.metrics import evaluate
+    from circuitlib.tasks import task_batch
+
+    for task in ("ioi", "capitals"):
+        b = task_batch(task, toy.tokenizer, 12, seed=3)
+        want = evaluate(toy, b)
+        for max_tokens in (4096, 3 * b.clean.shape[1]):  # one chunk; chunks of 3 prompts
+            got = report.evaluate_end(toy, b, max_tokens=max_tokens)
+            assert got.keys() == want.keys()
+            for k in want:
+                assert got[k] == pytest.approx(want[k], abs=1e-5), (task, k)
