@@ -45,13 +45,14 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from . import adapter
 from .interventions import readout
 from .metrics import check_span, logit_diff
+from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
 Direction = Literal["noising", "denoising"]
@@ -583,6 +584,309 @@ def _path_patch(model: HookedTransformer, batch, senders, receivers, receiver_in
     return HeadScores(scores, method="path_patch", target=batch.task, model=model.cfg.model_name or "",
                       meta=setup.meta("path_patch", path_to=target, receiver_positions=receiver_positions,
                                       senders=[head_name(h) for h in senders]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Screened exact patching (AtP*-style screen, exact verification)
+
+
+@dataclass
+class ScreenedPatching(Result):
+    """Result of :func:`act_patch_screened` (all grids ``[n_layers, n_heads]``, same sign convention
+    and metric as :func:`act_patch_heads`).
+
+    - ``exact``: the exact activation-patching effect of every *verified* head (identical to
+      :func:`act_patch_heads` on that head), NaN where not verified.
+    - ``verified``: which heads were patched exactly.
+    - ``screen``: the screen's signed estimate for every head (attribution patching on ``hook_z``).
+    - ``graddrop``: the GradDrop magnitude ``sum_g |estimate with layer group g's backward path
+      dropped| / (G - 1)``.
+    - ``rank_score``: what the screen ranks heads by: ``max(|screen|, graddrop)``.
+    - ``scores``: :class:`HeadScores` holding ``exact`` where verified and ``screen`` elsewhere.
+    - ``threshold``: the final target: every head with ``|exact| >= threshold`` is meant to be
+      verified (``min_fraction`` x the largest verified ``|exact|``, or the ``top_k``-th largest).
+    - ``bound``: the diagnostic's upper bound on ``|effect|`` over the heads left unverified
+      (``max`` of their ``|subsampling estimate| + z * standard error``); ``< threshold`` when the
+      search stopped because of it; NaN if every head was verified.
+    - ``stopped``: ``"bound"`` (the diagnostic ruled out the rest), ``"all verified"`` or
+      ``"max_verified"`` (the cap was reached first: the bound did NOT hold).
+    - ``rounds``: one dict per round (heads verified so far, threshold, bound, subsets patched).
+    - ``passes``: forward-equivalent bookkeeping of what ran (see :func:`act_patch_screened`).
+    """
+
+    exact: Float[Tensor, "n_layers n_heads"]
+    verified: Bool[Tensor, "n_layers n_heads"]
+    screen: Float[Tensor, "n_layers n_heads"]
+    graddrop: Float[Tensor, "n_layers n_heads"]
+    rank_score: Float[Tensor, "n_layers n_heads"]
+    scores: HeadScores
+    threshold: float
+    bound: float
+    stopped: str
+    rounds: list
+    meta: dict
+
+    @property
+    def verified_heads(self) -> list[Head]:
+        return [(int(l), int(h)) for l, h in self.verified.nonzero().tolist()]
+
+    def found(self) -> list[Head]:
+        """Verified heads with ``|exact| >= threshold``, largest first."""
+        heads = [x for x in self.verified_heads if abs(float(self.exact[x])) >= self.threshold]
+        return sorted(heads, key=lambda x: -abs(float(self.exact[x])))
+
+
+@torch.no_grad()
+def _patch_masks(setup: _Setup, masks: Tensor, chunk: int | None = None) -> Tensor:
+    """Exact joint patching: copy ``c`` gets every head with ``masks[c, l, h]`` taken from the source
+    run (``hook_z``, all positions), all others left as in the base run. Copies are grouped by their
+    first patched layer (each group's forward starts there). Returns the raw metric ``[C]``."""
+    C, L, H = masks.shape
+    out = torch.empty(C)
+    has = masks.any(-1)  # [C, L]
+    first = torch.where(has.any(1), has.float().argmax(1), torch.full((C,), L))
+    size = _chunk_size(chunk, setup)
+    for start in sorted(set(first.tolist())):
+        idx = (first == start).nonzero().flatten()
+        if start == L:  # nothing patched
+            out[idx] = setup.base_value
+            continue
+        for c in _chunks(len(idx), size):
+            rows = idx[c.start:c.stop]
+            m = masks[rows]
+
+            def hook(z, hook, m=m):
+                layer = int(hook.name.split(".")[1])
+                sel = m[:, layer]
+                if not bool(sel.any()):
+                    return z
+                src = setup.source[hook.name]  # [B, T, H, d]
+                zc = z.reshape(len(m), -1, *z.shape[1:])
+                zc = torch.where(sel[:, None, None, :, None].to(z.device), src[None], zc)
+                return zc.reshape(z.shape)
+
+            hooks = [(f"blocks.{l}.attn.hook_z", hook) for l in range(start, L) if bool(m[:, l].any())]
+            out[rows] = _run_copies(setup, start, len(rows), hooks)
+    return out
+
+
+def _screen_estimates(setup: _Setup, groups: int) -> tuple[Tensor, Tensor]:
+    """Attribution patching on the packed base run (positions from each prompt's first difference;
+    earlier positions are cached keys/values, as in exact patching) and GradDrop over ``groups``
+    consecutive layer groups. Returns signed estimates of the *effect* ``[L, H]`` and the GradDrop
+    magnitudes ``[L, H]`` (both in the effect's units)."""
+    model, batch = setup.model, setup.batch
+    L, B = model.cfg.n_layers, len(batch)
+    cache = adapter.frozen_kv_cache(model, setup.prefix_k, setup.prefix_v, 0, 1)
+    zs: list[Tensor] = []
+
+    def keep(z, hook):
+        zs.append(z)
+        return z
+
+    resid = [setup.base["blocks.0.hook_resid_pre"].detach().clone().requires_grad_(True)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", keep) for l in range(L)]):
+        for l in range(L):
+            resid.append(adapter.forward_from_layer(
+                model, resid[l], l, stop_at_layer=l + 1, kv_cache=cache, attention_mask=setup.attn_mask,
+                shortformer_pos_embed=setup.pos_embed))
+        rows = torch.arange(B)
+        end_resid = resid[L][rows, setup.end_rel.to(resid[L].device)]
+        value = setup.raw(readout(model, end_resid), batch)
+        bounds = sorted({round(i * L / groups) for i in range(groups + 1)})
+        ends = [b for b in bounds[1:]]
+        grads = torch.autograd.grad(value, zs + [resid[b] for b in ends], retain_graph=True)
+        g_z, g_r = grads[:L], dict(zip(ends, grads[L:]))
+        delta = [setup.source[f"blocks.{l}.attn.hook_z"] - zs[l].detach() for l in range(L)]
+        dot = lambda g, l: (g * delta[l]).sum((0, 1, 3))  # noqa: E731  [H] change of the raw metric
+        atp = torch.stack([dot(g_z[l], l) for l in range(L)])  # [L, H]
+        G = len(bounds) - 1
+        drop_sum = torch.zeros_like(atp)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            est = atp.clone()
+            est[a:b] = 0.0  # the group's own heads: their only path is dropped
+            if a > 0:  # heads below the group: gradient that skips the group (seeded at its input)
+                g_low = torch.autograd.grad(resid[a], zs[:a], grad_outputs=g_r[b], retain_graph=True)
+                est[:a] = torch.stack([dot(g_low[l], l) for l in range(a)])
+            drop_sum += est.abs()
+    effect = lambda delta_raw: setup.score(setup.base_value + delta_raw)  # noqa: E731
+    scale = abs(float(effect(torch.tensor(1.0))))  # |d effect / d raw metric|
+    graddrop = drop_sum / max(G - 1, 1) * scale
+    return effect(atp.detach()).float().cpu(), graddrop.detach().float().cpu()
+
+
+def act_patch_screened(
+    model: HookedTransformer,
+    batch: TaskBatch,
+    *,
+    direction: Direction = "noising",
+    metric: Metric = "logit_diff",
+    min_fraction: float = 0.05,
+    top_k: int | None = None,
+    graddrop_groups: int | None = None,
+    initial: int | None = None,
+    step: int | None = None,
+    diagnostic_samples: int = 8,
+    z: float = 2.0,
+    max_verified: int | None = None,
+    seed: int = 0,
+    chunk: int | None = None,
+) -> ScreenedPatching:
+    """Exact per-head activation patching on the heads that matter, found by an AtP*-style screen.
+
+    Conventions: the same metric, direction, sign and positions as :func:`act_patch_heads` (heads
+    patched through ``hook_z`` at every position; effect > 0 when the head carries the clean
+    behaviour). **Verified** means patched exactly: a verified head's value in ``exact`` equals
+    :func:`act_patch_heads` for that head (same code path, one head per forward copy).
+
+    1. **Screen** (about 2 forwards for the caches, one forward + backward on the positions from
+       each prompt's first clean/corrupt difference, and ``graddrop_groups`` partial backwards):
+       attribution patching on ``hook_z``: ``grad_z metric . (z_source - z_base)`` summed over
+       positions. The change of each head's own output is exact (both runs are computed), so the
+       *QK fix* of AtP* (Kramar et al. 2024, recomputing the softmax for the head's own query/key
+       change) is built in at this node granularity: only what happens *downstream* of the head is
+       linearised. **GradDrop** against cancellation of direct and indirect paths: the estimate is
+       recomputed with the backward pass through each group of consecutive layers dropped (its
+       residual contributions pass no gradient), and ``sum_g |estimate_g| / (G - 1)`` is kept
+       (the paper drops one layer at a time, ``G = n_layers``; default here
+       ``min(n_layers, 6)`` groups to bound the cost on deep models). Heads are ranked by
+       ``max(|estimate|, GradDrop)``.
+    2. **Verification**: the ``initial`` best-ranked heads are patched exactly, then ``step`` more
+       at a time while an unverified head's rank score reaches the threshold (``min_fraction`` x
+       the largest verified ``|exact|``; with ``top_k``: the smaller of that and the ``top_k``-th
+       largest verified ``|exact|``).
+    3. **Diagnostic bound** (the subsampling diagnostic of AtP*'s section on false negatives, as
+       implemented here): random halves of the unverified heads and their complements are patched
+       jointly and exactly (``diagnostic_samples`` subsets per round, balanced: every head is in
+       half of them). Assuming effects add within a subset, the residual of each subset (its exact
+       effect minus the known values of its heads: exact where verified, screen estimate elsewhere)
+       estimates each unverified head's screen error by the difference of the mean residual with
+       and without it; ``|estimate + error| + z * standard error`` bounds its effect. Heads whose
+       bound reaches the threshold are verified; the search stops when none does (``stopped =
+       "bound"``) or everything is verified. Subsets from earlier rounds are reused.
+
+    When it can miss a head: when effects do not add within the random subsets (two unverified
+    heads that cancel each other in every subset holding both), or by chance: at the threshold, a
+    head's bound falls below it with probability about ``Phi(-z)`` (2.3% for ``z = 2``, normal
+    approximation with few subsets). ``max_verified`` caps the exact patches; if the cap stops the
+    search, ``stopped == "max_verified"`` and the bound did not hold. Verified values never miss:
+    they are exact.
+    """
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"min_fraction must be in (0, 1]; got {min_fraction}")
+    if metric == "accuracy":
+        raise ValueError("the screen needs a differentiable metric: use 'logit_diff' or a callable "
+                         "(or act_patch_heads for metric='accuracy')")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of heads; got {top_k}")
+    if diagnostic_samples < 2 or diagnostic_samples % 2:
+        raise ValueError(f"diagnostic_samples must be an even number >= 2 (subsets come with their "
+                         f"complements); got {diagnostic_samples}")
+    t0 = time.perf_counter()
+    setup = _setup(model, batch, direction, metric, lambda n: n.endswith("attn.hook_z"))
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    N = L * H
+    groups = min(L, 6) if graddrop_groups is None else int(graddrop_groups)
+    if not 1 <= groups <= L:
+        raise ValueError(f"graddrop_groups must be between 1 and n_layers = {L}; got {graddrop_groups}")
+    screen, graddrop = _screen_estimates(setup, groups)
+    t_screen = time.perf_counter() - t0
+    rank = torch.maximum(screen.abs(), graddrop)
+    order = rank.flatten().argsort(descending=True).tolist()
+    exact = torch.full((N,), float("nan"))
+    done = torch.zeros(N, dtype=torch.bool)
+    initial = max(top_k or 0, 8) if initial is None else initial
+    step = max(4, N // 24) if step is None else step
+    cap = N if max_verified is None else max_verified
+    gen = torch.Generator().manual_seed(seed)
+    subsets: list[Tensor] = []  # [N] bool masks
+    sub_values: list[float] = []
+    rounds: list[dict] = []
+    n_patched = {"single": 0, "subsets": 0}
+
+    def verify(idx: list[int]) -> None:
+        idx = [i for i in idx if not done[i]][: max(0, cap - int(done.sum()))]
+        if not idx:
+            return
+        masks = torch.zeros(len(idx), N, dtype=torch.bool)
+        masks[torch.arange(len(idx)), torch.tensor(idx)] = True
+        exact[idx] = setup.score(_patch_masks(setup, masks.view(-1, L, H), chunk))
+        done[idx] = True
+        n_patched["single"] += len(idx)
+
+    def threshold() -> float:
+        vals = exact[done].abs().sort(descending=True).values
+        theta = min_fraction * float(vals[0])
+        if top_k is not None and len(vals) >= top_k:
+            theta = min(theta, float(vals[top_k - 1]))
+        elif top_k is not None:
+            theta = 0.0  # fewer than k verified: every head may enter the top k
+        return theta
+
+    verify(order[:initial])
+    bound, stopped = float("nan"), "all verified"
+    flat_screen = screen.flatten()
+    while True:
+        if bool(done.all()):
+            bound, stopped = float("nan"), "all verified"
+            break
+        if int(done.sum()) >= cap:
+            stopped = "max_verified"
+            break
+        theta = threshold()
+        pending = [i for i in order if not done[i] and rank.flatten()[i] >= theta]
+        if pending:
+            verify(pending[:step])
+            rounds.append({"verified": int(done.sum()), "threshold": theta, "bound": None,
+                           "reason": "screen", "subsets": len(subsets)})
+            continue
+        # diagnostic: balanced random halves of the unverified heads, patched jointly and exactly
+        left = (~done).nonzero().flatten()
+        new = []
+        for _ in range(diagnostic_samples // 2):
+            pick = torch.rand(len(left), generator=gen) < 0.5
+            a = torch.zeros(N, dtype=torch.bool)
+            a[left[pick]] = True
+            b = torch.zeros(N, dtype=torch.bool)
+            b[left[~pick]] = True
+            new += [a, b]
+        vals = setup.score(_patch_masks(setup, torch.stack(new).view(-1, L, H), chunk))
+        subsets += new
+        sub_values += vals.tolist()
+        n_patched["subsets"] += len(new)
+        S = torch.stack(subsets)  # [m, N]
+        known = torch.where(done, exact, flat_screen)
+        resid = torch.tensor(sub_values) - (S.float() * known.nan_to_num(0.0)).sum(1)
+        var = float(resid.var()) if len(resid) > 1 else float("inf")
+        n_in = S[:, left].sum(0).float()
+        n_out = len(S) - n_in
+        mean_in = (S[:, left].float() * resid[:, None]).sum(0) / n_in.clamp(min=1)
+        mean_out = ((~S[:, left]).float() * resid[:, None]).sum(0) / n_out.clamp(min=1)
+        se = torch.sqrt(var * (1 / n_in.clamp(min=1) + 1 / n_out.clamp(min=1)))
+        se[(n_in == 0) | (n_out == 0)] = float("inf")
+        ucb = (flat_screen[left] + mean_in - mean_out).abs() + z * se
+        bound = float(ucb.max())
+        flagged = left[ucb >= theta]
+        rounds.append({"verified": int(done.sum()), "threshold": theta, "bound": bound,
+                       "reason": "diagnostic", "subsets": len(subsets), "flagged": len(flagged)})
+        if len(flagged) == 0:
+            stopped = "bound"
+            break
+        verify(flagged[ucb[ucb >= theta].argsort(descending=True)][:step].tolist())
+    theta = threshold()
+    exact_grid = exact.view(L, H)
+    verified = done.view(L, H)
+    combined = torch.where(verified, exact_grid, screen)
+    passes = {"single_head_patches": n_patched["single"], "subset_patches": n_patched["subsets"],
+              "graddrop_groups": groups}
+    meta = setup.meta("act_patch_screened", threshold=theta, min_fraction=min_fraction, top_k=top_k,
+                      verified=int(done.sum()), stopped=stopped, bound=bound, z=z, passes=passes,
+                      screen_seconds=round(t_screen, 3), seconds=round(time.perf_counter() - t0, 3))
+    scores = HeadScores(combined, method="act_patch_screened", target=batch.task,
+                        model=model.cfg.model_name or "", meta=meta)
+    return ScreenedPatching(exact=exact_grid, verified=verified, screen=screen, graddrop=graddrop,
+                            rank_score=rank, scores=scores, threshold=theta, bound=bound, stopped=stopped,
+                            rounds=rounds, meta=meta)
 
 
 def timed(fn: Callable, *args, **kwargs):
