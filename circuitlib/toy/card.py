@@ -8,6 +8,8 @@ so a reader knows what the notebooks will find before running them.
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 
 import torch
 from transformer_lens import HookedTransformer
@@ -82,13 +84,20 @@ def render(model: HookedTransformer, numbers: dict, heads_lines: list[str]) -> s
         f"| {name} | {r['accuracy']:.3f} | {r['top1_accuracy']:.3f} | {r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |"
         for name, r in t.items()
     )
+    def drop(r: dict, key: str) -> str:  # no control set (too few live heads): no random drop to show
+        return f"{r['drop_random'][key]:.3f}" if r["drop_random"] else "—"
+
     numbers_rows = "\n".join(
         f"| {task} | {', '.join(r['heads'])} | {r['clean']['top1_accuracy']:.2f} -> {r['top']['top1_accuracy']:.2f} "
-        f"| {r['drop_random']['top1_accuracy']:.3f} | {r['clean']['accuracy']:.2f} -> {r['top']['accuracy']:.2f} "
-        f"(binomial p above chance {r['binomial_p_above_chance']:.2f}) | {r['drop_random']['accuracy']:.3f} "
+        f"| {drop(r, 'top1_accuracy')} | {r['clean']['accuracy']:.2f} -> {r['top']['accuracy']:.2f} "
+        f"(binomial p above chance {r['binomial_p_above_chance']:.2f}) | {drop(r, 'accuracy')} "
         f"| {r['n_random']} ({r['random_how']}) |"
         for task, r in numbers["ablation"].items()
     )
+    n_live = len(live)
+    hit = 1 - math.comb(n_live - 3, 3) / math.comb(n_live, 3) if n_live >= 3 else 1.0
+    hit_frac = Fraction(hit).limit_denominator(1000)
+    n_sets = math.comb(max(n_live - 3, 0), 3)
     templ = "\n".join(f"| `{k}` | {v:.3f} |" for k, v in numbers["capital_templates"].items())
     mix = ", ".join(f"{k} {int(v * 100)}%" for k, v in MIX.items())
     return f"""# Model card: circuitlib's embedded model (`toy`)
@@ -147,12 +156,15 @@ Live heads (OV weight norm ||W_V W_O||_F at least 1e-3 of the largest head's, `c
 the group-lasso leaves the others at ~1e-12): **{len(live)} of {n_heads}**: {live_txt}. Mechanisms vary with the
 training seed; tests assert properties (floors, a MAPS-visible capital head among the important ones), not these indices.
 
-What {len(live)} live heads let a random-head control show: random sets are drawn from the live heads outside
-the heads under test, layer-matched where the layers allow (`circuitlib.interventions.control_sets`). With so
-few live heads there are only a handful of such sets (for a task's top 3, often a single one), so a "random heads
-cost little" result is an exhaustive statement about those few sets, not a sample, and a p-value against
-them cannot go below 1/(number of sets + 1). Drawn from all {n_heads} heads instead, random sets would be
-almost always dead heads and "random heads change nothing" would be forced.
+What {n_live} live heads let a random-head control show: random sets are drawn only from the live heads outside
+the heads under test, layer-matched where the layers allow, else size-matched
+(`circuitlib.interventions.control_sets`). Drawn from all {n_live} live heads, a random 3 would contain one of
+a task's top 3 in {hit_frac.numerator} of {hit_frac.denominator} draws, so the heads under test are excluded; that
+leaves {n_live - 3} live heads and {n_sets} {'set' if n_sets == 1 else 'sets'} of 3, so a "random heads cost little" result is an
+exhaustive statement about those few sets, not a sample, and a p-value against them cannot go below
+1/(number of sets + 1). Switched-off heads are never used to fill a set: drawn from all {n_heads} heads, random sets
+would be almost always dead heads and "random heads change nothing" would be forced. When too few live heads
+remain for one set, there is no control and no p-value.
 
 ## Ablation floor
 The 3 heads with the largest activation-patching effect, mean-ablated at every position (means over the
