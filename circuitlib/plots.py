@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.patheffects as pe
 import matplotlib.pyplot as plt
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.patches import Patch, Rectangle
 import numpy as np
 import seaborn  # noqa: F401  (registers its colormaps, e.g. "mako", with matplotlib)
 import torch
@@ -76,6 +78,29 @@ def _mark_sets(marks: Marks, default_label: str | None) -> dict[str, list[Head]]
     return {default_label or "reference heads": _heads(marks)}
 
 
+NOT_COMPUTED = "not computed"  # legend label of hatched cells (a score that was never computed, not a 0)
+
+
+def _not_computed_style() -> dict[str, Any]:
+    return dict(facecolor="white", edgecolor="0.72", hatch="////", linewidth=0)
+
+
+def computed_mask(hs: HeadScores) -> np.ndarray | None:
+    """``[n_layers, n_heads]`` booleans, False where ``hs`` holds no computed score, or ``None`` when
+    every head was computed. Not computed: a NaN score, and for path patching every head that was not
+    a sender (``meta["senders"]``; path patching stores 0.0 there, which a heatmap must not show as a
+    measured 0.00: e.g. heads in the receiver's layer and later, and the receiver itself)."""
+    mask = ~np.isnan(hs.scores.detach().float().cpu().numpy())
+    senders = hs.meta.get("senders") if isinstance(hs.meta, Mapping) else None
+    if senders is not None:
+        listed = np.zeros_like(mask)
+        for name in senders:
+            l, h = parse_head(name) if isinstance(name, str) else (int(name[0]), int(name[1]))
+            listed[l, h] = True
+        mask &= listed
+    return None if mask.all() else mask
+
+
 def _tick_step(n: int, max_labels: int = 32) -> int:
     return max(1, int(np.ceil(n / max_labels)))
 
@@ -112,6 +137,8 @@ def head_heatmaps(
     heads", a Circuit "<Task> circuit"). ``panel_marks`` gives
     each panel its own marks (e.g. the *other* task's heads), merged with ``marks``.
     ``annotate`` writes the score in each cell (default: only for small grids, <= 64 heads).
+    Heads without a computed score (:func:`computed_mask`: NaN, or not among a path-patching run's
+    senders) are drawn hatched and unlabelled, with a "not computed" legend entry, never as 0.00.
     """
     panels = [scores] if isinstance(scores, HeadScores) else list(scores)
     if not panels:
@@ -150,11 +177,17 @@ def head_heatmaps(
         if panel_marks is not None:
             for label, heads in _mark_sets(panel_marks[i], mark_label).items():
                 sets[label] = sets.get(label, []) + heads
-        values = hs.scores.numpy().T  # [head, layer]: layer on x
+        values = hs.scores.detach().float().cpu().numpy().T  # [head, layer]: layer on x
+        computed = computed_mask(hs)
+        shown = values if computed is None else np.ma.masked_where(~computed.T, values)
         mesh = ax.pcolormesh(
-            np.arange(n_layers + 1), np.arange(n_heads + 1), values, cmap=cmap, vmin=vmin, vmax=vmax,
+            np.arange(n_layers + 1), np.arange(n_heads + 1), shown, cmap=cmap, vmin=vmin, vmax=vmax,
             edgecolors="white", linewidth=0.4,
         )
+        if computed is not None:
+            for l, h in zip(*np.nonzero(~computed)):
+                ax.add_patch(Rectangle((l, h), 1, 1, **_not_computed_style(), zorder=1.5))
+            legend[NOT_COMPUTED] = Patch(**_not_computed_style(), label=NOT_COMPUTED)
         ax.set_xlim(0, n_layers)
         ax.set_ylim(n_heads, 0)  # head 0 at the top
         ax.set_aspect("equal")
@@ -168,11 +201,13 @@ def head_heatmaps(
         cbar.set_label(cbar_label or hs.method.replace("_", " "), fontsize=10)
         cbar.outline.set_visible(False)
         if annotate:
-            _annotate_cells(ax, values, vmin, vmax, cmap)
+            _annotate_cells(ax, values, vmin, vmax, cmap, None if computed is None else computed.T)
         for label, heads in sets.items():
             style = styles.setdefault(label, len(styles))
             legend[label] = _draw_marks(ax, heads, style, n_layers, n_heads, corner=annotate)
 
+    if NOT_COMPUTED in legend:  # last in the legend, after the marker sets
+        legend[NOT_COMPUTED] = legend.pop(NOT_COMPUTED)
     if legend:
         fig.legend(
             legend.values(), legend.keys(), loc="outside lower center", ncols=min(4, len(legend)),
@@ -199,10 +234,13 @@ def _cell_ticks(ax, n_x: int, n_y: int) -> None:
     ax.tick_params(length=0, labelsize=size)
 
 
-def _annotate_cells(ax, values: np.ndarray, vmin: float, vmax: float, cmap: str) -> None:
+def _annotate_cells(ax, values: np.ndarray, vmin: float, vmax: float, cmap: str,
+                    computed: np.ndarray | None = None) -> None:
     colormap = plt.get_cmap(cmap)
     for y in range(values.shape[0]):
         for x in range(values.shape[1]):
+            if computed is not None and not computed[y, x]:
+                continue
             v = values[y, x]
             rgb = colormap((v - vmin) / (vmax - vmin + 1e-12))[:3]
             dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
@@ -309,6 +347,9 @@ def _label(hs: HeadScores) -> str:
     return text + (f" (k={hs.k})" if hs.k is not None else "")
 
 
+LAYER_LEGEND_MAX = 12  # scatter plots name each layer in a legend up to this many layers
+
+
 def scatter_scores(
     x: HeadScores,
     y: HeadScores,
@@ -321,7 +362,9 @@ def scatter_scores(
     diagonal: bool = False,
     ax=None,
 ) -> Figure:
-    """One point per head: ``x`` score against ``y`` score, head names on the top points.
+    """One point per head: ``x`` score against ``y`` score, head names on the top points, coloured by
+    layer (a legend names each layer; above :data:`LAYER_LEGEND_MAX` layers, a colour bar with one
+    band per layer).
 
     The ``annotate_top`` best heads by ``x`` and by ``y`` are labelled ``"L.H"``. ``r`` (e.g. a
     precomputed correlation) is shown where it covers no point; ``None`` shows Pearson's r of the two matrices.
@@ -335,11 +378,25 @@ def scatter_scores(
     if ax is None:
         fig, (ax,) = _new_figure(1, 5.2, 4.6)
     fig = ax.figure
-    layers = np.repeat(np.arange(x.n_layers), x.n_heads)
-    points = ax.scatter(xs, ys, c=layers, cmap="viridis", s=28, alpha=0.85, edgecolors="white", linewidths=0.4)
-    if x.n_layers > 1:
+    n_layers = x.n_layers
+    layers = np.repeat(np.arange(n_layers), x.n_heads)
+    # layers are categories: one colour per layer, a legend entry per layer (a colour bar with one
+    # band per layer and integer ticks when there are too many layers for a legend)
+    colours = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.9, n_layers)) if n_layers > 1
+                             else ["#2a6f97"])
+    norm = BoundaryNorm(np.arange(n_layers + 1) - 0.5, colours.N)
+    points = ax.scatter(xs, ys, c=layers, cmap=colours, norm=norm, s=28, alpha=0.85, edgecolors="white",
+                        linewidths=0.4)
+    if 1 < n_layers <= LAYER_LEGEND_MAX:
+        handles = [plt.Line2D([], [], ls="none", marker="o", ms=6, mfc=colours(i), mec="white", label=str(i))
+                   for i in range(n_layers)]
+        layer_legend = ax.legend(handles=handles, title="layer", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                                 frameon=False, fontsize=8, title_fontsize=9, handletextpad=0.2, borderaxespad=0)
+        ax.add_artist(layer_legend)  # kept when the r box below becomes the axes' legend
+        layer_legend.set_clip_on(False)  # add_artist clips to the axes (and layouts skip clipped artists)
+    elif n_layers > LAYER_LEGEND_MAX:
         cbar = fig.colorbar(points, ax=ax, pad=0.02, aspect=30)
-        cbar.set_ticks(range(0, x.n_layers, _tick_step(x.n_layers, 12)))
+        cbar.set_ticks(range(0, n_layers, _tick_step(n_layers, 12)))
         cbar.set_label("layer")
         cbar.outline.set_visible(False)
     if diagonal:

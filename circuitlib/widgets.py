@@ -20,6 +20,7 @@ tested without a browser; the widgets only wire them together.
 
 from __future__ import annotations
 
+import base64
 import html
 from typing import Any, Sequence
 
@@ -292,14 +293,17 @@ class Explorer:
 
     def _head_options(self, relation: str) -> list[tuple[str, str]]:
         hs = self._scores(relation)
-        return [(f"{name}  ({hs[parse_head(name)]:.2f})", name) for name in self.heads(relation)]
+        return [(f"{name}  ({_fmt(hs[parse_head(name)])})", name) for name in self.heads(relation)]
 
     def _on_relation(self, change) -> None:
         current = self.head_w.value
         self._hold = True
         try:
-            self.head_w.options = self._head_options(change["new"])
-            self.head_w.value = current  # keep the chosen head across relations
+            # the new order and the kept head reach the browser in one message: the dropdown never shows
+            # the new list with the old index (ipywidgets syncs the index, not the value)
+            with self.head_w.hold_sync():
+                self.head_w.options = self._head_options(change["new"])
+                self.head_w.value = current  # keep the chosen head across relations
         finally:
             self._hold = False
         self.refresh()
@@ -311,8 +315,6 @@ class Explorer:
 
     def refresh(self) -> dict[str, Any]:
         """Redraw every view for the widgets' current choice; returns :meth:`select`'s data."""
-        from IPython.display import display
-
         relation, head = self.relation_w.value, self.head_w.value
         words = [s.strip() for s in self.source_w.value.split(",") if s.strip()] or None
         try:
@@ -320,26 +322,16 @@ class Explorer:
             self.views_html.value = _views_html(data)
         except ValueError as exc:  # e.g. a typed source word that is not one token
             data = {}
-            self.views_html.value = f"<p style='color:#b00'>{html.escape(str(exc))}</p>"
-        with self.heatmap_out:
-            self.heatmap_out.clear_output(wait=True)
-            fig = self.heatmap(relation, head)
-            display(fig)
-            plt.close(fig)
+            self.views_html.value = f"<div style='{_BOX}'><p style='color:#b00'>{html.escape(str(exc))}</p></div>"
+        _show(self.heatmap_out, self.heatmap(relation, head))
         self._draw_attention()
         self._draw_patching()
         return data
 
     def _draw_attention(self) -> None:
-        from IPython.display import display
-
         if not self.batches:
             return
-        with self.attention_out:
-            self.attention_out.clear_output(wait=True)
-            fig = self.attention_figure(self.task_w.value, self.prompt_w.value, self.head_w.value)
-            display(fig)
-            plt.close(fig)
+        _show(self.attention_out, self.attention_figure(self.task_w.value, self.prompt_w.value, self.head_w.value))
 
     def _draw_patching(self) -> None:
         if not self.batches:
@@ -364,6 +356,35 @@ class Explorer:
         if not (0 <= l < self.model.cfg.n_layers and 0 <= h < self.model.cfg.n_heads):
             raise ValueError(f"head {l}.{h} does not exist in a {self.model.cfg.n_layers}x{self.model.cfg.n_heads} model")
         return l, h
+
+
+def _show(out, fig: Figure) -> None:
+    """Replace what the Output widget ``out`` shows by ``fig`` (closed afterwards).
+
+    The figure goes in as the widget's ``outputs`` state, a PNG rendered as the inline backend renders
+    it (``print_figure(fig, "png", bbox_inches="tight")``), not through ``with out: display(fig)``.
+    That capture routes output messages to whichever Output widget the browser has registered for the
+    message being handled, and the browser applies "out now captures message X" asynchronously
+    relative to the outputs themselves; with two Output widgets redrawn in one callback, a figure could
+    land in the wrong one or be dropped while the previous figure stayed. Widget state has no such race:
+    the last state sent is what the browser shows.
+    """
+    from IPython.core.pylabtools import print_figure
+
+    try:
+        png = print_figure(fig, "png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    title = fig.axes[0].get_title() if fig.axes else ""
+    out.outputs = ({"output_type": "display_data", "metadata": {},
+                    "data": {"image/png": base64.b64encode(png).decode("ascii"),
+                             "text/plain": f"<Figure: {title}>"}},)
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    """Two decimals, never "-0.00" (a negative number that rounds to zero reads as 0.00)."""
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return text.replace("-0.00", "+0.00" if signed else "0.00")
 
 
 QUANTITIES = {
@@ -393,11 +414,19 @@ def relation_title(name: str, hs: HeadScores) -> str:
     return title if hs.method != "attention" else hs.target.replace("ioi", "IOI")
 
 
+# Shared look of the two HTML panels: readable size, room around them, cells padded, and the
+# first column (source -> target, method name) never broken over two lines.
+_BOX = "font-size:12px;line-height:1.35;max-width:560px;padding:4px 10px 8px 12px"
+_TABLE = "border-collapse:collapse;margin:2px 0 8px 0"
+_TD = "padding:2px 10px 2px 0;vertical-align:top"
+_TD1 = _TD + ";white-space:nowrap"
+
+
 def _views_html(data: dict[str, Any]) -> str:
     """The OV and suppression views as two small HTML tables (target in bold green)."""
-    head = (f"<b>{html.escape(data['relation'])}</b> · head <b>{data['head']}</b>: score {data['score']:.2f} "
+    head = (f"<b>{html.escape(data['relation'])}</b> · head <b>{data['head']}</b>: score {_fmt(data['score'])} "
             f"(rank {data['rank']} of {data['n_heads']}, k={data['k']})")
-    parts = [f"<p>{head}</p>"]
+    parts = [f"<p style='margin:0 0 6px 0'>{head}</p>"]
     for key, title in (("ov", "OV view: top mapped tokens"), ("suppression", "suppression view: most suppressed")):
         rows = []
         for item in data[key]:
@@ -407,10 +436,11 @@ def _views_html(data: dict[str, Any]) -> str:
                 hit = item["target"] is not None and tok.strip() == item["target"]
                 cells.append(f"<b style='color:#1a7f37'>{text}</b>" if hit else text)
             tgt = html.escape(str(item["target"])) if item["target"] is not None else "–"
-            rows.append(f"<tr><td><b>{html.escape(item['source'])}</b> → {tgt}</td><td>{', '.join(cells)}</td></tr>")
+            rows.append(f"<tr><td style='{_TD1}'><b>{html.escape(item['source'])}</b> → {tgt}</td>"
+                        f"<td style='{_TD}'>{', '.join(cells)}</td></tr>")
         body = "".join(rows) or "<tr><td colspan=2>(no sample sources for this scoring)</td></tr>"
-        parts.append(f"<p style='margin-bottom:2px'><i>{title}</i></p><table>{body}</table>")
-    return "<div style='font-size:12px;max-width:520px'>" + "".join(parts) + "</div>"
+        parts.append(f"<p style='margin:6px 0 2px 0'><i>{title}</i></p><table style='{_TABLE}'>{body}</table>")
+    return f"<div style='{_BOX}'>" + "".join(parts) + "</div>"
 
 
 def _patching_html(data: dict[str, Any]) -> str:
@@ -418,17 +448,20 @@ def _patching_html(data: dict[str, Any]) -> str:
     rows = []
     for name, item in data["methods"].items():
         if "error" in item:
-            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=3 style='color:#b00'>"
+            rows.append(f"<tr><td style='{_TD1}'>{html.escape(name)}</td><td colspan=3 style='{_TD};color:#b00'>"
                         f"{html.escape(item['error'])}</td></tr>")
             continue
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{item['score']:+.2f}</td>"
-                    f"<td>{item['rank']} of {data['n_heads']}</td><td>{html.escape(str(item['direction']))}</td></tr>")
+        rows.append(f"<tr><td style='{_TD1}'>{html.escape(name)}</td>"
+                    f"<td style='{_TD1};text-align:right'>{_fmt(item['score'], signed=True)}</td>"
+                    f"<td style='{_TD1}'>{item['rank']} of {data['n_heads']}</td>"
+                    f"<td style='{_TD}'>{html.escape(str(item['direction']))}</td></tr>")
     metrics = {item.get("metric") for item in data["methods"].values() if "error" not in item}
     note = ("; metric: normalised logit difference, 1 = the head carries all of it, 0 = none, "
             "&lt; 0 = it works against the answer" if metrics == {"normalised_logit_diff"} else
             "; metrics: " + html.escape(", ".join(sorted(str(m) for m in metrics))))
-    head = (f"<p>patching scores of head <b>{data['head']}</b> on <b>{html.escape(data['task'])}</b> "
-            f"({data['n_prompts']} prompts{note})</p>")
-    table = ("<table><tr><th>method</th><th>score</th><th>rank by |score|</th><th>direction</th></tr>"
-             + "".join(rows) + "</table>")
-    return "<div style='font-size:12px;max-width:520px'>" + head + table + "</div>"
+    head = (f"<p style='margin:0 0 6px 0'>patching scores of head <b>{data['head']}</b> on "
+            f"<b>{html.escape(data['task'])}</b> ({data['n_prompts']} prompts{note})</p>")
+    th = "padding:2px 10px 2px 0;text-align:left;white-space:nowrap"
+    table = (f"<table style='{_TABLE}'><tr><th style='{th}'>method</th><th style='{th};text-align:right'>score</th>"
+             f"<th style='{th}'>rank by |score|</th><th style='{th}'>direction</th></tr>" + "".join(rows) + "</table>")
+    return f"<div style='{_BOX}'>" + head + table + "</div>"

@@ -203,3 +203,59 @@ def test_a_label_keeps_its_marker_across_figures():
         assert marker_of(f1, label) == marker_of(f2, label), label
     assert marker_of(f1, "IOI head set") != marker_of(f1, "Country -> capital head set")
     plt.close("all")
+
+
+def test_path_patching_panels_hatch_heads_that_were_not_computed():
+    """Path patching stores 0.0 for heads that were not senders; the heatmap shows them hatched and
+    unlabelled ("not computed"), never as a measured 0.00. NaN scores likewise."""
+    scores = torch.zeros(3, 8)
+    scores[0, 1], scores[0, 2] = 0.5, -0.3
+    senders = [f"0.{h}" for h in range(8)]  # layer 0 only: e.g. the senders into a layer-1 receiver
+    path = HeadScores(scores, "path_patch", "ioi", "m", meta={"senders": senders})
+    with_nan = HeadScores(torch.rand(3, 8, generator=torch.Generator().manual_seed(0)), "act_patch", "ioi", "m")
+    with_nan.scores[2, 7] = float("nan")
+    full = HeadScores(torch.rand(3, 8), "act_patch", "ioi", "m")
+    fig = plots.head_heatmaps([path, with_nan, full], vmin=-1, vmax=1, cmap="RdBu_r", annotate=True)
+    axes = [ax for ax in fig.axes if ax.get_xlabel() == "layer"]
+    not_computed = [{(l, h) for l in (1, 2) for h in range(8)}, {(2, 7)}, set()]
+    for ax, want in zip(axes, not_computed):
+        mask = np.ma.getmaskarray(ax.collections[0].get_array()).reshape(8, 3)  # [head, layer]
+        assert {(l, h) for h, l in zip(*np.nonzero(mask))} == want
+        hatched = {(int(p.get_x()), int(p.get_y())) for p in ax.patches if p.get_hatch()}
+        assert hatched == want
+        labelled = {(int(t.get_position()[0]), int(t.get_position()[1])) for t in ax.texts}
+        assert labelled == {(l, h) for l in range(3) for h in range(8)} - want  # no "0.00" on them
+    assert "0.50" in [t.get_text() for t in axes[0].texts] and "-0.30" in [t.get_text() for t in axes[0].texts]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["not computed"]
+    plt.close(fig)
+    fig = plots.head_heatmaps(full)  # everything computed: no hatching, no legend
+    assert not fig.legends and not [p for p in fig.axes[0].patches if p.get_hatch()]
+    plt.close(fig)
+
+
+def test_scatter_names_each_layer_in_a_discrete_legend():
+    from matplotlib.colors import to_rgb
+    from matplotlib.legend import Legend
+
+    x, y = _scores(3, 4, "name_copying", 0), _scores(3, 4, "name_copying", 1)
+    fig = plots.scatter_scores(x, y)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 1  # no continuous colour bar
+    (layers,) = [c for c in ax.get_children() if isinstance(c, Legend) and c is not ax.get_legend()]
+    assert layers.get_title().get_text() == "layer"
+    assert [t.get_text() for t in layers.get_texts()] == ["0", "1", "2"]
+    colours = [to_rgb(h.get_markerfacecolor()) for h in layers.legend_handles]
+    assert len(set(colours)) == 3
+    fig.canvas.draw()
+    box, legend_box = fig.bbox, layers.get_window_extent()
+    assert legend_box.x0 >= ax.bbox.x1 and legend_box.x1 <= box.x1 + 1  # right of the axes, inside the figure
+    points = ax.collections[0].get_facecolors()[:, :3]  # heads in order 0.0 .. 2.3: layer = index // 4
+    for i, rgb in enumerate(points):
+        np.testing.assert_allclose(rgb, colours[i // 4], atol=1e-6)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"r = {np.corrcoef(x.scores.flatten(), y.scores.flatten())[0, 1]:.2f}"]
+    plt.close(fig)
+    many = _scores(24, 2, "name_copying", 0)  # too many layers for a legend: one colour band per layer
+    fig = plots.scatter_scores(many, _scores(24, 2, "name_copying", 1))
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "layer"
+    np.testing.assert_allclose(fig.axes[0].collections[0].norm.boundaries, np.arange(25) - 0.5)
+    plt.close(fig)
