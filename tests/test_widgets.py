@@ -210,3 +210,72 @@ def test_heatmap_names_the_quantity_without_internal_ids(explorer):
         plt.close(fig)
     finally:
         del explorer.scores["to S2"]
+
+
+def _png_pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
+def _shown(out):
+    """The one figure an Output widget shows, as pixels (its ``outputs`` state, as the browser gets it)."""
+    import base64
+
+    assert len(out.outputs) == 1 and out.outputs[0]["output_type"] == "display_data", out.outputs
+    return _png_pixels(base64.b64decode(out.outputs[0]["data"]["image/png"]))
+
+
+def _rendered(fig):
+    from IPython.core.pylabtools import print_figure  # how the inline backend renders a figure
+
+    try:
+        return _png_pixels(print_figure(fig, "png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def test_output_widgets_show_exactly_the_current_figures(explorer):
+    """Each Output widget holds one PNG, the figure of the current choice: no capture of display
+    messages, so nothing can land in the wrong widget or pile up."""
+    import numpy as np
+
+    explorer.widget
+    explorer.task_w.value = "ioi"
+    for relation, head, prompt in (("name_copying", "1.6", 0), ("country_to_capital_wikidata", "1.6", 2),
+                                   ("country_to_capital_wikidata", "0.5", 2)):
+        explorer.relation_w.value = relation
+        explorer.head_w.value = head
+        explorer.prompt_w.value = prompt
+        np.testing.assert_array_equal(_shown(explorer.heatmap_out), _rendered(explorer.heatmap(relation, head)))
+        np.testing.assert_array_equal(_shown(explorer.attention_out),
+                                      _rendered(explorer.attention_figure("ioi", prompt, head)))
+    other = _rendered(explorer.attention_figure("ioi", 2, "0.0"))
+    assert _shown(explorer.attention_out).shape != other.shape or (_shown(explorer.attention_out) != other).any()
+    assert plt.get_fignums() == []  # every figure drawn for the widget was closed
+    explorer.prompt_w.value = 0
+
+
+def test_scores_that_round_to_zero_never_print_minus_zero(model, monkeypatch):
+    from circuitlib import circuits
+
+    def tiny_negative(model, batch, *, direction, progress=False):
+        values = torch.full((3, 8), -0.001)
+        values[0, 0] = -0.5
+        return HeadScores(values, "tiny", batch.task, "toy", meta={"direction": direction, "metric": "m"})
+
+    monkeypatch.setitem(circuits.HEAD_SCORERS, "tiny_negative", tiny_negative)
+    scores = {"neg": HeadScores(torch.full((3, 8), -0.001), "maps_static", "name_copying", "toy", k=1)}
+    ex = Explorer(model, scores, {"ioi": ioi_batch(model.tokenizer, 4, seed=0)}, n_sources=1)
+    ex.widget
+    ex.head_w.value = "2.3"
+    labels = [label for label, _ in ex.head_w.options]
+    assert all(label.endswith("(0.00)") for label in labels), labels
+    assert "score 0.00" in ex.views_html.value and "-0.00" not in ex.views_html.value
+    assert "+0.00" in ex.patching_html.value and "-0.00" not in ex.patching_html.value
+    ex.head_w.value = "0.0"
+    assert "-0.50" in ex.patching_html.value  # a real negative score keeps its sign
+    plt.close("all")
