@@ -33,7 +33,7 @@ import contextlib
 from typing import Iterator, Mapping
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -107,8 +107,8 @@ def restart_activation(model: HookedTransformer, name: str) -> bool:
 
 def frozen_kv_cache(
     model: HookedTransformer,
-    prefix_k: Mapping[int, Tensor],
-    prefix_v: Mapping[int, Tensor],
+    prefix_k: Mapping[int, Float[Tensor, "batch prefix kv_heads d_head"]],
+    prefix_v: Mapping[int, Float[Tensor, "batch prefix kv_heads d_head"]],
     layer: int,
     copies: int = 1,
 ):
@@ -134,7 +134,7 @@ def forward_from_layer(
     *,
     stop_at_layer: int | None = None,
     kv_cache=None,
-    attention_mask: Tensor | None = None,
+    attention_mask: Int[Tensor, "batch slots"] | None = None,
     shortformer_pos_embed: Float[Tensor, "batch pos d_model"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Run blocks ``layer .. stop_at_layer - 1`` (default: to the last block) on the residual stream

@@ -17,6 +17,8 @@ from .types import TaskBatch
 
 #: Logits a metric reads: a forward pass's ``[batch, seq, vocab]``, or the END logits ``[batch, vocab]``.
 Logits = Float[Tensor, "batch seq vocab"] | Float[Tensor, "batch vocab"]
+#: A metric value: a float, or a float tensor of any shape (a scalar mean, per-prompt ``[batch]``, per head ...).
+Metric = Float[Tensor, "..."] | float
 
 
 def end_logits(logits: Logits, batch: TaskBatch) -> Float[Tensor, "batch vocab"]:
@@ -50,7 +52,7 @@ def top1_accuracy(logits: Logits, batch: TaskBatch) -> float:
 SPAN_TOL = 1e-6  # clean and corrupt metrics closer than this count as equal (float32 noise)
 
 
-def check_span(clean: Tensor | float, corrupt: Tensor | float) -> None:
+def check_span(clean: Metric, corrupt: Metric) -> None:
     """Raise one clear ``ValueError`` when the clean and corrupt metrics are equal (within ``SPAN_TOL``):
     the normalised metric ``(m - m_corrupt) / (m_clean - m_corrupt)`` is then undefined."""
     span = torch.as_tensor(clean, dtype=torch.float64) - torch.as_tensor(corrupt, dtype=torch.float64)
@@ -63,13 +65,14 @@ def check_span(clean: Tensor | float, corrupt: Tensor | float) -> None:
         )
 
 
-def _show(x: Tensor | float) -> str:
+def _show(x: Metric) -> str:
     x = torch.as_tensor(x)
     return f"{float(x):.6g}" if x.numel() == 1 else f"tensor of shape {tuple(x.shape)}"
 
 
-def normalise(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | float) -> Tensor | float:
-    """Map a metric so that the clean run gives 1 and the corrupted run gives 0.
+def normalise(value: Metric, clean: Metric, corrupt: Metric) -> Metric:
+    """Map a metric so that the clean run gives 1 and the corrupted run gives 0 (elementwise, broadcasting:
+    e.g. per-prompt values ``[batch]`` against scalar clean / corrupt means).
 
     Raises ``ValueError`` when ``clean`` equals ``corrupt`` (the map is undefined)."""
     check_span(clean, corrupt)

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Real
 from scipy import stats
 
 from .results import MappingResult, Result
@@ -241,7 +241,7 @@ def permutation_test(
     )
 
 
-def empirical_p(observed: float, draws: Sequence[float] | np.ndarray, *, alternative: str) -> PValue:
+def empirical_p(observed: float, draws: Sequence[float] | Real[np.ndarray, " n"], *, alternative: str) -> PValue:
     """p of an observed value against the same quantity under ``n`` random draws.
 
     For controls such as "ablate the circuit vs ablate random head sets of the same size":
@@ -557,7 +557,7 @@ def top_set(x: HeadScores, k: int, *, seed: int = 0, absolute: bool = False) -> 
     return frozenset((int(i) // x.n_heads, int(i) % x.n_heads) for i in order[:k])
 
 
-def _ranking(x: HeadScores, *, seed: int, absolute: bool) -> np.ndarray:
+def _ranking(x: HeadScores, *, seed: int, absolute: bool) -> Int[np.ndarray, " n_total"]:
     values = _flat_scores(x, absolute)
     tiebreak = np.random.default_rng(seed).random(values.size)
     return np.lexsort((tiebreak, -values))  # best first

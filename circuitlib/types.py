@@ -217,11 +217,13 @@ class TaskBatch:
     def end(self) -> Int[Tensor, " batch"]:
         return self.positions["END"]
 
-    def __getitem__(self, idx: slice | Tensor | list[int]) -> "TaskBatch":
-        """A sub-batch (rows ``idx``), trimmed to the longest remaining prompt."""
+    def __getitem__(self, idx: slice | Int[Tensor, " n"] | list[int]) -> "TaskBatch":
+        """A sub-batch (rows ``idx``: a slice, row numbers), trimmed to the longest remaining prompt."""
         if isinstance(idx, slice):
             rows = list(range(len(self)))[idx]
         elif isinstance(idx, Tensor):
+            if idx.dtype == torch.bool:
+                raise TypeError("a TaskBatch takes row numbers, not a boolean mask: use batch[mask.nonzero().flatten()]")
             rows = idx.tolist()
         else:
             rows = list(idx)
