@@ -5,8 +5,10 @@ Works on any two of: :class:`HeadScores` (a score per head), :class:`Circuit`, o
 :func:`set_overlap` a :class:`SetOverlap`, :func:`rank_correlation` a :class:`RankCorrelation`,
 :func:`circuit_rank_test` a :class:`CircuitRankTest`, :func:`topk_overlap_curve` a
 :class:`TopkOverlapCurve` (these four also read as mappings, ``r["p_value"]``, as the dicts they
-replaced), :func:`permutation_test` / :func:`empirical_p` a :class:`PValue`, :func:`compare` a
-:class:`Comparison`, :func:`test_table` a :class:`TestTable`.
+replaced; the two rank tests share their p fields through :class:`PermutationStatistic`),
+:func:`permutation_test` / :func:`empirical_p` a :class:`PValue`, :func:`compare` a :class:`Comparison`,
+:func:`test_table` a :class:`TestTable`. Fields that do not apply (a ``note`` of a defined statistic)
+are left out of ``to_dict()``.
 
 Conventions (they change numbers):
 
