@@ -29,6 +29,11 @@ get their positional embedding passed to every block the forward starts at (Tran
 ``start_at_layer`` would otherwise run attention without positions). Models whose positions enter
 inside attention (rotary: Llama, Pythia; ALiBi) recompute every position instead.
 
+Screened search (:func:`act_patch_screened`): an AtP*-style screen (attribution patching on ``hook_z``
+with GradDrop) ranks all heads, exact patching verifies the top candidates, and a subsampling
+diagnostic decides when no unverified head is likely to reach the target set; verified values are
+exact, the rest are screen estimates (its docstring says when it can miss a head).
+
 Model families: what differs between them (where positions enter, the key/value cache, grouped-query
 attention) is asked of :mod:`circuitlib.adapter`; tested on GPT-2-style, Llama-style (grouped-query
 attention, rotary, RMSNorm, gated MLP), Pythia-style (parallel attention, rotary) and shortformer
@@ -721,7 +726,7 @@ def act_patch_screened(
     *,
     direction: Direction = "noising",
     metric: Metric = "logit_diff",
-    min_fraction: float = 0.05,
+    min_fraction: float | None = 0.05,
     top_k: int | None = None,
     graddrop_groups: int | None = None,
     initial: int | None = None,
@@ -753,8 +758,8 @@ def act_patch_screened(
        ``max(|estimate|, GradDrop)``.
     2. **Verification**: the ``initial`` best-ranked heads are patched exactly, then ``step`` more
        at a time while an unverified head's rank score reaches the threshold (``min_fraction`` x
-       the largest verified ``|exact|``; with ``top_k``: the smaller of that and the ``top_k``-th
-       largest verified ``|exact|``).
+       the largest verified ``|exact|``; ``top_k``: the ``top_k``-th largest verified ``|exact|``;
+       both given: the smaller, i.e. both sets are searched for).
     3. **Diagnostic bound** (the subsampling diagnostic of AtP*'s section on false negatives, as
        implemented here): random halves of the unverified heads and their complements are patched
        jointly and exactly (``diagnostic_samples`` subsets per round, balanced: every head is in
@@ -772,7 +777,9 @@ def act_patch_screened(
     search, ``stopped == "max_verified"`` and the bound did not hold. Verified values never miss:
     they are exact.
     """
-    if not 0 < min_fraction <= 1:
+    if min_fraction is None and top_k is None:
+        raise ValueError("give min_fraction (e.g. 0.05) or top_k (or both): what the search must find")
+    if min_fraction is not None and not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1]; got {min_fraction}")
     if metric == "accuracy":
         raise ValueError("the screen needs a differentiable metric: use 'logit_diff' or a callable "
@@ -816,11 +823,9 @@ def act_patch_screened(
 
     def threshold() -> float:
         vals = exact[done].abs().sort(descending=True).values
-        theta = min_fraction * float(vals[0])
-        if top_k is not None and len(vals) >= top_k:
-            theta = min(theta, float(vals[top_k - 1]))
-        elif top_k is not None:
-            theta = 0.0  # fewer than k verified: every head may enter the top k
+        theta = float("inf") if min_fraction is None else min_fraction * float(vals[0])
+        if top_k is not None:  # fewer than k verified: every head may still enter the top k
+            theta = min(theta, float(vals[top_k - 1]) if len(vals) >= top_k else 0.0)
         return theta
 
     verify(order[:initial])

@@ -113,7 +113,7 @@ def test_random_mlp_model_and_top_k(toy):
     model = build_model(cfg, toy.tokenizer)
     batch = ioi_batch(toy.tokenizer, 8)
     full = act_patch_heads(model, batch).scores.flatten()
-    r = act_patch_screened(model, batch, top_k=3, min_fraction=1.0, initial=1, step=1)
+    r = act_patch_screened(model, batch, top_k=3, min_fraction=None, initial=1, step=1)
     top3 = full.abs().argsort(descending=True)[:3]
     assert bool(r.verified.flatten()[top3].all())
     assert (r.exact.flatten()[top3] - full[top3]).abs().max() < 1e-5
@@ -123,7 +123,7 @@ def test_cap_is_reported_and_bad_arguments_raise(toy):
     batch = _batch(toy, "capitals")
     r = act_patch_screened(toy, batch, initial=1, step=1, max_verified=1)
     assert int(r.verified.sum()) == 1 and r.stopped == "max_verified"
-    for kwargs, match in [({"min_fraction": 0}, "min_fraction"), ({"top_k": 0}, "top_k"),
+    for kwargs, match in [({"min_fraction": 0}, "min_fraction"), ({"min_fraction": None}, "top_k"), ({"top_k": 0}, "top_k"),
                           ({"diagnostic_samples": 3}, "even"), ({"metric": "accuracy"}, "differentiable"),
                           ({"graddrop_groups": 99}, "graddrop_groups")]:
         with pytest.raises(ValueError, match=match):
