@@ -304,7 +304,12 @@ def live_heads(model: HookedTransformer, *, threshold: float = 1e-3) -> list[Hea
     """Heads that can carry signal: OV weight norm ``||W_V W_O||_F`` at least ``threshold`` times the
     largest head's. On the embedded model the head group-lasso switches heads off (their norm is
     ~1e-12); on a pretrained model every head passes."""
-    ov = torch.einsum("lhde,lhem->lhdm", model.W_V, model.W_O).flatten(-2).norm(dim=-1).detach()
+    # ||W_V W_O||_F^2 = sum((W_V^T W_V) * (W_O W_O^T)): d_head x d_head per head, never the
+    # [layers, heads, d_model, d_model] product (1.6 GB on gpt2-medium).
+    with torch.no_grad():
+        vv = torch.einsum("lhde,lhdf->lhef", model.W_V, model.W_V)
+        oo = torch.einsum("lhem,lhfm->lhef", model.W_O, model.W_O)
+        ov = (vv * oo).sum(dim=(-2, -1)).clamp_min(0).sqrt()
     keep = ov >= threshold * ov.max()
     return [(int(l), int(h)) for l, h in keep.nonzero()]
 
