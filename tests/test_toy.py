@@ -56,6 +56,7 @@ def _check_ablation_floor(model, batch) -> None:
     r = top_vs_random(model, batch, _important_heads(model, batch))
     assert r.clean["accuracy"] >= 0.95 and r.clean["top1_accuracy"] >= 0.95, r
     assert r.drop_top["top1_accuracy"] >= 0.5, r
+    assert r.n_random > 0, f"no random control set could be drawn ({r.random_how}): the floor cannot be checked"
     assert r.drop_random["top1_accuracy"] < 0.1 and r.drop_random["accuracy"] < 0.1, r
     assert r.binomial_p_above_chance >= 0.05, r
 
