@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import matplotlib.artist
 import matplotlib.patheffects as pe
+import matplotlib.text
+import matplotlib.transforms
 import matplotlib.pyplot as plt
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.patches import Patch, Rectangle
@@ -47,6 +50,13 @@ METHOD_NAMES = {
     "act_patch": "activation patching",
     "attribution": "attribution patching",
     "path_patch": "path patching to the logits",
+    "attribution_patch": "attribution patching",
+    "act_patch_screened": "activation patching (screened)",
+    "maps_dynamic_without_context": "MAPS dynamic scores (without context)",
+    "maps_dynamic_with_context": "MAPS dynamic scores (with context)",
+    "maps_dynamic_without_context_suppression": "MAPS dynamic suppression scores (without context)",
+    "maps_dynamic_with_context_suppression": "MAPS dynamic suppression scores (with context)",
+    "zero_ablation": "zero-ablation",
 }
 
 Marks = Iterable[Head | str] | Circuit | Mapping[str, Iterable[Head | str] | Circuit] | None
@@ -343,11 +353,110 @@ def patching_heatmap(
 
 
 def _label(hs: HeadScores) -> str:
-    text = f"{hs.method} · {pretty_name(hs.target)}"
+    text = f"{METHOD_NAMES.get(hs.method, hs.method.replace('_', ' '))} · {pretty_name(hs.target)}"
     return text + (f" (k={hs.k})" if hs.k is not None else "")
 
 
 LAYER_LEGEND_MAX = 12  # scatter plots name each layer in a legend up to this many layers
+
+
+class PointLabels(matplotlib.artist.Artist):
+    """Places point labels (annotations) at draw time so that no two labels overlap.
+
+    Deterministic and greedy: labels are placed in the order given (most important first); each tries
+    positions around its point on rings of growing radius (8 directions, then 16), and takes the first
+    that lies inside the axes, overlaps no placed label, covers no point of ``points`` and crosses no
+    line of the axes (the diagonal); when no position meets the last two, the first that meets the
+    first two. A label away from its point gets a thin leader line. Runs at every draw, in display
+    coordinates, after the layout engine has sized the axes, so saving at another size or dpi keeps
+    labels apart. Placed label boxes (display pixels) are in :attr:`boxes` after a draw.
+    """
+
+    PAD_PT = 1.5     # clearance between two labels and between a label and a point, points
+    STEP_PT = 5.0    # ring spacing, points
+    RINGS = 24       # up to ~120 points away
+    LEADER_FROM_RING = 1  # rings >= this get a leader line
+
+    def __init__(self, ax, annotations, points_xy, point_radius_pt: float):
+        super().__init__()
+        self.ax, self.annotations = ax, list(annotations)
+        self.points_xy = np.asarray(points_xy, dtype=float).reshape(-1, 2)
+        self.point_radius_pt = point_radius_pt
+        self.boxes: list = []
+        self.set_zorder(-10)  # drawn before the texts it moves and before the legend ("best" avoids texts)
+        self.set_clip_on(False)
+
+    def get_window_extent(self, renderer=None):
+        return matplotlib.transforms.Bbox.null()
+
+    def get_tightbbox(self, renderer=None):
+        return None
+
+    @staticmethod
+    def _overlaps(a, b, pad: float) -> bool:
+        return a[0] < b[2] + pad and b[0] < a[2] + pad and a[1] < b[3] + pad and b[1] < a[3] + pad
+
+    def _directions(self, ring: int) -> list[tuple[float, float]]:
+        first = [45, 135, -45, -135, 0, 180, 90, -90]  # NE, NW, SE, SW, E, W, N, S
+        angles = first if ring < 2 else first + [22.5, 157.5, -22.5, -157.5, 67.5, 112.5, -67.5, -112.5]
+        return [(np.cos(np.radians(a)), np.sin(np.radians(a))) for a in angles]
+
+    def draw(self, renderer):
+        if not self.get_visible() or not self.annotations:
+            return
+        px = renderer.points_to_pixels(1.0)
+        pad, r_pt = self.PAD_PT * px, self.point_radius_pt * px
+        frame = self.ax.bbox
+        pts = self.ax.transData.transform(self.points_xy) if len(self.points_xy) else np.zeros((0, 2))
+        line_pts = []
+        for line in self.ax.get_lines():
+            path = line.get_transform().transform_path(line.get_path()).interpolated(200)
+            line_pts.append(path.vertices)
+        line_pts = np.concatenate(line_pts) if line_pts else np.zeros((0, 2))
+        self.boxes = []
+        for ann in self.annotations:
+            anchor = self.ax.transData.transform(ann.xy)
+            ann.set_horizontalalignment("center")
+            ann.set_verticalalignment("center")
+            ann.xyann = (0.0, 0.0)
+            ann.update_positions(renderer)
+            ext = matplotlib.text.Text.get_window_extent(ann, renderer)
+            w, h = ext.width, ext.height
+            fallback = best = None
+            for ring in range(self.RINGS):
+                radius = r_pt + pad + ring * self.STEP_PT * px
+                for cx, cy in self._directions(ring):
+                    # centre so that the box's nearest edge is `radius` from the point along (cx, cy)
+                    dx = cx * (radius + w / 2) if abs(cx) > 1e-9 else 0.0
+                    dy = cy * (radius + h / 2) if abs(cy) > 1e-9 else 0.0
+                    x0, y0 = anchor[0] + dx - w / 2, anchor[1] + dy - h / 2
+                    box = (x0, y0, x0 + w, y0 + h)
+                    if box[0] < frame.x0 or box[2] > frame.x1 or box[1] < frame.y0 or box[3] > frame.y1:
+                        continue
+                    if any(self._overlaps(box, b, pad) for b in self.boxes):
+                        continue
+                    if fallback is None:
+                        fallback = (box, dx, dy, ring)
+                    grown = (box[0] - r_pt, box[1] - r_pt, box[2] + r_pt, box[3] + r_pt)
+                    covers = len(pts) and np.any((pts[:, 0] > grown[0]) & (pts[:, 0] < grown[2])
+                                                 & (pts[:, 1] > grown[1]) & (pts[:, 1] < grown[3]))
+                    crosses = len(line_pts) and np.any((line_pts[:, 0] > box[0]) & (line_pts[:, 0] < box[2])
+                                                       & (line_pts[:, 1] > box[1]) & (line_pts[:, 1] < box[3]))
+                    if not covers and not crosses:
+                        best = (box, dx, dy, ring)
+                        break
+                if best is not None:
+                    break
+            choice = best or fallback
+            if choice is None:  # no free place inside the axes at all: leave the label hidden, never overlapping
+                ann.set_visible(False)
+                continue
+            box, dx, dy, ring = choice
+            ann.set_visible(True)
+            ann.xyann = (dx / px, dy / px)
+            if ann.arrow_patch is not None:
+                ann.arrow_patch.set_visible(ring >= self.LEADER_FROM_RING)
+            self.boxes.append(box)
 
 
 def scatter_scores(
@@ -355,6 +464,7 @@ def scatter_scores(
     y: HeadScores,
     *,
     annotate_top: int = 5,
+    annotate: Iterable[Head | str] | None = None,
     r: float | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
@@ -366,8 +476,10 @@ def scatter_scores(
     layer (a legend names each layer; above :data:`LAYER_LEGEND_MAX` layers, a colour bar with one
     band per layer).
 
-    The ``annotate_top`` best heads by ``x`` and by ``y`` are labelled ``"L.H"``. ``r`` (e.g. a
-    precomputed correlation) is shown where it covers no point; ``None`` shows Pearson's r of the two matrices.
+    The ``annotate_top`` best heads by ``x`` and by ``y`` are labelled ``"L.H"``, plus the heads in
+    ``annotate``. Labels never overlap one another (:class:`PointLabels` places them at draw time,
+    with a leader line when a label sits away from its point). ``r`` (e.g. a precomputed
+    correlation) is shown where it covers no point; ``None`` shows Pearson's r of the two matrices.
     ``diagonal`` draws y = x.
     """
     if x.scores.shape != y.scores.shape:
@@ -385,7 +497,8 @@ def scatter_scores(
     colours = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.9, n_layers)) if n_layers > 1
                              else ["#2a6f97"])
     norm = BoundaryNorm(np.arange(n_layers + 1) - 0.5, colours.N)
-    points = ax.scatter(xs, ys, c=layers, cmap=colours, norm=norm, s=28, alpha=0.85, edgecolors="white",
+    size = 28
+    points = ax.scatter(xs, ys, c=layers, cmap=colours, norm=norm, s=size, alpha=0.85, edgecolors="white",
                         linewidths=0.4)
     if 1 < n_layers <= LAYER_LEGEND_MAX:
         handles = [plt.Line2D([], [], ls="none", marker="o", ms=6, mfc=colours(i), mec="white", label=str(i))
@@ -402,14 +515,15 @@ def scatter_scores(
     if diagonal:
         lo, hi = min(xs.min(), ys.min()), max(xs.max(), ys.max())
         ax.plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=1, zorder=0)
-    top = list(dict.fromkeys(x.top(annotate_top) + y.top(annotate_top)))
-    right = xs.min() + 0.85 * (xs.max() - xs.min())  # labels of points near the right edge go left
-    for l, h in top:
-        left = x[(l, h)] > right
-        ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(-4 if left else 4, 4),
-                    textcoords="offset points", ha="right" if left else "left", fontsize=8, color="0.15",
-                    path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
-    # r as a one-line legend: matplotlib's loc="best" keeps it off the points
+    top = list(dict.fromkeys(x.top(annotate_top) + y.top(annotate_top) + _heads(annotate or [])))
+    radius_pt = np.sqrt(size) / 2
+    labels = [ax.annotate(head_name((l, h)), (x[(l, h)], y[(l, h)]), xytext=(0, 0), textcoords="offset points",
+                          ha="center", va="center", fontsize=8, color="0.15", annotation_clip=False,
+                          path_effects=[pe.withStroke(linewidth=2.5, foreground="white")],
+                          arrowprops=dict(arrowstyle="-", color="0.45", lw=0.6, shrinkA=1, shrinkB=radius_pt + 1))
+              for l, h in top]
+    ax.add_artist(PointLabels(ax, labels, np.column_stack([xs, ys]), radius_pt))
+    # r as a one-line legend: matplotlib's loc="best" keeps it off the points (and the labels)
     r_box = [plt.Line2D([], [], ls="none", label=f"r = {r:.2f}")]
     ax.legend(handles=r_box, loc="best", handlelength=0, handletextpad=0, fontsize=11, edgecolor="0.8")
     ax.set_xlabel(xlabel or _label(x))

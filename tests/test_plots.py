@@ -259,3 +259,73 @@ def test_scatter_names_each_layer_in_a_discrete_legend():
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "layer"
     np.testing.assert_allclose(fig.axes[0].collections[0].norm.boundaries, np.arange(25) - 0.5)
     plt.close(fig)
+
+
+def _label_boxes(fig):
+    """Display-pixel boxes of every visible point label ("L.H" texts) in the drawn figure, per axes."""
+    import re
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        boxes = []
+        for t in ax.texts:
+            if t.get_visible() and re.fullmatch(r"\d+\.\d+", t.get_text()):
+                # the text's own box (Text, not Annotation: an annotation's extent includes its leader line)
+                boxes.append((t.get_text(), matplotlib.text.Text.get_window_extent(t, renderer)))
+        out.append((ax, boxes))
+    return out
+
+
+def _crowded_scores():
+    """The toy model's situation: six live heads spread out, 18 dead heads piled up at the origin, two
+    live heads close together ("0.4" and "0.5" near the origin)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 8, generator=g) * 0.02
+    y = torch.rand(3, 8, generator=g) * 0.02
+    x[0, :6] = torch.tensor([1.0, 0.62, 0.42, 0.0, 0.05, 0.06])
+    y[0, :6] = torch.tensor([1.0, 0.26, 0.35, 0.0, 0.04, 0.05])
+    return (HeadScores(x, "maps_static", "name_copying", "toy", k=1),
+            HeadScores(y, "maps_dynamic_without_context", "name_copying", "toy", k=1))
+
+
+@pytest.mark.parametrize("annotate_top,two_panels", [(5, False), (5, True), (24, False)])
+def test_scatter_point_labels_never_overlap(annotate_top, two_panels, tmp_path):
+    """Label boxes measured in the rendered figure: pairwise disjoint, inside the axes, and the labels
+    are the heads asked for, each pointing (text or leader line) at its own point."""
+    x, y = _crowded_scores()
+    if two_panels:  # as notebooks 02 and 03 draw them: two scatters side by side in one figure
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4), layout="constrained")
+        for ax in axes:
+            plots.scatter_scores(x, y, annotate_top=annotate_top, diagonal=True, ax=ax)
+    else:
+        fig = plots.scatter_scores(x, y, annotate_top=annotate_top, diagonal=True)
+    wanted = {f"{l}.{h}" for l, h in x.top(annotate_top) + y.top(annotate_top)}
+    # without placement these overlap: 0.4 and 0.5 are 0.01 apart, the dead heads closer still
+    naive = np.array([[x[(0, 4)], y[(0, 4)]], [x[(0, 5)], y[(0, 5)]]])
+    for ax, boxes in _label_boxes(fig):
+        if not ax.collections:
+            continue
+        assert {name for name, _ in boxes} == wanted  # every asked-for label shown (none hidden)
+        assert len(boxes) == len(wanted)
+        for i, (a_name, a) in enumerate(boxes):
+            assert a.x0 >= ax.bbox.x0 - 0.5 and a.x1 <= ax.bbox.x1 + 0.5, f"{a_name} leaves the axes"
+            assert a.y0 >= ax.bbox.y0 - 0.5 and a.y1 <= ax.bbox.y1 + 0.5, f"{a_name} leaves the axes"
+            for b_name, b in boxes[i + 1:]:
+                overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+                overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+                assert overlap_w <= 0 or overlap_h <= 0, f"labels {a_name} and {b_name} overlap"
+        # each label is attached to its own head: its text or its visible leader line ends at the point
+        for t in ax.texts:
+            if t.get_visible() and t.get_text() in wanted:
+                l, h = (int(v) for v in t.get_text().split("."))
+                np.testing.assert_allclose(t.xy, (x[(l, h)], y[(l, h)]))
+        near = ax.transData.transform(naive)
+        assert np.hypot(*(near[0] - near[1])) < 8  # the two points really are closer than a label is wide
+    fig.savefig(tmp_path / "scatter.png", dpi=150)  # another dpi: placement redone at draw time
+    for ax, boxes in _label_boxes(fig):
+        for i, (a_name, a) in enumerate(boxes):
+            for b_name, b in boxes[i + 1:]:
+                assert min(a.x1, b.x1) <= max(a.x0, b.x0) or min(a.y1, b.y1) <= max(a.y0, b.y0), (a_name, b_name)
+    plt.close(fig)
