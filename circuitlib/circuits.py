@@ -72,18 +72,29 @@ def _act_patch(model: HookedTransformer, batch: TaskBatch, *, direction: Directi
 
 
 def screened_act_patch() -> Callable[..., HeadScores] | None:
-    """Exact activation patching of given candidate heads, from :mod:`circuitlib.patching`, if that module
-    has it (``act_patch_heads(..., heads=...)``); ``None`` otherwise (discovery then patches every head and
-    says so in the scores' meta)."""
-    import inspect
-
+    """Screened exact activation patching from :mod:`circuitlib.patching` (``act_patch_screened``: an
+    AtP*-style screen with GradDrop ranks every head, exact patching verifies the heads whose effect may
+    reach :data:`SCREEN_MIN_FRACTION` of the largest, up to as many heads as the screen's size), or
+    ``None`` if that module has none (discovery then patches every head). The returned scores are exact
+    for verified heads and the screen's estimate elsewhere; ``meta["screened"]`` says which, why the
+    search stopped and the bound on the unverified heads."""
     from . import patching
 
-    if "heads" in inspect.signature(patching.act_patch_heads).parameters:
-        def run(model, batch, *, direction, progress, candidates):
-            return patching.act_patch_heads(model, batch, direction=direction, progress=progress, heads=candidates)
-        return run
-    return None
+    if not hasattr(patching, "act_patch_screened"):
+        return None
+
+    def run(model, batch, *, direction, progress, candidates):
+        res = patching.act_patch_screened(model, batch, direction=direction, min_fraction=SCREEN_MIN_FRACTION,
+                                          max_verified=len(candidates))
+        hs = res.scores
+        hs.meta["screened"] = {"by": "circuitlib.patching.act_patch_screened (AtP* screen + GradDrop, exact "
+                                     "verification)", "min_fraction": SCREEN_MIN_FRACTION,
+                               "max_verified": len(candidates), "verified": [head_name(h) for h in res.verified_heads],
+                               "stopped": res.stopped,
+                               "bound": None if res.bound != res.bound else round(float(res.bound), 6),
+                               "threshold": round(float(res.threshold), 6)}
+        return hs
+    return run
 
 
 def _attribution(model: HookedTransformer, batch: TaskBatch, *, direction: Direction, progress: bool = False) -> HeadScores:
@@ -242,14 +253,14 @@ def k_grid(n_heads: int, dense_up_to: int = 40) -> list[int]:
 
 #: Models with more heads than this get the big-model discovery defaults: a coarse, capped k grid
 #: evaluated until the target is reached (:func:`coarse_k_grid`, :data:`BIG_K_CAP`) and exact patching
-#: only on the heads an attribution screen keeps (:data:`SCREEN_CANDIDATES`).
+#: only on the heads a screen keeps (``screen=``, by default as many as the k cap).
 BIG_MODEL_HEADS = 100
 #: Largest k the big-model curve evaluates, as a fraction of all heads (gpt2-medium: 96 of 384). A head set
 #: of more than a quarter of the model is no circuit the report would name; discovery then falls back to
 #: the most faithful k evaluated and says ``reached_target: False``. ``discover_circuit(max_k=...)`` changes it.
 BIG_K_CAP = 0.25
-#: Heads kept by the attribution screen for exact activation / path patching on big models (``screen=``).
-SCREEN_CANDIDATES = 64
+#: Screened activation patching verifies every head whose effect may reach this fraction of the largest one.
+SCREEN_MIN_FRACTION = 0.05
 
 
 def coarse_k_grid(n_heads: int, cap: int | None = None, ratio: float = 1.5) -> list[int]:
@@ -440,12 +451,15 @@ def discover_circuit(
       heads. An int (the ``"auto"`` default above that: :data:`BIG_K_CAP` of the heads, 96 on gpt2-medium)
       evaluates :func:`coarse_k_grid` up to it, 4 points per run, stopping at the first run reaching
       ``target`` (:func:`scan_curve`), then bisects; a head set of more than ``max_k`` heads is not sought.
-    - ``screen``: ``None`` patches every head exactly. An int N keeps the N heads with the largest
-      |attribution patching| score (a gradient estimate, ~3 forwards) and runs the exact methods that
-      accept ``candidates`` (path patching; activation patching when :mod:`circuitlib.patching` offers a
-      candidate subset, :func:`screened_act_patch`) on those only; other heads then score 0 and the curve is
+    - ``screen``: ``None`` patches every head exactly. An int N: **activation patching** runs
+      :func:`circuitlib.patching.act_patch_screened` (an AtP*-style screen with GradDrop ranks every head,
+      heads whose effect may reach :data:`SCREEN_MIN_FRACTION` of the largest are patched exactly, at most
+      N; the others keep the screen's estimate; ``meta["screened"]`` of its scores says which and why it
+      stopped), and **path patching** (and any registered method taking ``candidates``) runs only on the N
+      heads with the largest |attribution patching| score (other heads score 0 there); the curve is then
       capped at N. ``"auto"``: N = the k cap on models with more than :data:`BIG_MODEL_HEADS` heads (96 on
-      gpt2-medium), ``None`` otherwise. A head the screen misses (attribution's linear estimate can be far
+      gpt2-medium), ``None`` otherwise. A screen can miss a head (a linear estimate can be far off, e.g.
+      for heads whose effect saturates); a missed head cannot enter the circuit. ``screen=None`` is the check.
       off, e.g. for heads whose effect saturates) cannot enter the circuit; ``screen=None`` is the check.
     """
     names = list(HEAD_SCORERS) if scorers is None else list(scorers)
@@ -483,8 +497,10 @@ def discover_circuit(
                             and (n != "act_patch" or screened_act_patch() is not None)]
         screen_meta = {"n_candidates": len(candidates), "by": "|attribution patching| on the selection prompts",
                        "candidates": [head_name(h) for h in candidates], "exact_on_candidates": screened_methods,
-                       "note": f"exact patching of the {len(candidates)} heads with the largest |attribution| "
-                               f"score for {', '.join(screened_methods) or 'no method'}; other heads score 0 there"}
+                       "note": f"{', '.join(screened_methods) or 'no method'} screened: activation patching by "
+                               f"patching.act_patch_screened (its own AtP* screen, at most {len(candidates)} heads "
+                               f"patched exactly, estimates elsewhere), other methods exactly on these "
+                               f"{len(candidates)} candidates only (0 elsewhere)"}
         if max_k is None or max_k > len(candidates):
             max_k = len(candidates) if method in screened_methods else max_k
     for name in names:

@@ -107,3 +107,21 @@ def test_capped_curve_stops_at_the_target_and_bisects(toy):
     assert max(k for k in res.curve if k in grid) == stop  # runs of 4 points, none after the one with the hit
     want = next(k for k in range(1, 25) if dense[k] >= target)
     assert res.meta["top_k"] == want and res.reached_target
+
+
+def test_screened_activation_patching_is_exact_where_verified(toy):
+    from circuitlib import circuits
+    from circuitlib.circuits import split_prompts
+    from circuitlib.patching import act_patch_heads
+
+    res = circuits.discover_circuit(toy, "capitals", n_prompts=8, scorers=["act_patch"], screen=6, max_k=None,
+                                    n_boot=10)
+    hs = res.scores["act_patch"]
+    info = hs.meta["screened"]
+    assert 1 <= len(info["verified"]) <= 6 and info["max_verified"] == 6
+    sel, _ = split_prompts("capitals", toy.tokenizer, 8)
+    exact = act_patch_heads(toy, sel)  # every head, the unscreened method
+    for name in info["verified"]:
+        l, h = map(int, name.split("."))
+        assert float(hs.scores[l, h]) == pytest.approx(float(exact.scores[l, h]), abs=1e-5)
+    assert "act_patch" in res.meta["screen"]["exact_on_candidates"]
