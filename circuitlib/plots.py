@@ -141,7 +141,7 @@ def head_heatmaps(
 
     ``scores``: one panel per :class:`HeadScores`, all on the scale ``[vmin, vmax]``; each colour bar
     is labelled ``cbar_label`` (name the quantity, e.g. "MAPS score: fraction of pairs in top-k";
-    default: the score's method). ``marks`` go on every panel: heads as
+    default: the score's method, by its readable name). ``marks`` go on every panel: heads as
     ``(layer, head)`` / ``"L.H"`` / a :class:`Circuit`, or a dict ``label -> heads`` for several
     marker sets (the legend names them; a bare set is called ``mark_label``, default "reference
     heads", a Circuit "<Task> circuit"). ``panel_marks`` gives
@@ -208,7 +208,7 @@ def head_heatmaps(
         for side in ax.spines.values():
             side.set_visible(False)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.85, pad=0.02, aspect=25)
-        cbar.set_label(cbar_label or hs.method.replace("_", " "), fontsize=10)
+        cbar.set_label(cbar_label or METHOD_NAMES.get(hs.method, hs.method.replace("_", " ")), fontsize=10)
         cbar.outline.set_visible(False)
         if annotate:
             _annotate_cells(ax, values, vmin, vmax, cmap, None if computed is None else computed.T)
@@ -220,7 +220,8 @@ def head_heatmaps(
         legend[NOT_COMPUTED] = legend.pop(NOT_COMPUTED)
     if legend:
         fig.legend(
-            legend.values(), legend.keys(), loc="outside lower center", ncols=min(4, len(legend)),
+            # at most one column per panel: a legend wider than the panels would be cut off
+            legend.values(), legend.keys(), loc="outside lower center", ncols=min(4, len(legend), len(panels)),
             frameon=False, fontsize=10,
         )
     if suptitle is None:
@@ -273,14 +274,19 @@ def _draw_marks(ax, heads: list[Head], style: int, n_layers: int, n_heads: int, 
     xs = [l + dx for l, _ in heads]
     ys = [h + dy for _, h in heads]
     size = 70 if corner else 130
-    kwargs = dict(marker=marker, s=size, linewidths=1.6 if filled else 2.2, zorder=3)
+    kwargs = dict(marker=marker, s=size, linewidths=0.9 if filled else 2.2, zorder=3)
     if filled:
         kwargs.update(c=colour, edgecolors="white")
     else:
         kwargs.update(facecolors="none", edgecolors=colour)
     art = ax.scatter(xs, ys, **kwargs)
-    if not filled:
-        art.set_path_effects([pe.withStroke(linewidth=3.5, foreground="white")])
+    # a dark rim outside the white one: the mark stands out on light, dark and same-coloured cells alike
+    # (a red X on a red patching cell would otherwise be only its white edge)
+    if filled:
+        art.set_path_effects([pe.withStroke(linewidth=2.4, foreground="0.1"), pe.Normal()])
+    else:
+        art.set_path_effects([pe.withStroke(linewidth=4.6, foreground="0.1"),
+                              pe.withStroke(linewidth=3.5, foreground="white")])
     return art
 
 
@@ -599,7 +605,8 @@ def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alp
     """Observed top-k overlap against k, with the chance line (k^2 / N) and the ceiling (k).
 
     ``curve`` is :func:`circuitlib.overlap.topk_overlap_curve`'s result. Filled markers: k where
-    the hypergeometric p-value is below ``alpha``.
+    the hypergeometric p-value of that k alone is below ``alpha`` (one test per k, not corrected for
+    the number of k shown; the legend says so).
     """
     ks = np.asarray(curve["k"], dtype=float)
     observed = np.asarray(curve["observed"], dtype=float)
@@ -612,7 +619,7 @@ def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alp
     ax.plot(ks, expected, color="0.4", lw=1.2, ls="--", label="chance (k² / N)")
     ax.plot(ks, observed, color="#2a6f97", lw=1.8, label="observed |top-k ∩ top-k|")
     sig = p < alpha
-    ax.scatter(ks[sig], observed[sig], color="#2a6f97", s=28, zorder=3, label=f"p < {alpha:g}")
+    ax.scatter(ks[sig], observed[sig], color="#2a6f97", s=28, zorder=3, label=f"p < {alpha:g} (each k alone, uncorrected)")
     ax.scatter(ks[~sig], observed[~sig], facecolors="white", edgecolors="#2a6f97", s=28, zorder=3,
                label=f"p ≥ {alpha:g}")
     ax.set_xlabel("k (top heads taken from each scoring)")

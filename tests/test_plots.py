@@ -329,3 +329,11 @@ def test_scatter_point_labels_never_overlap(annotate_top, two_panels, tmp_path):
             for b_name, b in boxes[i + 1:]:
                 assert min(a.x1, b.x1) <= max(a.x0, b.x0) or min(a.y1, b.y1) <= max(a.y0, b.y0), (a_name, b_name)
     plt.close(fig)
+
+
+def test_single_panel_legend_fits_in_the_figure():
+    """One narrow panel with two labelled mark sets: the legend stacks instead of running off the canvas."""
+    hs = _scores(3, 8, "name_copying")
+    fig = plots.head_heatmaps(hs, {"Country -> capital head set": ["0.0"], "IOI head set": ["1.6"]})
+    _inside_figure(fig)
+    plt.close(fig)
