@@ -4,16 +4,20 @@ task, against random head sets; and the whole overlap-and-reuse analysis (notebo
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from transformer_lens import HookedTransformer
 from .interventions import Ablation, control_sets, live_heads, run_ablations
 from .overlap import (
+    CircuitRankTest,
     HeadSet,
+    RankCorrelation,
+    SetOverlap,
     TestRow,
     TestTable,
     as_head_set,
@@ -23,13 +27,12 @@ from .overlap import (
     rank_correlation,
     set_overlap,
     test_table,
+    TopkOverlapCurve,
     top_set,
     topk_overlap_curve,
 )
-from .results import Result
+from .results import MappingResult, Result
 from .types import Circuit, Head, HeadScores, TaskBatch, head_name
-
-
 
 
 @dataclass
@@ -127,46 +130,207 @@ def _top_live(scores: HeadScores, k: int, live: list[Head], seed: int) -> frozen
     return top_set(HeadScores(masked, scores.method, scores.target, scores.model), k, seed=seed)
 
 
+@dataclass(frozen=True)
+class ReuseMatrix(Result, Mapping):
+    """:func:`cross_task_ablation` for every (ablated circuit, measured task) pair (:func:`reuse_matrix`).
+
+    ``m[c][t]`` (or ``m.cell(c, t)``) is the :class:`CrossTaskAblation` of task ``c``'s circuit measured
+    on task ``t``; ``circuit_tasks`` / ``measured_tasks`` give the order of rows / columns. Reads as the
+    mapping ``circuit task -> {measured task: CrossTaskAblation}`` it once was; ``to_dict()`` is that
+    nesting in JSON (``{c: {t: cell}}``), as before.
+    """
+
+    circuit_tasks: tuple[str, ...]
+    measured_tasks: tuple[str, ...]
+    cells: dict[tuple[str, str], CrossTaskAblation]
+
+    def cell(self, circuit_task: str, measured_task: str) -> CrossTaskAblation:
+        return self.cells[circuit_task, measured_task]
+
+    def __getitem__(self, circuit_task: str) -> dict[str, CrossTaskAblation]:
+        if circuit_task not in self.circuit_tasks:
+            raise KeyError(circuit_task)
+        return {t: self.cells[circuit_task, t] for t in self.measured_tasks}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.circuit_tasks)
+
+    def __len__(self) -> int:
+        return len(self.circuit_tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {c: {t: self.cells[c, t].to_dict() for t in self.measured_tasks} for c in self.circuit_tasks}
+
+
 def reuse_matrix(
     model: HookedTransformer, circuits: dict[str, HeadSet], batches: dict[str, TaskBatch], **kwargs
-) -> dict[str, dict[str, CrossTaskAblation]]:
+) -> ReuseMatrix:
     """:func:`cross_task_ablation` for every (ablated circuit, measured task) pair.
 
     ``result[circuit_task][measured_task]``; the diagonal is each circuit's own task (a positive
     control: removing a task's circuit should hurt that task). Off the diagonal, random sets also
-    exclude the measured task's own circuit.
+    exclude the measured task's own circuit. ``kwargs`` go to :func:`cross_task_ablation` (default:
+    mean-ablation over the measured task's corrupted prompts, every position, BOS excluded; 2,000
+    random sets, seed 0).
     """
-    return {
-        c: {t: cross_task_ablation(model, circuit, batch, exclude=circuits.get(t, ()) if t != c else (), **kwargs)
-            for t, batch in batches.items()}
-        for c, circuit in circuits.items()
-    }
+    cells = {(c, t): cross_task_ablation(model, circuit, batch, exclude=circuits.get(t, ()) if t != c else (), **kwargs)
+             for c, circuit in circuits.items() for t, batch in batches.items()}
+    return ReuseMatrix(circuit_tasks=tuple(circuits), measured_tasks=tuple(batches), cells=cells)
 
 
 MIN_DRAWS_IN_FAMILY = 2000
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskPair(MappingResult):
+    """Two tasks ``a``, ``b`` compared (one entry of :attr:`ReuseAnalysis.pairs`, key ``"a|b"``).
+
+    - ``circuits``: :func:`~circuitlib.overlap.set_overlap` of the two circuits (drawn from the live
+      heads when every circuit head is live, else from all heads);
+    - ``patching``: Spearman of |patching a| vs |patching b| over the live heads;
+    - ``maps``, ``maps_top``, ``maps_topk_curve`` (only when both tasks have MAPS relations and they
+      differ, else left out): Spearman of the two relations' MAPS scores over the live heads; overlap of
+      their top-k live heads (k = :func:`~circuitlib.overlap.default_top_k` of the live heads, ties broken
+      with ``seed`` / ``seed + 1``); the top-k overlap curve over all heads.
+
+    Reads as the mapping of its ``to_dict()`` (``pair["maps"]["rho"]``), as the dict it once was.
+    """
+
+    _optional: ClassVar[tuple[str, ...]] = ("maps", "maps_top", "maps_topk_curve")
+
+    circuits: SetOverlap
+    patching: RankCorrelation
+    maps: RankCorrelation | None = None
+    maps_top: SetOverlap | None = None
+    maps_topk_curve: TopkOverlapCurve | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskAgreement(MappingResult):
+    """MAPS against causal discovery on one task (one entry of :attr:`ReuseAnalysis.per_task`).
+
+    - ``maps_vs_patching``: Spearman of the task relation's MAPS scores vs |patching| over the live heads;
+    - ``circuit_under_maps``: :func:`~circuitlib.overlap.circuit_rank_test` (AUROC) of the circuit's
+      heads under the MAPS scores, within the live heads when every circuit head is live.
+
+    Reads as the mapping of its ``to_dict()`` (``entry["maps_vs_patching"]["rho"]``).
+    """
+
+    maps_vs_patching: RankCorrelation
+    circuit_under_maps: CircuitRankTest
 
 
 @dataclass
 class ReuseAnalysis(Result):
     """The overlap-and-reuse analysis (:func:`reuse_analysis`), shown alike by notebook 04 and the report.
 
-    ``pairs["a|b"]``: MAPS vs MAPS (:class:`~circuitlib.overlap.Comparison` over the live heads), circuit
-    vs circuit (set overlap), |patching| vs |patching|; ``per_task[t]``: MAPS vs |patching| and the
-    circuit's heads under MAPS; ``reuse[c][t]``: :class:`CrossTaskAblation` of c's circuit on task t;
-    ``table``: the one family of tests, Holm-corrected over its rows; ``apart``: random-draw rows kept
-    out of the family because too few draws were made for their p to reach the corrected bar.
+    ``pairs["a|b"]``: :class:`TaskPair` (MAPS vs MAPS over the live heads, circuit vs circuit,
+    |patching| vs |patching|); ``per_task[t]``: :class:`TaskAgreement` (MAPS vs |patching| and the
+    circuit's heads under MAPS); ``reuse[c][t]``: :class:`CrossTaskAblation` of c's circuit on task t
+    (:class:`ReuseMatrix`); ``table``: the one family of tests, Holm-corrected over its rows; ``apart``:
+    random-draw rows kept out of the family because too few draws were made for their p to reach the
+    corrected bar.
     """
 
     tasks: list[str]
     relations: dict[str, str]
     live_heads: list[str]
     circuits: dict[str, list[str]]
-    pairs: dict[str, dict]
-    per_task: dict[str, dict]
-    reuse: dict[str, dict[str, CrossTaskAblation]]
+    pairs: dict[str, TaskPair]
+    per_task: dict[str, TaskAgreement]
+    reuse: ReuseMatrix
     table: TestTable
     apart: TestTable | None
     notes: list[str]
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every test of one :func:`reuse_analysis` shares."""
+
+    live: list[Head]
+    in_live: bool  # every circuit head is live: set tests draw from the live heads
+    population: int  # heads the set tests draw from
+    k: int  # top-k of the MAPS top-set test
+    seed: int
+    n_permutations: int
+
+    @property
+    def kw(self) -> dict[str, int]:
+        return {"n_permutations": self.n_permutations, "seed": self.seed}
+
+
+def _setting(model: HookedTransformer, circuits: dict[str, Circuit], n_permutations: int, seed: int,
+             notes: list[str]) -> _Setting:
+    """The live heads and the population of the set tests (a note when it is the live heads)."""
+    n_total = model.cfg.n_layers * model.cfg.n_heads
+    live = live_heads(model)
+    # set tests draw from the live heads when every head involved is live (dead heads cannot be in a circuit)
+    in_live = all(as_head_set(c) <= set(live) for c in circuits.values())
+    if in_live and len(live) < n_total:
+        notes.append(f"set overlaps and circuit AUROCs are tested within the {len(live)} live heads (every circuit "
+                     "head is live)")
+    return _Setting(live=live, in_live=in_live, population=len(live) if in_live else n_total,
+                    k=default_top_k(len(live)), seed=seed, n_permutations=n_permutations)
+
+
+def _compare_pair(a: str, b: str, relation_scores: dict[str, HeadScores], patching: dict[str, HeadScores],
+                  circuits: dict[str, Circuit], relations: dict[str, str], s: _Setting) -> tuple[TaskPair, list[TestRow]]:
+    """Tasks ``a`` and ``b``: circuit overlap, |patching| agreement and (two different relations) MAPS agreement."""
+    pair = TaskPair(circuits=set_overlap(circuits[a], circuits[b], s.population),
+                    patching=rank_correlation(patching[a], patching[b], heads=s.live, absolute=True, **s.kw))
+    rows = [TestRow.from_result(f"circuits {a} vs {b}: shared heads", pair.circuits, statistic="size_intersection")]
+    if pair.patching.p_value is not None:
+        rows.append(TestRow.from_result(f"|patching| {a} vs {b}: Spearman (live heads)", pair.patching, statistic="rho"))
+    if a in relations and b in relations and relations[a] != relations[b]:
+        ra, rb = relation_scores[a], relation_scores[b]
+        pair = dataclasses.replace(
+            pair, maps=rank_correlation(ra, rb, heads=s.live, **s.kw),
+            maps_top=set_overlap(_top_live(ra, s.k, s.live, s.seed), _top_live(rb, s.k, s.live, s.seed + 1), len(s.live)),
+            maps_topk_curve=topk_overlap_curve(ra, rb, seed=s.seed))
+        if pair.maps.p_value is not None:
+            rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: Spearman (live heads)", pair.maps,
+                                            statistic="rho"))
+        rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: top-{s.k} heads shared", pair.maps_top,
+                                        statistic="size_intersection"))
+    return pair, rows
+
+
+def _maps_vs_discovery(t: str, relation: str, scores: HeadScores, patching: HeadScores, circuit: Circuit,
+                       s: _Setting) -> tuple[TaskAgreement, list[TestRow]]:
+    """Task ``t``: its relation's MAPS scores against |patching| and against its circuit."""
+    entry = TaskAgreement(
+        maps_vs_patching=rank_correlation(scores, patching, heads=s.live, absolute=True, **s.kw),
+        circuit_under_maps=circuit_rank_test(scores, circuit, heads=s.live if s.in_live else None, **s.kw))
+    rows = []
+    if entry.maps_vs_patching.p_value is not None:
+        rows.append(TestRow.from_result(f"{t}: MAPS {relation} vs |patching|: Spearman (live heads)",
+                                        entry.maps_vs_patching, statistic="rho"))
+    if entry.circuit_under_maps.p_value is not None:
+        rows.append(TestRow.from_result(f"{t}: circuit heads' MAPS {relation} scores: AUROC"
+                                        + (" (live heads)" if s.in_live else ""),
+                                        entry.circuit_under_maps, statistic="auroc"))
+    return entry, rows
+
+
+def _reuse_rows(reuse: ReuseMatrix, notes: list[str]) -> tuple[list[TestRow], list[TestRow]]:
+    """Cross-task ablation rows: (those with enough draws for the family, those kept apart); a note for
+    every cell without a test and for the rows kept apart."""
+    rows = []
+    for c in reuse.circuit_tasks:
+        for t in reuse.measured_tasks:
+            r = reuse.cell(c, t)
+            if r.p_value is None:
+                notes.append(f"remove {c} circuit -> {t}: not tested ({r.p_how})")
+                continue
+            rows.append(TestRow(f"remove {c} circuit -> {t}: normalised logit diff vs random sets", "normalised",
+                                r.ablated["normalised"], r.p_value, r.p_how, r.n_random, 1 / (1 + r.n_random)))
+    few = [r for r in rows if r.n < MIN_DRAWS_IN_FAMILY]
+    if few:
+        notes.append(f"{len(few)} cross-task ablation rows are kept apart from the family: fewer than "
+                     f"{MIN_DRAWS_IN_FAMILY} random head sets were drawn (or exist: all of them were used), so their p "
+                     "cannot go below 1/(n + 1); such rows are reported, not tested")
+    return [r for r in rows if r.n >= MIN_DRAWS_IN_FAMILY], few
 
 
 def reuse_analysis(
@@ -190,82 +354,34 @@ def reuse_analysis(
 
     Rank statistics are taken over the **live heads** only (:func:`circuitlib.interventions.live_heads`):
     on the embedded model the switched-off heads tie at zero and would make any two scorings look alike
-    ("alive vs dead"); on a pretrained model every head is live. Cross-task ablation: mean-ablation
-    (:func:`cross_task_ablation`) against ``n_random`` random sets (:func:`circuitlib.interventions.control_sets`); with fewer
-    than ``MIN_DRAWS_IN_FAMILY`` draws those rows go to ``apart`` instead of the family.
+    ("alive vs dead"); on a pretrained model every head is live. Set tests draw from the live heads when
+    every circuit head is live. Cross-task ablation: mean-ablation (:func:`cross_task_ablation`) against
+    ``n_random`` random sets (:func:`circuitlib.interventions.control_sets`); with fewer than
+    ``MIN_DRAWS_IN_FAMILY`` draws those rows go to ``apart`` instead of the family. Rows in the family come
+    in this order: per pair of tasks (circuits, |patching|, MAPS Spearman, MAPS top-k), per task (MAPS vs
+    |patching|, AUROC), then the cross-task ablations.
     """
     tasks = list(circuits)
-    n_total = model.cfg.n_layers * model.cfg.n_heads
-    live = live_heads(model)
-    kw = dict(n_permutations=n_permutations, seed=seed)
-    rows: list[TestRow] = []
     notes: list[str] = []
-    pairs: dict[str, dict] = {}
-    per_task: dict[str, dict] = {}
+    setting = _setting(model, circuits, n_permutations, seed, notes)
     relations = {t: relation_scores[t].target for t in tasks if t in relation_scores}
-    k = default_top_k(len(live))
-    live_set = set(live)
-    # set tests draw from the live heads when every head involved is live (dead heads cannot be in a circuit)
-    in_live = all(as_head_set(c) <= live_set for c in circuits.values())
-    population = len(live) if in_live else n_total
-    if in_live and len(live) < n_total:
-        notes.append(f"set overlaps and circuit AUROCs are tested within the {len(live)} live heads (every circuit "
-                     "head is live)")
+    rows: list[TestRow] = []
+    pairs: dict[str, TaskPair] = {}
     for i, a in enumerate(tasks):
         for b in tasks[i + 1:]:
-            pair: dict[str, Any] = {
-                "circuits": set_overlap(circuits[a], circuits[b], population),
-                "patching": rank_correlation(patching[a], patching[b], heads=live, absolute=True, **kw),
-            }
-            rows.append(TestRow.from_result(f"circuits {a} vs {b}: shared heads", pair["circuits"],
-                                            statistic="size_intersection"))
-            if pair["patching"]["p_value"] is not None:
-                rows.append(TestRow.from_result(f"|patching| {a} vs {b}: Spearman (live heads)", pair["patching"],
-                                                statistic="rho"))
-            if a in relations and b in relations and relations[a] != relations[b]:
-                ra, rb = relation_scores[a], relation_scores[b]
-                pair["maps"] = rank_correlation(ra, rb, heads=live, **kw)
-                pair["maps_top"] = set_overlap(_top_live(ra, k, live, seed), _top_live(rb, k, live, seed + 1), len(live))
-                pair["maps_topk_curve"] = topk_overlap_curve(ra, rb, seed=seed)
-                if pair["maps"]["p_value"] is not None:
-                    rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: Spearman (live heads)",
-                                                    pair["maps"], statistic="rho"))
-                rows.append(TestRow.from_result(f"MAPS {relations[a]} vs {relations[b]}: top-{k} heads shared",
-                                                pair["maps_top"], statistic="size_intersection"))
-            pairs[f"{a}|{b}"] = pair
+            pairs[f"{a}|{b}"], pair_rows = _compare_pair(a, b, relation_scores, patching, circuits, relations, setting)
+            rows += pair_rows
+    per_task: dict[str, TaskAgreement] = {}
     for t in tasks:
         if t not in relations:
             notes.append(f"{t}: no MAPS relation registered, left out of the MAPS rows")
             continue
-        entry = {"maps_vs_patching": rank_correlation(relation_scores[t], patching[t], heads=live, absolute=True, **kw),
-                 "circuit_under_maps": circuit_rank_test(relation_scores[t], circuits[t],
-                                                         heads=live if in_live else None, **kw)}
-        per_task[t] = entry
-        if entry["maps_vs_patching"]["p_value"] is not None:
-            rows.append(TestRow.from_result(f"{t}: MAPS {relations[t]} vs |patching|: Spearman (live heads)",
-                                            entry["maps_vs_patching"], statistic="rho"))
-        if entry["circuit_under_maps"]["p_value"] is not None:
-            rows.append(TestRow.from_result(f"{t}: circuit heads' MAPS {relations[t]} scores: AUROC"
-                                            + (" (live heads)" if in_live else ""),
-                                            entry["circuit_under_maps"], statistic="auroc"))
+        per_task[t], task_rows = _maps_vs_discovery(t, relations[t], relation_scores[t], patching[t], circuits[t], setting)
+        rows += task_rows
     reuse = reuse_matrix(model, circuits, batches, n_random=n_random, seed=seed)
-    draws_rows = []
-    for c in tasks:
-        for t in tasks:
-            r = reuse[c][t]
-            if r.p_value is None:
-                notes.append(f"remove {c} circuit -> {t}: not tested ({r.p_how})")
-                continue
-            draws_rows.append(TestRow(f"remove {c} circuit -> {t}: normalised logit diff vs random sets", "normalised",
-                                      r.ablated["normalised"], r.p_value, r.p_how, r.n_random, 1 / (1 + r.n_random)))
-    few = [r for r in draws_rows if r.n < MIN_DRAWS_IN_FAMILY]
-    rows += [r for r in draws_rows if r.n >= MIN_DRAWS_IN_FAMILY]
-    apart = test_table(few, alpha=alpha) if few else None
-    if few:
-        notes.append(f"{len(few)} cross-task ablation rows are kept apart from the family: fewer than "
-                     f"{MIN_DRAWS_IN_FAMILY} random head sets were drawn (or exist: all of them were used), so their p "
-                     "cannot go below 1/(n + 1); such rows are reported, not tested")
+    in_family, apart = _reuse_rows(reuse, notes)
     return ReuseAnalysis(
-        tasks=tasks, relations=relations, live_heads=[head_name(h) for h in live],
-        circuits={t: [head_name(h) for h in sorted(as_head_set(c_))] for t, c_ in circuits.items()},
-        pairs=pairs, per_task=per_task, reuse=reuse, table=test_table(rows, alpha=alpha), apart=apart, notes=notes)
+        tasks=tasks, relations=relations, live_heads=[head_name(h) for h in setting.live],
+        circuits={t: [head_name(h) for h in sorted(as_head_set(c))] for t, c in circuits.items()},
+        pairs=pairs, per_task=per_task, reuse=reuse, table=test_table(rows + in_family, alpha=alpha),
+        apart=test_table(apart, alpha=alpha) if apart else None, notes=notes)

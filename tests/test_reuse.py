@@ -69,12 +69,18 @@ def test_reuse_analysis_cells_equal_direct_calls(toy):
     batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
     res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20, n_permutations=20_000)
     live = live_heads(toy)
-    assert res.pairs["ioi|capitals"]["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
+    pair = res.pairs["ioi|capitals"]
+    assert pair.circuits == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24)
+    # item access reads the JSON form, as the dicts these results replaced did
+    assert pair["circuits"] == overlap.set_overlap(circuits["ioi"], circuits["capitals"], 24).to_dict()
+    assert set(pair) == {"circuits", "patching", "maps", "maps_top", "maps_topk_curve"}
     direct = overlap.rank_correlation(rel["ioi"], rel["capitals"], heads=live)
     assert res.pairs["ioi|capitals"]["maps"]["rho"] == pytest.approx(direct["rho"])
     assert res.pairs["ioi|capitals"]["maps"]["p_value"] == pytest.approx(direct["p_value"])
     cell = reuse.cross_task_ablation(toy, circuits["ioi"], batches["capitals"], n_random=20, exclude=circuits["capitals"])
     assert res.reuse["ioi"]["capitals"].to_dict() == cell.to_dict()
+    assert res.reuse.cell("ioi", "capitals") is res.reuse["ioi"]["capitals"]
+    assert list(res.reuse) == ["ioi", "capitals"] and list(res.reuse["capitals"]) == ["ioi", "capitals"]
     # off the diagonal no random set holds a head of the measured task's circuit
     cap = {f"{l}.{h}" for l, h in circuits["capitals"].heads}
     assert all(not cap & set(s) for s in res.reuse["ioi"]["capitals"].random_sets)
@@ -88,7 +94,10 @@ def test_reuse_analysis_cells_equal_direct_calls(toy):
     assert not any("remove" in r.name for r in res.table.rows)
     names = [r.name for r in res.table.rows]
     assert "circuits ioi vs capitals: shared heads" in names
-    json.loads(res.to_json())
+    d = json.loads(res.to_json())
+    assert d["reuse"]["ioi"]["capitals"] == json.loads(cell.to_json())  # JSON nesting {circuit: {task: cell}}
+    assert d["pairs"]["ioi|capitals"]["maps"]["rho"] == pytest.approx(direct["rho"])
+    assert d["per_task"]["ioi"]["maps_vs_patching"]["rho"] == pytest.approx(direct_mp["rho"])
 
 
 def test_cross_task_ablation_of_every_head_has_no_random_sets(toy):
