@@ -33,10 +33,12 @@ Every ablation goes through :mod:`circuitlib.interventions`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+from jaxtyping import Real
 from scipy import stats
 
 from transformer_lens import HookedTransformer
@@ -183,96 +185,145 @@ def causal_check(
     """MAPS's causal check for ``relation`` (module docstring: prompts, heads, ablation, metric, baselines).
 
     ``scores``: static scores by relation (must include ``relation``; the others are control
-    candidates); default: every relation valid for the tokenizer. ``m``: default :func:`maps_m`.
+    candidates); default: every relation valid for the tokenizer. ``m``: default :func:`default_m`
+    (:func:`maps_m` unless too large for the model); fewer heads when fewer have a score > 0.
     ``n_prompts``: prompts per relation (default all pairs, as MAPS). Seeded throughout (the authors'
-    code draws random heads and control order unseeded).
+    code draws random heads and control order unseeded): one generator from ``seed`` draws MAPS's random
+    heads, then orders the control candidates. Curve values are rounded to 4 decimals.
     """
-    from .scoring import static_scores_many
-    from .tasks import relation_table, task_batch
+    from .tasks import task_batch
 
     n_total = model.cfg.n_layers * model.cfg.n_heads
+    scores = _static_scores(model, relation, scores)
+    m_max = default_m(n_total) if m is None else m
+    heads = relation_heads(scores[relation], m_max)
+    if not heads:
+        raise ValueError(f"no head has a static {relation} score above 0: MAPS's causal check has nothing to ablate")
+    batch = relation_prompts(model, relation, n=n_prompts, seed=seed)
+    rng = np.random.default_rng(seed)
+    draws = _maps_random_heads(model, heads, n_random, rng)
+    curves = _cumulative(model, batch, [heads] + draws, len(heads), MAPS_ABLATION)
+    top, rand = curves[0], curves[1:]
+    rand_mean = _mean_curve(rand)
+    candidates, controls = _controls(model, relation, heads, scores, top.top1_accuracy[0], rng, n_prompts=n_prompts,
+                                     seed=seed, max_controls=max_controls, max_shared=max_shared,
+                                     max_accuracy_gap=max_accuracy_gap)
+    extra = {t: _cumulative(model, task_batch(t, model.tokenizer, n_prompts or 64, seed=seed), [heads], len(heads),
+                            MAPS_ABLATION)[0] for t in extra_tasks}
+    result = CausalCheck(
+        relation=relation, model=model.cfg.model_name or "", prompts=batch.meta.get("source", batch.task),
+        n_prompts=len(batch), m=len(heads),
+        m_rule=f"heads with static score > 0, at most {m_max} ({m_rule(n_total)})" if m is None
+        else f"heads with static score > 0, at most {m_max} (given)",
+        ablation=MAPS_ABLATION.to_dict(), top=top, random=rand, random_mean=rand_mean, controls=controls,
+        control_candidates=candidates, extra_tasks=extra,
+        extra_random=_live_random_baseline(model, batch, heads, top.top1_accuracy[-1], n_extra_random, seed))
+    result.summary = _summary(top, rand_mean, controls, _live_fraction(model, draws))
+    return result
+
+
+def _static_scores(model: HookedTransformer, relation: str, scores: dict[str, HeadScores] | None) -> dict[str, HeadScores]:
+    """``scores``, or static scores of every relation valid for the tokenizer plus ``relation``."""
+    from .scoring import static_scores_many
+    from .tasks import relation_table
+
     if scores is None:
         valid = [r["relation"] for r in relation_table(model.tokenizer) if r["valid"]]
         scores = static_scores_many(model, sorted(set(valid) | {relation}))
     if relation not in scores:
         raise ValueError(f"scores has no entry for {relation!r}: include its static scores")
-    m_max = default_m(n_total) if m is None else m
-    heads = relation_heads(scores[relation], m_max)
-    if not heads:
-        raise ValueError(f"no head has a static {relation} score above 0: MAPS's causal check has nothing to ablate")
-    m_used = len(heads)
-    batch = relation_prompts(model, relation, n=n_prompts, seed=seed)
-    rng = np.random.default_rng(seed)
-    others = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
-    draws = [[others[i] for i in rng.choice(len(others), size=m_used, replace=False)] for _ in range(n_random)]
-    live = set(live_heads(model))
-    live_fraction = float(np.mean([h in live for d in draws for h in d])) if draws else None
-    curves = _cumulative(model, batch, [heads] + draws, m_used, MAPS_ABLATION)
-    top, rand = curves[0], curves[1:]
-    rand_mean = {k: [round(float(np.mean([getattr(c, k)[i] for c in rand])), 4) for i in range(m_used + 1)]
-                 for k in METRICS} if rand else {}
+    return scores
 
-    # the paper's control: the relation's heads on other relations' prompts
+
+def _maps_random_heads(model: HookedTransformer, heads: Sequence[Head], n_random: int,
+                       rng: np.random.Generator) -> list[list[Head]]:
+    """MAPS's random baseline: ``n_random`` draws of ``len(heads)`` heads from every head outside ``heads``
+    (dead heads included, as the paper draws them)."""
+    others = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
+    return [[others[i] for i in rng.choice(len(others), size=len(heads), replace=False)] for _ in range(n_random)]
+
+
+def _live_fraction(model: HookedTransformer, draws: Sequence[Sequence[Head]]) -> float | None:
+    """The share of the drawn heads that are live (``None`` without draws)."""
+    live = set(live_heads(model))
+    return float(np.mean([h in live for d in draws for h in d])) if draws else None
+
+
+def _mean_curve(curves: Sequence[Curve]) -> dict[str, list[float]]:
+    """Per metric, the mean over ``curves`` at every number of heads ablated (``{}`` without curves)."""
+    if not curves:
+        return {}
+    return {k: [round(float(np.mean([getattr(c, k)[i] for c in curves])), 4) for i in range(len(curves[0].heads) + 1)]
+            for k in METRICS}
+
+
+def _controls(model: HookedTransformer, relation: str, heads: Sequence[Head], scores: dict[str, HeadScores],
+              clean_top1: float, rng: np.random.Generator, *, n_prompts: int | None, seed: int, max_controls: int,
+              max_shared: float, max_accuracy_gap: float) -> tuple[list[dict], dict[str, Curve]]:
+    """The paper's control: the relation's heads ablated on other relations' prompts.
+
+    Candidates (every other relation in ``scores``) in ``rng``'s random order; one is accepted when it
+    has prompts, its top ``len(heads)`` heads share < ``max_shared`` of ``heads``, its clean top-1
+    accuracy is within ``max_accuracy_gap`` of ``clean_top1``, and fewer than ``max_controls`` were
+    accepted before. Returns every candidate with its reason, and the accepted ones' curves."""
     candidates, controls = [], {}
     names = [r for r in scores if r != relation]
     for r in [names[i] for i in rng.permutation(len(names))]:
-        entry = {"relation": r}
+        entry: dict = {"relation": r}
         try:
             other_batch = relation_prompts(model, r, n=n_prompts, seed=seed)
         except ValueError as exc:
             candidates.append({**entry, "accepted": False, "reason": str(exc)})
             continue
-        theirs = relation_heads(scores[r], m_used)
-        shared = len(set(heads) & set(theirs)) / m_used
+        theirs = relation_heads(scores[r], len(heads))
+        shared = len(set(heads) & set(theirs)) / len(heads)
         clean = _cumulative(model, other_batch, [[]], 0, MAPS_ABLATION)[0].top1_accuracy[0]
         entry.update(shared=round(shared, 4), clean_top1_accuracy=clean, prompts=other_batch.meta.get("source", ""))
         if shared >= max_shared:
             entry.update(accepted=False, reason=f"shares {shared:.0%} of the relation's heads (must be < {max_shared:.0%})")
-        elif abs(clean - top.top1_accuracy[0]) >= max_accuracy_gap:
-            entry.update(accepted=False, reason=f"clean top-1 accuracy {clean:.2f} vs {top.top1_accuracy[0]:.2f} "
+        elif abs(clean - clean_top1) >= max_accuracy_gap:
+            entry.update(accepted=False, reason=f"clean top-1 accuracy {clean:.2f} vs {clean_top1:.2f} "
                                                f"(must be within {max_accuracy_gap})")
         elif len(controls) >= max_controls:
             entry.update(accepted=False, reason=f"{max_controls} controls already")
         else:
             entry.update(accepted=True, reason="")
-            controls[r] = _cumulative(model, other_batch, [heads], m_used, MAPS_ABLATION)[0]
+            controls[r] = _cumulative(model, other_batch, [heads], len(heads), MAPS_ABLATION)[0]
         candidates.append(entry)
+    return candidates, controls
 
-    extra = {t: _cumulative(model, task_batch(t, model.tokenizer, n_prompts or 64, seed=seed), [heads], m_used,
-                            MAPS_ABLATION)[0] for t in extra_tasks}
 
-    # circuitlib's extra: layer-matched draws from the live heads, all m heads ablated at once
-    extra_random: dict = {"n_draws": 0}
-    matched = control_sets(model, heads, n_extra_random, seed=seed)
-    if not len(matched):  # too few live heads outside the relation's: no test (never dead-head controls)
-        extra_random.update(how=matched.how, note=matched.how, p_value=None)
-    else:
-        run = run_ablations(model, batch, matched.sets, MAPS_ABLATION)
-        top1 = run.top1_accuracy.numpy()
-        extra_random = {"how": matched.how, "n_draws": len(matched), "exhaustive": matched.exhaustive,
-                        "top1_accuracy_mean": round(float(top1.mean()), 4),
-                        "accuracy_mean": round(float(run.accuracy.mean()), 4),
-                        "p_value": _at_least_as_harmful(top.top1_accuracy[-1], top1),
-                        "p_value_is": "(1 + #draws whose top-1 accuracy at m is <= the relation heads') / (1 + n)"}
-    result = CausalCheck(
-        relation=relation, model=model.cfg.model_name or "", prompts=batch.meta.get("source", batch.task),
-        n_prompts=len(batch), m=m_used,
-        m_rule=f"heads with static score > 0, at most {m_max} ({m_rule(n_total)})" if m is None
-        else f"heads with static score > 0, at most {m_max} (given)",
-        ablation=MAPS_ABLATION.to_dict(), top=top, random=rand, random_mean=rand_mean, controls=controls,
-        control_candidates=candidates, extra_tasks=extra, extra_random=extra_random)
-    result.summary = {
-        "m": m_used,
+def _live_random_baseline(model: HookedTransformer, batch: TaskBatch, heads: Sequence[Head], observed_top1: float,
+                          n_draws: int, seed: int) -> dict:
+    """circuitlib's extra baseline: all ``len(heads)`` heads ablated at once vs layer-matched draws from the
+    live heads (:func:`circuitlib.interventions.control_sets`), with an empirical p; no test (``p_value``
+    None, ``note`` saying why) when too few live heads remain, never dead-head controls."""
+    matched = control_sets(model, heads, n_draws, seed=seed)
+    if not len(matched):
+        return {"n_draws": 0, "how": matched.how, "note": matched.how, "p_value": None}
+    run = run_ablations(model, batch, matched.sets, MAPS_ABLATION)
+    top1 = run.top1_accuracy.numpy()
+    return {"how": matched.how, "n_draws": len(matched), "exhaustive": matched.exhaustive,
+            "top1_accuracy_mean": round(float(top1.mean()), 4),
+            "accuracy_mean": round(float(run.accuracy.mean()), 4),
+            "p_value": _at_least_as_harmful(observed_top1, top1),
+            "p_value_is": "(1 + #draws whose top-1 accuracy at m is <= the relation heads') / (1 + n)"}
+
+
+def _summary(top: Curve, rand_mean: dict[str, list[float]], controls: dict[str, Curve],
+             live_fraction: float | None) -> dict:
+    """The values at m (and clean) that tables quote."""
+    return {
+        "m": len(top.heads),
         **{f"clean_{k}": getattr(top, k)[0] for k in METRICS},
         **{f"top_{k}": getattr(top, k)[-1] for k in METRICS},
         **{f"random_{k}": rand_mean[k][-1] for k in METRICS if rand_mean},
         "control_top1_accuracy": {r: (c.top1_accuracy[0], c.top1_accuracy[-1]) for r, c in controls.items()},
         "random_heads_live_fraction": None if live_fraction is None else round(live_fraction, 4),
     }
-    return result
 
 
-def _at_least_as_harmful(observed: float, draws: np.ndarray) -> float:
+def _at_least_as_harmful(observed: float, draws: Real[np.ndarray, " n"]) -> float:
     """(1 + #random sets whose metric is <= the tested set's) / (1 + n): lower metric = more harm
     (:func:`circuitlib.overlap.empirical_p`; exact when every possible set was drawn)."""
     from .overlap import empirical_p
@@ -280,22 +331,61 @@ def _at_least_as_harmful(observed: float, draws: np.ndarray) -> float:
     return empirical_p(observed, draws, alternative="less").p_value
 
 
-def causal_curves(result: CausalCheck, metric: str = "top1_accuracy") -> dict:
-    """Curves of a :func:`causal_check` for :func:`circuitlib.plots.curve_plot`: the relation's heads,
-    the random draws, each control and each extra task."""
-    from .plots import pretty_name
+@dataclass(frozen=True)
+class CausalCurves(Result, Mapping):
+    """The curves of one :func:`causal_check` in one metric (:func:`causal_curves`).
 
-    from .tasks import TASK_SPECS
+    Fields: ``relation``, ``metric``; ``top``: the relation's heads on its own prompts; ``random``: MAPS's
+    random draws, one curve each; ``controls`` / ``extra_tasks``: the relation's heads on a control
+    relation's / an extra task's prompts, by name. Entry ``i`` of a curve = the first ``i`` heads ablated.
 
-    curves: dict = {f"top {pretty_name(result.relation).lower()} heads": getattr(result.top, metric)}
-    if result.random:
-        curves["random heads (MAPS baseline)"] = [getattr(c, metric) for c in result.random]
-    for name, c in result.controls.items():
-        curves[f"on {pretty_name(name).lower()} prompts (control)"] = getattr(c, metric)
-    for name, c in result.extra_tasks.items():
-        title = TASK_SPECS[name].title if name in TASK_SPECS else name
-        curves[f"on {title} prompts (extra)"] = getattr(c, metric)
-    return curves
+    Reads as the mapping *legend label -> values* that :func:`circuitlib.plots.curve_plot` takes
+    (``"top capital heads"``, ``"random heads (MAPS baseline)"`` (a ``[draws, m + 1]`` list, drawn as mean
+    and band), ``"on ... prompts (control)"``, ``"on ... prompts (extra)"``); ``to_dict()`` gives the fields.
+    """
+
+    relation: str
+    metric: str
+    top: list[float]
+    random: list[list[float]]
+    controls: dict[str, list[float]]
+    extra_tasks: dict[str, list[float]]
+
+    def labelled(self) -> dict[str, list[float] | list[list[float]]]:
+        """The curves by legend label, in drawing order."""
+        from .plots import pretty_name
+        from .tasks import TASK_SPECS
+
+        curves: dict[str, list[float] | list[list[float]]] = {f"top {pretty_name(self.relation).lower()} heads": self.top}
+        if self.random:
+            curves["random heads (MAPS baseline)"] = self.random
+        for name, values in self.controls.items():
+            curves[f"on {pretty_name(name).lower()} prompts (control)"] = values
+        for name, values in self.extra_tasks.items():
+            title = TASK_SPECS[name].title if name in TASK_SPECS else name
+            curves[f"on {title} prompts (extra)"] = values
+        return curves
+
+    def __getitem__(self, label: str) -> list[float] | list[list[float]]:
+        return self.labelled()[label]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.labelled())
+
+    def __len__(self) -> int:
+        return len(self.labelled())
+
+
+def causal_curves(result: CausalCheck, metric: str = "top1_accuracy") -> CausalCurves:
+    """Curves of a :func:`causal_check` in ``metric`` (``"top1_accuracy"``, ``"accuracy"`` (two-way) or
+    ``"logit_diff"``) for :func:`circuitlib.plots.curve_plot`: the relation's heads, the random draws,
+    each control and each extra task (:class:`CausalCurves`)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: a causal check has {', '.join(METRICS)}")
+    return CausalCurves(relation=result.relation, metric=metric, top=list(getattr(result.top, metric)),
+                        random=[list(getattr(c, metric)) for c in result.random],
+                        controls={k: list(getattr(c, metric)) for k, c in result.controls.items()},
+                        extra_tasks={k: list(getattr(c, metric)) for k, c in result.extra_tasks.items()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,3 +178,32 @@ def test_causal_check_extra_random_needs_live_heads(toy):
     assert res.extra_random["n_draws"] == 0 and res.extra_random["p_value"] is None
     assert res.extra_random["how"].startswith("no control sets")
     json.loads(res.to_json())
+
+
+def test_causal_curves_by_label_in_any_metric(toy, capital_check):
+    """The plot's curves: labels written out here, values in the two-way accuracy from the oracle."""
+    from circuitlib.tasks import TASK_SPECS
+
+    res = capital_check
+    curves = causal.causal_curves(res, "accuracy")
+    top_label = "top country to capital heads"
+    extra_label = f"on {TASK_SPECS['ioi'].title} prompts (extra)"
+    assert list(curves) == [top_label, "random heads (MAPS baseline)", extra_label]  # no control qualifies here
+    heads = [tuple(map(int, h.split("."))) for h in res.top.heads]
+    batch = causal.relation_prompts(toy, CAPITAL, n=40)
+    expected = [float((ablate(toy, batch, heads[:i], kind="zero", positions="end")[0] > 0).float().mean())
+                for i in range(len(heads) + 1)]
+    assert curves[top_label] == pytest.approx(expected, abs=1e-6)
+    ioi = task_batch("ioi", toy.tokenizer, 40)
+    diff, _ = ablate(toy, ioi, heads, kind="zero", positions="end")
+    assert curves[extra_label][-1] == pytest.approx(float((diff > 0).float().mean()), abs=1e-6)
+    rand = curves["random heads (MAPS baseline)"]
+    assert len(rand) == 3 and all(len(r) == len(heads) + 1 for r in rand)
+    for r, c in zip(rand, res.random):
+        drawn = [tuple(map(int, h.split("."))) for h in c.heads]
+        assert r[-1] == pytest.approx(float((ablate(toy, batch, drawn, kind="zero", positions="end")[0] > 0)
+                                            .float().mean()), abs=1e-6)
+    d = json.loads(curves.to_json())
+    assert d["metric"] == "accuracy" and d["relation"] == CAPITAL and set(d["extra_tasks"]) == {"ioi"}
+    with pytest.raises(ValueError, match="unknown metric"):
+        causal.causal_curves(res, "top5_accuracy")
