@@ -83,3 +83,27 @@ def test_participant_notebooks_run_top_to_bottom(tmp_path):
             text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
             assert workshop.NOT_DONE in text, (path.name, cell.source[:80], text)
     assert with_exercises == len(paths), "every notebook has exercises"
+
+
+def test_environment_yml_installs_what_the_makefile_installs():
+    """Conda route for a room of laptops: same torch pin as the Makefile, circuitlib with its dev extras,
+    a Python the package accepts, and a CPU-only torch line pointing at the same index as
+    `make install TORCH_INDEX=...` (commented out, so the default install is unchanged)."""
+    import re
+
+    import yaml
+
+    root = NOTEBOOKS.parent
+    text = (root / "environment.yml").read_text()
+    env = yaml.safe_load(text)
+    makefile = (root / "Makefile").read_text()
+    torch_version = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.M).group(1)
+    cpu_index = re.search(r"TORCH_INDEX=(https://\S+)", makefile).group(1)
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert f"torch=={torch_version}" in pip and "-e .[dev]" in pip
+    assert pip.index(f"torch=={torch_version}") < pip.index("-e .[dev]")  # torch before its dependents
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    minimum = re.search(r'requires-python = ">=(\d+\.\d+)"', (root / "pyproject.toml").read_text()).group(1)
+    assert tuple(map(int, python.split("=")[1].split("."))) >= tuple(map(int, minimum.split(".")))
+    assert re.search(rf"^\s*# - --extra-index-url {re.escape(cpu_index)}\s*$", text, re.M), "CPU-only line missing"
+    assert not any(str(p).startswith("--") for p in pip)  # the CPU index stays opt-in
