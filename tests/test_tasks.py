@@ -242,6 +242,41 @@ def test_heldout_split_is_disjoint_from_training_corpus():
         assert not any(t.startswith(prompt + " ") for t in train_texts if country in t)
     ioi = ioi_batch(tok, 60, split="heldout")
     assert not any(t.startswith(p + " ") for p in ioi.prompts for t in train_texts)
+    # the split is on (template, IO name): no training sentence fills a held-out prompt's template with its IO
+    # name, whatever the other slots (read off the corpus text with one regex per template)
+    seen = _ioi_template_io_pairs(s.text for s in generate(20000, seed=0) if s.kind == "ioi")
+    assert len(seen) > 3000  # the corpus covers most trainable combinations (30 templates x 244 names x 4/5)
+    rows = torch.arange(len(ioi))
+    io_names = [tok.decode([int(t)]).strip() for t in ioi.answer]
+    assert io_names == [tok.decode([int(t)]).strip() for t in ioi.clean[rows, ioi.positions["IO"]]]
+    assert not {(t, a) for t, a in zip(ioi.template, io_names)} & seen
+    train = ioi_batch(tok, 60, split="train")
+    train_names = [tok.decode([int(t)]).strip() for t in train.answer]
+    assert sum((t, a) in seen for t, a in zip(train.template, train_names)) >= 30  # the check can see a seen pair
+
+
+def _ioi_template_io_pairs(texts) -> set[tuple[str, str]]:
+    """(template, IO name) of every IOI sentence, matched against the 30 templates written as regexes
+    ([A] / [B]: a name, the same name at each mention; [PLACE] / [OBJECT]: a word)."""
+    patterns = []
+    for t in BABA_TEMPLATES + ABBA_TEMPLATES:
+        rx, used = "", set()
+        for part in re.split(r"(\[[A-Z]+\])", t):
+            slot = part[1:-1] if part.startswith("[") else None
+            if slot is None:
+                rx += re.escape(part)
+            elif slot in used:
+                rx += f"(?P={slot})"
+            else:
+                used.add(slot)
+                rx += f"(?P<{slot}>\\w+)"
+        patterns.append((t, re.compile(rx)))
+    out = set()
+    for text in texts:
+        hits = [(t, m["A"]) for t, rx in patterns if (m := rx.fullmatch(text))]
+        assert len(hits) == 1, text
+        out.add(hits[0])
+    return out
 
 
 def test_task_batch_dispatch_and_errors(tokenizer):
@@ -359,3 +394,44 @@ def test_copying_batch_repeats_a_name_list(tokenizer):
     assert task_batch("copying", tokenizer, 4).task == "copying"
     with pytest.raises(ValueError, match="lengths"):
         copying_batch(tokenizer, 4, lengths=(3, 2))
+
+
+# ---- MAPS's causal-check prompts ---------------------------------------------------------------
+
+#: Hand-copied from the MAPS authors' experiment2_causal.py (SETUPS), a few of the 13.
+AUTHORS_TEMPLATES = {
+    "country_to_capital_wikidata": "The capital of <X> is",
+    "name_copying": " John-> John; Donna-> Donna; <X>->",
+    "verb_past_tense": " hike->hiked; purchase-> purchased; <X>->",
+    "entity_to_pronoun": " mother-> she; father-> he; tribe-> they; actress-> she; apartment-> it; <X>->",
+}
+
+
+@pytest.mark.parametrize("relation", sorted(AUTHORS_TEMPLATES))
+def test_maps_causal_prompts_are_the_authors_input_ids_on_gpt2(relation):
+    """As the authors' MAPS.calc_causal_effects builds them: every pair kept by MAPS's filter, in file order,
+    ``template.replace("<X>", src)`` tokenized as one batch by GPT-2's tokenizer (no BOS), the target the
+    single token of " " + target; the corrupted prompt is another pair's, with another target."""
+    from circuitlib.tasks.maps_prompts import MAPS_CAUSAL_TEMPLATES, relation_prompt_batch
+
+    tok = gpt2_tokenizer()
+    template = AUTHORS_TEMPLATES[relation]
+    assert MAPS_CAUSAL_TEMPLATES[relation] == template
+    raw = read_relation(relation)
+    one = lambda w: len(tok.encode(" " + w, add_special_tokens=False)) == 1  # noqa: E731
+    kept = [(s, t) for s, t in raw if one(s) and one(t)]
+    prompts = [template.replace("<X>", s) for s, _ in kept]
+    ids = tok(prompts).input_ids
+    b = relation_prompt_batch(relation, tok, bos=False)
+    assert b.clean.tolist() == ids and b.prompts == prompts
+    assert b.answer.tolist() == [tok.encode(" " + t, add_special_tokens=False)[0] for _, t in kept]
+    assert (b.end == len(ids[0]) - 1).all()
+    assert (b.clean[torch.arange(len(b)), b.positions["SRC"]]
+            == torch.tensor([tok.encode(" " + s, add_special_tokens=False)[0] for s, _ in kept])).all()
+    # the corrupted prompt is another pair's prompt, whose target is the wrong answer and differs from the answer
+    where = {p: i for i, p in enumerate(prompts)}
+    for j, cp in enumerate(b.corrupt_prompts):
+        i = where[cp]
+        assert b.corrupt[j].tolist() == ids[i] and int(b.wrong[j]) == int(b.answer[i]) != int(b.answer[j])
+    with_bos = relation_prompt_batch(relation, tok, bos=True)
+    assert with_bos.clean.tolist() == [[tok.eos_token_id] + row for row in ids]
