@@ -12,9 +12,10 @@
   :func:`circuitlib.circuits.register_scorer` appears without changes here), with the head's rank by
   ``|score|`` and the direction (noising / denoising) each method reports.
 
-Every view is a plain method returning its data (:meth:`Explorer.select`, :meth:`Explorer.attention`,
-:meth:`Explorer.patching`)
-or a Figure (:meth:`Explorer.heatmap`, :meth:`Explorer.attention_figure`), so they can be called and
+Every view is a plain method returning its data as a frozen result (:meth:`Explorer.select` a
+:class:`HeadView`, :meth:`Explorer.attention` an :class:`AttentionView`, :meth:`Explorer.patching` a
+:class:`PatchingView`; each also reads as the mapping of its ``to_dict()``, ``view["score"]``, as the
+dicts they replaced) or a Figure (:meth:`Explorer.heatmap`, :meth:`Explorer.attention_figure`), so they can be called and
 tested without a browser; the widgets only wire them together.
 """
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -31,7 +33,102 @@ from matplotlib.figure import Figure
 from transformer_lens import HookedTransformer
 
 from . import plots
+from .results import MappingResult
 from .types import Head, HeadScores, RelationPairs, TaskBatch, head_name, parse_head
+
+
+@dataclass(frozen=True)
+class MappedSource(MappingResult):
+    """One source word's row of the OV (or suppression) view.
+
+    ``source`` / ``target``: the word pair (``target`` None when the source is not in the relation);
+    ``top``: the ``n_tokens`` tokens with the largest (suppression: smallest) logits of
+    ``m_s = x_s W_V W_O W_U`` as ``(token, logit)``, best first
+    (:func:`circuitlib.scoring.top_mapped_tokens`); ``target_rank``: 1-based rank of the target among
+    them, compared after stripping whitespace (None when not among them).
+    """
+
+    source: str
+    target: str | None
+    top: tuple[tuple[str, float], ...]
+    target_rank: int | None
+
+
+@dataclass(frozen=True)
+class HeadView(MappingResult):
+    """What the explorer shows for one head under one scoring (:meth:`Explorer.select`).
+
+    ``relation`` (the explorer's entry), ``target`` / ``method`` / ``k`` (the scoring's); ``head``
+    ``"L.H"``; ``score`` rounded to 4 decimals; ``rank``: 1-based among ``n_heads`` heads, highest score
+    first (ties in :meth:`HeadScores.top`'s order); ``ov`` / ``suppression``: one :class:`MappedSource`
+    per sample source (empty for a scoring that is not a relation). Reads as the mapping of its
+    ``to_dict()`` (``view["ov"][0]["top"]``), as the dict it once was.
+    """
+
+    relation: str
+    target: str
+    method: str
+    k: int | None
+    head: str
+    score: float
+    rank: int
+    n_heads: int
+    ov: tuple[MappedSource, ...]
+    suppression: tuple[MappedSource, ...]
+
+
+@dataclass(frozen=True)
+class AttentionView(MappingResult):
+    """One head's attention from END on one clean prompt (:meth:`Explorer.attention`).
+
+    ``tokens``: the prompt's tokens up to END (BOS first); ``end_attention``: the attention weight from
+    END to each of them (sums to 1, rounded to 4 decimals); ``top_keys``: the three most attended
+    ``(position, token, weight)``; ``positions``: the prompt's named positions (``END``, ``IO``, ...).
+    """
+
+    task: str
+    index: int
+    head: str
+    prompt: str
+    tokens: tuple[str, ...]
+    end_attention: tuple[float, ...]
+    top_keys: tuple[tuple[int, str, float], ...]
+    positions: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodScore(MappingResult):
+    """One head under one registered head-scoring method (a row of :class:`PatchingView`).
+
+    ``score`` (rounded to 4 decimals), ``rank`` (1 = the largest ``|score|`` of all heads),
+    ``direction`` and ``metric`` as the scorer recorded them; or only ``error`` when the method failed on
+    the task. Fields that do not apply are left out of ``to_dict()``.
+    """
+
+    _optional: ClassVar[tuple[str, ...]] = ("score", "rank", "direction", "metric", "error")
+
+    score: float | None = None
+    rank: int | None = None
+    direction: str | None = None
+    metric: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PatchingView(MappingResult):
+    """One head's scores under every registered head-scoring method on one task (:meth:`Explorer.patching`).
+
+    ``methods``: method name -> :class:`MethodScore`, in registry order; ``direction``: the direction
+    asked for (each row says the one its scorer used); ``n_prompts`` / ``n_heads``: the task's prompts
+    and the model's heads.
+    """
+
+    task: str
+    head: str
+    direction: str
+    n_prompts: int
+    n_heads: int
+    methods: dict[str, MethodScore]
 
 
 class Explorer:
@@ -97,8 +194,8 @@ class Explorer:
         idx = np.unique(np.linspace(0, len(pairs) - 1, min(self.n_sources, len(pairs))).round().astype(int))
         return [(pairs.src_words[i], pairs.tgt_words[i]) for i in idx]
 
-    def select(self, relation: str, head: Head | str, sources: Sequence[str] | None = None) -> dict[str, Any]:
-        """Everything the explorer shows for ``head`` under ``relation`` (JSON-able).
+    def select(self, relation: str, head: Head | str, sources: Sequence[str] | None = None) -> HeadView:
+        """Everything the explorer shows for ``head`` under ``relation`` (:class:`HeadView`, JSON-able).
 
         ``ov`` / ``suppression``: per source, the top ``n_tokens`` mapped tokens with logits and the
         1-based rank of the target among them (``None`` if not shown). ``sources`` (words) replace
@@ -112,29 +209,26 @@ class Explorer:
         if sources is not None:
             lookup = dict(zip(self.pairs(relation).src_words, self.pairs(relation).tgt_words)) if self.pairs(relation) else {}
             samples = [(s, lookup.get(s)) for s in sources]
-        views: dict[str, list[dict[str, Any]]] = {"ov": [], "suppression": []}
-        for key, suppression in (("ov", False), ("suppression", True)):
+
+        def view(suppression: bool) -> tuple[MappedSource, ...]:
+            rows = []
             for src, tgt in samples:
                 top = top_mapped_tokens(self.model, head, src, n=self.n_tokens, suppression=suppression)
                 shown = [t.strip() for t, _ in top]
                 rank = shown.index(tgt) + 1 if tgt is not None and tgt in shown else None
-                views[key].append({"source": src, "target": tgt, "top": top, "target_rank": rank})
+                rows.append(MappedSource(source=src, target=tgt, top=tuple((t, float(v)) for t, v in top),
+                                         target_rank=rank))
+            return tuple(rows)
+
         order = hs.top(hs.scores.numel())
-        return {
-            "relation": relation,
-            "target": hs.target,
-            "method": hs.method,
-            "k": hs.k,
-            "head": head_name(head),
-            "score": round(hs[head], 4),
-            "rank": order.index(head) + 1,
-            "n_heads": len(order),
-            **views,
-        }
+        return HeadView(relation=relation, target=hs.target, method=hs.method, k=hs.k, head=head_name(head),
+                        score=round(hs[head], 4), rank=order.index(head) + 1, n_heads=len(order),
+                        ov=view(False), suppression=view(True))
 
     @torch.no_grad()
-    def attention(self, task: str, index: int, head: Head | str) -> dict[str, Any]:
-        """The head's attention from the END position of prompt ``index`` of ``task`` to every token."""
+    def attention(self, task: str, index: int, head: Head | str) -> AttentionView:
+        """The head's attention from the END position of prompt ``index`` of ``task`` to every token
+        (clean prompt, run alone up to END: the same pattern as in the padded batch, attention being causal)."""
         batch = self._batch(task)
         layer, h = self._head(head)
         if not 0 <= index < len(batch):
@@ -146,16 +240,11 @@ class Explorer:
         row = cache["pattern", layer][0, h, end].cpu()
         labels = [self.model.tokenizer.decode([int(t)]) for t in tokens]
         top = torch.argsort(row, descending=True, stable=True)[:3]
-        return {
-            "task": task,
-            "index": index,
-            "head": head_name((layer, h)),
-            "prompt": batch.prompts[index],
-            "tokens": labels,
-            "end_attention": [round(float(v), 4) for v in row],
-            "top_keys": [(int(i), labels[int(i)], round(float(row[i]), 4)) for i in top],
-            "positions": {k: int(v[index]) for k, v in batch.positions.items()},
-        }
+        return AttentionView(
+            task=task, index=index, head=head_name((layer, h)), prompt=batch.prompts[index], tokens=tuple(labels),
+            end_attention=tuple(round(float(v), 4) for v in row),
+            top_keys=tuple((int(i), labels[int(i)], round(float(row[i]), 4)) for i in top),
+            positions={k: int(v[index]) for k, v in batch.positions.items()})
 
     @torch.no_grad()
     def attention_to(self, task: str, key: str = "IO", query: str = "END") -> HeadScores:
@@ -203,27 +292,27 @@ class Explorer:
             self._patching[key] = HEAD_SCORERS[method](self.model, self._batch(task), direction=direction)
         return self._patching[key]
 
-    def patching(self, task: str, head: Head | str, *, direction: str = "noising") -> dict[str, Any]:
-        """The head's score under every registered head-scoring method on ``task`` (JSON-able).
+    def patching(self, task: str, head: Head | str, *, direction: str = "noising") -> PatchingView:
+        """The head's score under every registered head-scoring method on ``task`` (:class:`PatchingView`).
 
-        Per method: ``score``, ``rank`` (1 = largest ``|score|`` of all heads), ``direction`` and
-        ``metric`` as the scorer recorded them; a method that fails on this task gets ``error``.
+        Per method: ``score``, ``rank`` (1 = largest ``|score|`` of all heads, ties in
+        :meth:`HeadScores.top`'s order), ``direction`` and ``metric`` as the scorer recorded them; a method
+        that fails on this task (a ValueError, e.g. positions the task lacks) gets ``error``.
         """
         head = self._head(head)
-        methods: dict[str, dict[str, Any]] = {}
+        methods: dict[str, MethodScore] = {}
         for name in self.patching_methods():
             try:
                 hs = self.patching_scores(task, name, direction=direction)
             except ValueError as exc:  # e.g. a scorer that needs positions this task lacks
-                methods[name] = {"error": str(exc)}
+                methods[name] = MethodScore(error=str(exc))
                 continue
             order = hs.top(hs.scores.numel(), absolute=True)
-            methods[name] = {"score": round(hs[head], 4), "rank": order.index(head) + 1,
-                             "direction": hs.meta.get("direction", direction),
-                             "metric": hs.meta.get("metric", "")}
-        batch = self._batch(task)
-        return {"task": task, "head": head_name(head), "direction": direction, "n_prompts": len(batch),
-                "n_heads": self.model.cfg.n_layers * self.model.cfg.n_heads, "methods": methods}
+            methods[name] = MethodScore(score=round(hs[head], 4), rank=order.index(head) + 1,
+                                        direction=hs.meta.get("direction", direction),
+                                        metric=hs.meta.get("metric", ""))
+        return PatchingView(task=task, head=head_name(head), direction=direction, n_prompts=len(self._batch(task)),
+                            n_heads=self.model.cfg.n_layers * self.model.cfg.n_heads, methods=methods)
 
     # -- figures ----------------------------------------------------------------------------
 
@@ -313,15 +402,16 @@ class Explorer:
         self._draw_attention()
         self._draw_patching()
 
-    def refresh(self) -> dict[str, Any]:
-        """Redraw every view for the widgets' current choice; returns :meth:`select`'s data."""
+    def refresh(self) -> HeadView | None:
+        """Redraw every view for the widgets' current choice; returns :meth:`select`'s data (``None`` when
+        the choice is an error, e.g. a typed source word that is not one token, which the views then show)."""
         relation, head = self.relation_w.value, self.head_w.value
         words = [s.strip() for s in self.source_w.value.split(",") if s.strip()] or None
+        data: HeadView | None = None
         try:
             data = self.select(relation, head, words)
             self.views_html.value = _views_html(data)
         except ValueError as exc:  # e.g. a typed source word that is not one token
-            data = {}
             self.views_html.value = f"<div style='{_BOX}'><p style='color:#b00'>{html.escape(str(exc))}</p></div>"
         _show(self.heatmap_out, self.heatmap(relation, head))
         self._draw_attention()
@@ -422,45 +512,45 @@ _TD = "padding:2px 10px 2px 0;vertical-align:top"
 _TD1 = _TD + ";white-space:nowrap"
 
 
-def _views_html(data: dict[str, Any]) -> str:
+def _views_html(data: HeadView) -> str:
     """The OV and suppression views as two small HTML tables (target in bold green)."""
-    head = (f"<b>{html.escape(data['relation'])}</b> · head <b>{data['head']}</b>: score {_fmt(data['score'])} "
-            f"(rank {data['rank']} of {data['n_heads']}, k={data['k']})")
+    head = (f"<b>{html.escape(data.relation)}</b> · head <b>{data.head}</b>: score {_fmt(data.score)} "
+            f"(rank {data.rank} of {data.n_heads}, k={data.k})")
     parts = [f"<p style='margin:0 0 6px 0'>{head}</p>"]
-    for key, title in (("ov", "OV view: top mapped tokens"), ("suppression", "suppression view: most suppressed")):
+    for items, title in ((data.ov, "OV view: top mapped tokens"), (data.suppression, "suppression view: most suppressed")):
         rows = []
-        for item in data[key]:
+        for item in items:
             cells = []
-            for tok, _ in item["top"]:
+            for tok, _ in item.top:
                 text = html.escape(tok.strip() or repr(tok))
-                hit = item["target"] is not None and tok.strip() == item["target"]
+                hit = item.target is not None and tok.strip() == item.target
                 cells.append(f"<b style='color:#1a7f37'>{text}</b>" if hit else text)
-            tgt = html.escape(str(item["target"])) if item["target"] is not None else "–"
-            rows.append(f"<tr><td style='{_TD1}'><b>{html.escape(item['source'])}</b> → {tgt}</td>"
+            tgt = html.escape(str(item.target)) if item.target is not None else "–"
+            rows.append(f"<tr><td style='{_TD1}'><b>{html.escape(item.source)}</b> → {tgt}</td>"
                         f"<td style='{_TD}'>{', '.join(cells)}</td></tr>")
         body = "".join(rows) or "<tr><td colspan=2>(no sample sources for this scoring)</td></tr>"
         parts.append(f"<p style='margin:6px 0 2px 0'><i>{title}</i></p><table style='{_TABLE}'>{body}</table>")
     return f"<div style='{_BOX}'>" + "".join(parts) + "</div>"
 
 
-def _patching_html(data: dict[str, Any]) -> str:
+def _patching_html(data: PatchingView) -> str:
     """The patching view: one row per registered head-scoring method."""
     rows = []
-    for name, item in data["methods"].items():
-        if "error" in item:
+    for name, item in data.methods.items():
+        if item.error is not None:
             rows.append(f"<tr><td style='{_TD1}'>{html.escape(name)}</td><td colspan=3 style='{_TD};color:#b00'>"
-                        f"{html.escape(item['error'])}</td></tr>")
+                        f"{html.escape(item.error)}</td></tr>")
             continue
         rows.append(f"<tr><td style='{_TD1}'>{html.escape(name)}</td>"
-                    f"<td style='{_TD1};text-align:right'>{_fmt(item['score'], signed=True)}</td>"
-                    f"<td style='{_TD1}'>{item['rank']} of {data['n_heads']}</td>"
-                    f"<td style='{_TD}'>{html.escape(str(item['direction']))}</td></tr>")
-    metrics = {item.get("metric") for item in data["methods"].values() if "error" not in item}
+                    f"<td style='{_TD1};text-align:right'>{_fmt(item.score, signed=True)}</td>"
+                    f"<td style='{_TD1}'>{item.rank} of {data.n_heads}</td>"
+                    f"<td style='{_TD}'>{html.escape(str(item.direction))}</td></tr>")
+    metrics = {item.metric for item in data.methods.values() if item.error is None}
     note = ("; metric: normalised logit difference, 1 = the head carries all of it, 0 = none, "
             "&lt; 0 = it works against the answer" if metrics == {"normalised_logit_diff"} else
             "; metrics: " + html.escape(", ".join(sorted(str(m) for m in metrics))))
-    head = (f"<p style='margin:0 0 6px 0'>patching scores of head <b>{data['head']}</b> on "
-            f"<b>{html.escape(data['task'])}</b> ({data['n_prompts']} prompts{note})</p>")
+    head = (f"<p style='margin:0 0 6px 0'>patching scores of head <b>{data.head}</b> on "
+            f"<b>{html.escape(data.task)}</b> ({data.n_prompts} prompts{note})</p>")
     th = "padding:2px 10px 2px 0;text-align:left;white-space:nowrap"
     table = (f"<table style='{_TABLE}'><tr><th style='{th}'>method</th><th style='{th};text-align:right'>score</th>"
              f"<th style='{th}'>rank by |score|</th><th style='{th}'>direction</th></tr>" + "".join(rows) + "</table>")

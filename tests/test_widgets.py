@@ -43,8 +43,8 @@ def test_select_matches_scores_and_ov_view(explorer, model):
     pairs = explorer.pairs(relation)
     layer, h = best
     for item, supp in zip(data["ov"], data["suppression"]):
-        assert item["top"] == top_mapped_tokens(model, best, item["source"], n=8)
-        assert supp["top"] == top_mapped_tokens(model, best, item["source"], n=8, suppression=True)
+        assert [tuple(t) for t in item["top"]] == top_mapped_tokens(model, best, item["source"], n=8)
+        assert [tuple(t) for t in supp["top"]] == top_mapped_tokens(model, best, item["source"], n=8, suppression=True)
         # the target's rank, recomputed from m_s = x_s W_V W_O W_U over the whole vocabulary
         i = pairs.src_words.index(item["source"])
         assert pairs.tgt_words[i] == item["target"]
@@ -279,3 +279,36 @@ def test_scores_that_round_to_zero_never_print_minus_zero(model, monkeypatch):
     ex.head_w.value = "0.0"
     assert "-0.50" in ex.patching_html.value  # a real negative score keeps its sign
     plt.close("all")
+
+
+def test_views_are_typed_results_that_read_as_their_json(explorer, model, monkeypatch):
+    """Attributes hold the typed rows; item access and to_json give the plain dicts the views once were;
+    a scorer that fails on a task gets a row with only its error, shown in the widget; a bad source word
+    leaves refresh() with no data and the error on screen."""
+    import json
+
+    from circuitlib import circuits
+    from circuitlib.widgets import HeadView, MappedSource, MethodScore, PatchingView
+
+    view = explorer.select("name_copying", "0.0")
+    assert isinstance(view, HeadView) and all(isinstance(r, MappedSource) for r in view.ov)
+    first = view.ov[0]
+    assert view["ov"][0] == {"source": first.source, "target": first.target,
+                             "top": [[t, v] for t, v in first.top], "target_rank": first.target_rank}
+    assert json.loads(view.to_json())["head"] == "0.0" == view["head"]
+
+    def broken(model, batch, *, direction, progress=False):
+        raise ValueError("needs an S2 position")
+
+    monkeypatch.setitem(circuits.HEAD_SCORERS, "broken_for_test", broken)
+    data = explorer.patching("ioi", "1.6")
+    assert isinstance(data, PatchingView) and data.methods["broken_for_test"] == MethodScore(error="needs an S2 position")
+    assert data["methods"]["broken_for_test"] == {"error": "needs an S2 position"}
+    assert "error" not in data["methods"]["act_patch"] and set(data["methods"]["act_patch"]) == {
+        "score", "rank", "direction", "metric"}
+    explorer.widget
+    assert "needs an S2 position" in explorer.patching_html.value
+    explorer.source_w.value = "zzzz not a word"
+    assert explorer.refresh() is None and "color:#b00" in explorer.views_html.value
+    explorer.source_w.value = ""
+    assert isinstance(explorer.refresh(), HeadView)
