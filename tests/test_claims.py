@@ -1,0 +1,62 @@
+"""Checks of issue 9's claims whose natural test file belongs to another module's tests: the ablation
+readout on models without a final norm and with logit soft-capping, and report.md's wording of a head
+set that did not reach the faithfulness target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitlib.interventions import Ablation, run_ablations
+from circuitlib.tasks import ioi_batch
+from oracle import ablate
+
+
+@pytest.fixture(scope="module")
+def capped(toy):
+    """A random attention-only model with no LayerNorm anywhere and a logit soft-cap small enough to bend
+    its logits (Gemma 2's readout: cap * tanh(logits / cap))."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=32, d_vocab=toy.cfg.d_vocab,
+                                  attn_only=True, act_fn=None, normalization_type=None, output_logits_soft_cap=2.0,
+                                  seed=0)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():  # logits well above the cap, so that dropping it would change the numbers
+        model.unembed.W_U.mul_(40.0)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("kind,positions", [("mean", "all"), ("zero", "end")])
+def test_ablation_readout_keeps_the_soft_cap_and_needs_no_final_norm(toy, capped, kind, positions):
+    batch = ioi_batch(toy.tokenizer, 8, seed=2)
+    with torch.no_grad():
+        logits = capped(batch.clean)
+        raw = capped.unembed(capped(batch.clean, stop_at_layer=capped.cfg.n_layers))
+    rows = torch.arange(len(batch))
+    assert logits.abs().max() <= 2.0 + 1e-5 and raw.abs().max() > 4.0  # precondition: the cap bends the logits
+    sets = [[], [(0, 1)], [(0, 0), (1, 2), (1, 3)]]
+    run = run_ablations(capped, batch, sets, Ablation(kind=kind, positions=positions))
+    for i, heads in enumerate(sets):
+        diff, top1 = ablate(capped, batch, heads, kind=kind, positions=positions)  # full forward: capped logits
+        torch.testing.assert_close(run.logit_diff[i], diff, atol=1e-4, rtol=1e-4)
+        assert torch.equal(run.top1[i], top1)
+    uncapped = raw[rows, batch.end, batch.answer] - raw[rows, batch.end, batch.wrong]
+    assert (run.logit_diff[0] - uncapped).abs().max() > 0.1  # the readout without the cap would differ
+
+
+def test_report_says_when_discovery_missed_the_target(toy):
+    """A head set from discovery's fallback (target not reached) is reported as such and is not called a
+    circuit; one reaching the target under two or more held-out conventions is."""
+    from circuitlib import report
+    from circuitlib.circuits import discover_circuit
+
+    missed = discover_circuit(toy, "ioi", n_prompts=8, target=50.0, scorers=["act_patch"], n_boot=10)
+    found = discover_circuit(toy, "capitals", n_prompts=8, target=0.5, scorers=["act_patch"], n_boot=10)
+    assert not missed.reached_target and found.reached_target and len(found.robust) >= 2  # preconditions
+    md = "\n".join(report._discovery_md({"ioi": missed.to_dict(), "capitals": found.to_dict()}, {}))
+    ioi_row = next(line for line in md.splitlines() if line.startswith("| IOI"))
+    cap_row = next(line for line in md.splitlines() if line.startswith(f"| {report._title('capitals')} |"))
+    assert "no (most faithful k shown)" in ioi_row and "not called a circuit" in ioi_row
+    assert "| yes (" in cap_row and ": a circuit" in cap_row
