@@ -306,7 +306,8 @@ def test_views_are_typed_results_that_read_as_their_json(explorer, model, monkey
     assert data["methods"]["broken_for_test"] == {"error": "needs an S2 position"}
     assert "error" not in data["methods"]["act_patch"] and set(data["methods"]["act_patch"]) == {
         "score", "rank", "direction", "metric"}
-    explorer.widget
+    explorer.widget  # built once per explorer (an earlier test may have built it): redraw for the new scorer
+    explorer.refresh()
     assert "needs an S2 position" in explorer.patching_html.value
     explorer.source_w.value = "zzzz not a word"
     assert explorer.refresh() is None and "color:#b00" in explorer.views_html.value
