@@ -87,7 +87,9 @@ The MAPS causal check lives in :mod:`circuitlib.causal`; what the report stores 
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -221,6 +223,31 @@ def _check_k(k: int, d_vocab: int) -> int:
     return k
 
 
+def _free_cores() -> int:
+    """Cores not busy with other processes, by the 1-minute load average (at least 1)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count() or 1
+    return max(1, int((os.cpu_count() or 1) - load + 0.5))
+
+
+@contextmanager
+def _threads_for_free_cores(threads: int | None):
+    """Run torch with ``threads`` intra-op threads (``None``: torch's count, capped at :func:`_free_cores`);
+    torch's setting is restored afterwards, also on exceptions."""
+    before = torch.get_num_threads()
+    n = threads if threads is not None else min(before, _free_cores())
+    if n == before:
+        yield n
+        return
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def topk_hits(
     rows: Float[Tensor, "n_rows d_model"],
@@ -238,30 +265,48 @@ def topk_hits(
     depend on how ``topk`` breaks ties; a target tied with other entries across the k-th place is a
     miss (so an all-zero row is a miss for every target).
 
-    ``W_U_T`` is the unembedding transposed and contiguous (``W_U.T.contiguous()``, one row per
-    vocabulary entry), so each vocabulary chunk is a contiguous block. Exact early-exit count over
+    ``W_U_T`` is the unembedding transposed, one row per vocabulary entry: pass ``model.W_U.T`` (a view;
+    a contiguous copy works too but costs a ``|V| x d_model`` copy). Exact early-exit count over
     chunks (first 256 entries, then doubling): a pair stops once ``k`` entries reach its target.
     Never forms more than ``live rows x chunk`` logits.
+
+    Speed (results do not depend on it): pairs are processed sorted by row, so while their rows are
+    distinct (the usual case: one row per (head, source)) each chunk is one matrix product on the live
+    rows with no gather of logits; suppression compares ``logits <= target logit`` (exactly
+    ``-logits >= -target``) instead of negating the logits; few, large tensor operations per chunk,
+    because every operation is a parallel region whose threads all wait for the slowest one — on a
+    busy machine many small operations cost far more than their arithmetic.
     """
-    sign = -1.0 if suppression else 1.0
     n_pairs, d_vocab = row_of_pair.shape[0], W_U_T.shape[0]
     k = torch.as_tensor(k).expand(n_pairs) if not isinstance(k, Tensor) or k.ndim == 0 else k
-    uniq_t, t_index = torch.unique(targets, return_inverse=True)
-    thr = sign * (rows @ W_U_T[uniq_t].T)[row_of_pair, t_index]
+    order = torch.argsort(row_of_pair, stable=True)
+    rp, tg, kk = row_of_pair[order], targets[order], k[order]
+    uniq_t, t_index = torch.unique(tg, return_inverse=True)
+    thr = (rows @ W_U_T[uniq_t].T)[rp, t_index]  # each pair's target logit
     count = torch.zeros(n_pairs, dtype=torch.long)
     live = torch.arange(n_pairs)
     start, size = 0, _FIRST_CHUNK
     while start < d_vocab and live.numel():
-        used, inv = torch.unique(row_of_pair[live], return_inverse=True)
-        end = min(start + max(_FIRST_CHUNK, min(size, _MAX_ELEMENTS // live.numel())), d_vocab)
-        logits = sign * (rows[used] @ W_U_T[start:end].T)
-        reach = logits[inv] >= thr[live, None]  # a tie counts against the target
-        own = (targets[live] >= start) & (targets[live] < end)  # never count the target itself
-        reach[own.nonzero()[:, 0], targets[live][own] - start] = False
-        count[live] += reach.sum(-1)
-        live = live[count[live] < k[live]]
+        n_live = live.numel()
+        rl = rp[live]  # sorted
+        end = min(start + max(_FIRST_CHUNK, min(size, _MAX_ELEMENTS // n_live)), d_vocab)
+        W = W_U_T[start:end].T
+        if n_live == 1 or bool((rl[1:] != rl[:-1]).all()):  # distinct rows: one product, no gather
+            logits = (rows if n_live == rows.shape[0] else rows[rl]) @ W  # (sorted + distinct + all = identity)
+        else:
+            used, inv = torch.unique_consecutive(rl, return_inverse=True)
+            logits = (rows[used] @ W)[inv]
+        t_live = thr[live, None]
+        reach = logits <= t_live if suppression else logits >= t_live  # a tie counts against the target
+        tl = tg[live]
+        own = ((tl >= start) & (tl < end)).nonzero()[:, 0]  # never count the target itself
+        reach[own, tl[own] - start] = False
+        count[live] += reach.sum(-1, dtype=torch.int32)  # (int32: half the time of the default int64 sum)
+        live = live[count[live] < kk[live]]
         start, size = end, min(2 * size, _MAX_CHUNK)
-    return count < k
+    hits = torch.empty(n_pairs, dtype=torch.bool)
+    hits[order] = count < kk
+    return hits
 
 
 def _as_pairs(model: HookedTransformer, relation: RelationPairs | str) -> RelationPairs:
@@ -296,14 +341,26 @@ def static_scores_many(
     *,
     k: int | None = None,
     suppression: bool = False,
-    max_rows: int = 8192,
+    max_rows: int = 65536,
+    threads: int | None = None,
 ) -> dict[str, HeadScores]:
     """:func:`static_scores` for several relations at once, keyed by relation name.
 
-    All relations' unique source tokens and all heads of a block of layers (about ``max_rows``
-    (head, source) rows) go through one early-exit top-k count; ``k`` overrides every relation's
-    default when given.
+    All relations' unique source tokens and all heads of a block of layers (at most ``max_rows``
+    (head, source) rows, fewer for wide models: ``rows x d_model`` <= 2**26) go through one early-exit
+    top-k count; ``k`` overrides every relation's default when given.
+
+    ``threads``: torch intra-op threads for this call (restored afterwards). Default: torch's count,
+    capped at the cores the load average leaves free. The early-exit count is a long sequence of
+    short parallel operations, each ending when its slowest thread does; with more threads than free
+    cores, a thread that the scheduler parks stalls every one of them, which made this path lose far
+    more to a busy machine than a plain per-head loop (issue 14). Scores do not depend on it.
     """
+    with _threads_for_free_cores(threads):
+        return _static_scores_many(model, relations, k=k, suppression=suppression, max_rows=max_rows)
+
+
+def _static_scores_many(model, relations, *, k, suppression, max_rows) -> dict[str, HeadScores]:
     rels = [_as_pairs(model, r) for r in relations]
     d_vocab, L, H = model.cfg.d_vocab, model.cfg.n_layers, model.cfg.n_heads
     conv = maps_conventions(model)
@@ -316,7 +373,8 @@ def static_scores_many(
     targets = torch.cat([r.tgt for r in rels])
     k_pair = torch.cat([torch.full((len(r),), kk) for r, kk in zip(rels, ks)])
     hits = torch.empty(L, H, targets.shape[0], dtype=torch.bool)
-    W_U_T = model.W_U.T.contiguous()
+    W_U_T = model.W_U.T  # a view: no |V| x d_model copy
+    max_rows = max(1, min(max_rows, _MAX_ELEMENTS // model.cfg.d_model))
     step = max(1, max_rows // (H * n_src))  # layers per block: bounds rows x chunk in topk_hits
     for lo in range(0, L, step):
         layers = range(lo, min(lo + step, L))
@@ -447,7 +505,7 @@ def _dynamic_hits_one_template(model: HookedTransformer, pairs, template, *, con
     tokens, src_pos, end = dynamic_prompts(model, pairs, template, bos=bos)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     hook = "hook_z" if context else "hook_v"
-    W_O, W_U_T = model.W_O, model.W_U.T.contiguous()
+    W_O, W_U_T = model.W_O, model.W_U.T
     hits = []
     for lo in range(0, tokens.shape[0], batch_size):
         sl = slice(lo, lo + batch_size)
