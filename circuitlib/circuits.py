@@ -436,6 +436,7 @@ def discover_circuit(
     progress: bool = False,
     screen: int | None | Literal["auto"] = "auto",
     max_k: int | None | Literal["auto"] = "auto",
+    atp_screen: bool = False,
 ) -> CircuitDiscovery:
     """Head scores by every registered method, a circuit from ``method``'s scores, and its faithfulness.
 
@@ -451,16 +452,20 @@ def discover_circuit(
       heads. An int (the ``"auto"`` default above that: :data:`BIG_K_CAP` of the heads, 96 on gpt2-medium)
       evaluates :func:`coarse_k_grid` up to it, 4 points per run, stopping at the first run reaching
       ``target`` (:func:`scan_curve`), then bisects; a head set of more than ``max_k`` heads is not sought.
-    - ``screen``: ``None`` patches every head exactly. An int N: **activation patching** runs
-      :func:`circuitlib.patching.act_patch_screened` (an AtP*-style screen with GradDrop ranks every head,
+    - ``screen``: ``None`` runs every method on every head. An int N: activation patching runs exactly
+      on every head (cheap: about one forward from the head's layer on, per head) and **path patching**
+      (and any registered method taking ``candidates``; its cost is per sender) runs only on the N heads
+      with the largest |activation patching| effect (other heads score 0 there). ``"auto"``: N = the k cap
+      on models with more than :data:`BIG_MODEL_HEADS` heads (96 on gpt2-medium), ``None`` otherwise. A
+      head outside the top N by activation patching gets no path-patching score.
+    - ``atp_screen=True`` (with a ``screen``): rank by attribution patching instead, and screen activation
+      patching itself with :func:`circuitlib.patching.act_patch_screened` (AtP*-style screen with GradDrop;
       heads whose effect may reach :data:`SCREEN_MIN_FRACTION` of the largest are patched exactly, at most
       N; the others keep the screen's estimate; ``meta["screened"]`` of its scores says which and why it
-      stopped), and **path patching** (and any registered method taking ``candidates``) runs only on the N
-      heads with the largest |attribution patching| score (other heads score 0 there); the curve is then
-      capped at N. ``"auto"``: N = the k cap on models with more than :data:`BIG_MODEL_HEADS` heads (96 on
-      gpt2-medium), ``None`` otherwise. A screen can miss a head (a linear estimate can be far off, e.g.
-      for heads whose effect saturates); a missed head cannot enter the circuit. ``screen=None`` is the check.
-      off, e.g. for heads whose effect saturates) cannot enter the circuit; ``screen=None`` is the check.
+      stopped); the curve is then capped at N. Off by default: on a random gpt2-medium its verification
+      rounds cost more than patching every head exactly (benchmarks/bench_patching.py measures it). A
+      screen can miss a head (a linear estimate can be far off, e.g. for heads whose effect saturates); a
+      missed head cannot enter the circuit.
     """
     names = list(HEAD_SCORERS) if scorers is None else list(scorers)
     unknown = [n for n in [method, *names] if n not in HEAD_SCORERS]
@@ -486,21 +491,28 @@ def discover_circuit(
     candidates = None
     screen_meta: dict[str, Any] = {"n_candidates": None, "note": "every head patched exactly (screen=None)"}
     if screen is not None:
+        # The screen: exact activation patching of every head (about one forward per head from the
+        # head's layer on: minutes on gpt2-medium) ranks the heads, and the costly per-sender methods
+        # (path patching) run on its top N. With atp_screen=True (or no act_patch scorer) the ranking is
+        # attribution patching instead and activation patching itself is screened
+        # (patching.act_patch_screened: exact only where the AtP* screen says a head may matter).
+        by = "attribution" if atp_screen or "act_patch" not in HEAD_SCORERS else "act_patch"
         t0 = time.perf_counter()
-        attr = HEAD_SCORERS["attribution"](model, sel, direction=direction, progress=progress)
-        timings["attribution"] = time.perf_counter() - t0
-        if "attribution" in names:
-            scores["attribution"] = attr
-        candidates = sorted(attr.top(int(screen), absolute=True))
-        screened_methods = [n for n in names if n != "attribution"
+        ranking = HEAD_SCORERS[by](model, sel, direction=direction, progress=progress)
+        timings[by] = time.perf_counter() - t0
+        if by in names:
+            scores[by] = ranking
+        candidates = sorted(ranking.top(int(screen), absolute=True))
+        screened_methods = [n for n in names if n not in scores
                             and "candidates" in inspect.signature(HEAD_SCORERS[n]).parameters
                             and (n != "act_patch" or screened_act_patch() is not None)]
-        screen_meta = {"n_candidates": len(candidates), "by": "|attribution patching| on the selection prompts",
+        what = ("activation patching by patching.act_patch_screened (its own AtP* screen, at most "
+                f"{len(candidates)} heads patched exactly, estimates elsewhere), other methods"
+                if "act_patch" in screened_methods else "activation patching of every head exactly; "
+                + (", ".join(screened_methods) or "no other method"))
+        screen_meta = {"n_candidates": len(candidates), "by": f"|{by}| on the selection prompts",
                        "candidates": [head_name(h) for h in candidates], "exact_on_candidates": screened_methods,
-                       "note": f"{', '.join(screened_methods) or 'no method'} screened: activation patching by "
-                               f"patching.act_patch_screened (its own AtP* screen, at most {len(candidates)} heads "
-                               f"patched exactly, estimates elsewhere), other methods exactly on these "
-                               f"{len(candidates)} candidates only (0 elsewhere)"}
+                       "note": f"{what} exactly on the top {len(candidates)} heads by |{by}| only (0 elsewhere)"}
         if max_k is None or max_k > len(candidates):
             max_k = len(candidates) if method in screened_methods else max_k
     for name in names:

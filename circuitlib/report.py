@@ -84,8 +84,8 @@ def report_plan(model: HookedTransformer, plan: dict | None = None) -> dict[str,
     held out); ``causal_prompts``: prompts per relation in MAPS's causal check (``None`` = every pair);
     ``causal_random``: layer-matched random head sets in the causal check; ``n_random``: random head
     sets per cross-task ablation; ``reuse_prompts``: prompts per task in the cross-task ablation
-    (``None`` = the baseline prompts); ``screen``: heads kept by discovery's attribution screen for exact
-    patching, ``max_k``: the largest head set discovery's faithfulness curve evaluates (both ``None`` =
+    (``None`` = the baseline prompts); ``screen``: path patching runs on the heads with the largest exact
+    activation-patching effect, this many, ``max_k``: the largest head set discovery's faithfulness curve evaluates (both ``None`` =
     every head, the default up to :data:`BIG_MODEL_HEADS` heads; above it :data:`circuitlib.circuits.BIG_K_CAP`
     of the heads, 96 on gpt2-medium; given as 0 in ``plan`` they mean every head). See
     :func:`circuitlib.circuits.discover_circuit`."""
@@ -877,9 +877,9 @@ def _plan_md(settings: dict) -> list[str]:
     if plan.get("screen") is not None or plan.get("max_k") is not None:
         lines.append(
             "Circuit discovery on this many heads: "
-            + (f"exact patching only of the {plan['screen']} heads with the largest |attribution patching| score "
-               "(a gradient screen; the other heads score 0 in the exactly patched methods, and a head the screen "
-               "misses cannot enter the head set); " if plan.get("screen") is not None else "every head patched exactly; ")
+            + (f"activation patching of every head exactly, path patching only of the {plan['screen']} heads with "
+               "the largest |activation patching| effect (the other heads get no path-patching score); "
+               if plan.get("screen") is not None else "every head patched exactly by every method; ")
             + (f"the faithfulness curve on a coarse grid of k up to {plan['max_k']}, stopped at the first k reaching "
                "the target and refined by bisection (a head set of more heads is not sought)."
                if plan.get("max_k") is not None else "the faithfulness curve over every k.")

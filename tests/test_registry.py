@@ -59,7 +59,10 @@ def test_coarse_k_grid_by_hand():
     assert coarse_k_grid(24, cap=5) == [0, 1, 2, 3, 4, 5]
 
 
-def test_a_scorer_taking_candidates_gets_the_attribution_screen(toy, monkeypatch):
+@pytest.mark.parametrize("atp_screen", [False, True])
+def test_a_scorer_taking_candidates_gets_the_screened_heads(toy, monkeypatch, atp_screen):
+    """The screen ranks heads by exact activation patching (default) or by attribution patching
+    (atp_screen=True); a scorer taking ``candidates`` runs on the top ``screen`` of that ranking."""
     from circuitlib import circuits
     from circuitlib.patching import act_patch_heads, attribution_patch_heads
     from circuitlib.types import HeadScores
@@ -78,11 +81,13 @@ def test_a_scorer_taking_candidates_gets_the_attribution_screen(toy, monkeypatch
 
     monkeypatch.setitem(circuits.HEAD_SCORERS, "subset", subset_scorer)
     res = circuits.discover_circuit(toy, "capitals", n_prompts=8, method="subset", scorers=["subset", "attribution"],
-                                    screen=5, max_k=None, n_boot=10)
-    attr = attribution_patch_heads(toy, seen["batch"])  # the screen, recomputed independently
-    want = sorted(attr.top(5, absolute=True))
+                                    screen=5, max_k=None, n_boot=10, atp_screen=atp_screen)
+    # the ranking, recomputed independently
+    ranking = (attribution_patch_heads if atp_screen else act_patch_heads)(toy, seen["batch"])
+    want = sorted(ranking.top(5, absolute=True))
     assert seen["candidates"] == want
     assert res.meta["screen"]["candidates"] == [f"{l}.{h}" for l, h in want]
+    assert res.meta["screen"]["by"].startswith("|attribution|" if atp_screen else "|act_patch|")
     assert "subset" in res.meta["screen"]["exact_on_candidates"]
     assert res.meta["k_grid"]["max_k"] == 5  # the curve stops at the screened heads
     assert max(res.curve) <= 5 and set(res.circuit.heads) <= set(want)
@@ -115,7 +120,7 @@ def test_screened_activation_patching_is_exact_where_verified(toy):
     from circuitlib.patching import act_patch_heads
 
     res = circuits.discover_circuit(toy, "capitals", n_prompts=8, scorers=["act_patch"], screen=6, max_k=None,
-                                    n_boot=10)
+                                    n_boot=10, atp_screen=True)
     hs = res.scores["act_patch"]
     info = hs.meta["screened"]
     assert 1 <= len(info["verified"]) <= 6 and info["max_verified"] == 6
@@ -125,3 +130,20 @@ def test_screened_activation_patching_is_exact_where_verified(toy):
         l, h = map(int, name.split("."))
         assert float(hs.scores[l, h]) == pytest.approx(float(exact.scores[l, h]), abs=1e-5)
     assert "act_patch" in res.meta["screen"]["exact_on_candidates"]
+
+
+def test_default_screen_patches_every_head_exactly_and_path_patches_its_top_heads(toy):
+    from circuitlib import circuits
+    from circuitlib.circuits import split_prompts
+    from circuitlib.patching import act_patch_heads
+
+    res = circuits.discover_circuit(toy, "ioi", n_prompts=8, scorers=["act_patch", "path_patch"], screen=4,
+                                    max_k=None, n_boot=10)
+    sel, _ = split_prompts("ioi", toy.tokenizer, 8)
+    exact = act_patch_heads(toy, sel)  # every head, computed here
+    assert torch.allclose(res.scores["act_patch"].scores, exact.scores, atol=1e-5)
+    top = sorted(exact.top(4, absolute=True))
+    assert res.meta["screen"]["candidates"] == [f"{l}.{h}" for l, h in top]
+    pp = res.scores["path_patch"].scores
+    off = [(l, h) for l in range(toy.cfg.n_layers) for h in range(toy.cfg.n_heads) if (l, h) not in top]
+    assert all(float(pp[l, h]) == 0.0 for l, h in off)  # path patching ran on the top 4 only

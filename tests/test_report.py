@@ -204,7 +204,7 @@ def test_plan_for_big_models():
     big = report.report_plan(fake(24, 16))  # gpt2-medium's 384 heads
     assert {k: big[k] for k in report.BIG_MODEL} == report.BIG_MODEL
     assert big["rule"].startswith("384 heads > 100")
-    # discovery on 384 heads: exact patching of an attribution screen's 96 heads, curve capped at k = 96
+    # discovery on 384 heads: path patching of activation patching's top 96 heads, curve capped at k = 96
     assert (big["screen"], big["max_k"]) == (96, 96) and (small_plan["screen"], small_plan["max_k"]) == (None, None)
     exhaustive = report.report_plan(fake(24, 16), {"screen": 0, "max_k": 0})
     assert (exhaustive["screen"], exhaustive["max_k"]) == (None, None)
