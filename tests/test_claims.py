@@ -60,3 +60,45 @@ def test_report_says_when_discovery_missed_the_target(toy):
     cap_row = next(line for line in md.splitlines() if line.startswith(f"| {report._title('capitals')} |"))
     assert "no (most faithful k shown)" in ioi_row and "not called a circuit" in ioi_row
     assert "| yes (" in cap_row and ": a circuit" in cap_row
+
+
+def test_random_draw_rows_join_the_family_only_with_enough_draws(toy, monkeypatch):
+    """Cross-task ablation rows enter the corrected family when their random sets number at least
+    ``MIN_DRAWS_IN_FAMILY`` (lowered here to 10 so that the toy's few live heads can meet it), else they are
+    reported apart; the family's Holm correction runs over exactly the rows in it (Holm's step-down written
+    out here)."""
+    import numpy as np
+
+    from circuitlib import reuse
+    from circuitlib.tasks import task_batch
+    from circuitlib.types import Circuit, HeadScores
+
+    g = torch.Generator().manual_seed(0)
+    rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),
+           "capitals": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "country_to_capital_wikidata", "toy")}
+    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in rel}
+    circuits = {t: Circuit.of(patch[t].top(2, absolute=True), t, "toy") for t in patch}
+    batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
+    monkeypatch.setattr(reuse, "MIN_DRAWS_IN_FAMILY", 10)
+    res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20)
+    family = {r.name: r for r in res.table.rows}
+    apart = {r.name: r for r in res.apart.rows} if res.apart else {}
+    sizes = set()
+    for c in circuits:
+        for t in batches:
+            cell = res.reuse[c][t]
+            name = f"remove {c} circuit -> {t}: normalised logit diff vs random sets"
+            assert cell.p_value is not None
+            sizes.add(cell.n_random >= 10)
+            assert (name in family) == (cell.n_random >= 10) and (name in apart) == (cell.n_random < 10), name
+            row = family.get(name) or apart[name]
+            assert row.n == cell.n_random and row.p == pytest.approx(cell.p_value)
+    assert sizes == {True, False}  # precondition: both outcomes occur
+    p = np.array([r.p for r in res.table.rows])
+    order = np.argsort(p, kind="stable")
+    holm = np.empty_like(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        holm[i] = running
+    assert res.table.adjusted_p == pytest.approx(list(holm))
