@@ -411,11 +411,11 @@ class TopVsRandom(Result):
     random_how: str
     n_random: int
     exhaustive: bool
-    clean: dict
-    top: dict
-    random_mean: dict
-    drop_top: dict
-    drop_random: dict
+    clean: dict[str, float]
+    top: dict[str, float]
+    random_mean: dict[str, float]
+    drop_top: dict[str, float]
+    drop_random: dict[str, float]
     p_random_as_harmful: float | None
     binomial_p_above_chance: float
     n_prompts: int

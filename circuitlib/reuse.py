@@ -53,13 +53,13 @@ class CrossTaskAblation(Result):
     measured_task: str
     ablation: dict
     n_prompts: int
-    clean: dict
+    clean: dict[str, float]
     corrupt_logit_diff: float
-    ablated: dict
+    ablated: dict[str, float]
     random_how: str
     n_random: int
     exhaustive: bool
-    random_mean: dict
+    random_mean: dict[str, float]
     random_std_normalised: float | None
     random_sets: list[list[str]]
     random_normalised: list[float]
