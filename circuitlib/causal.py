@@ -28,6 +28,8 @@ many draws and an empirical p-value.
 **Top vs random** (:func:`top_vs_random`): a task's top heads ablated against random sets of as many
 heads from :func:`circuitlib.interventions.control_sets` (all such sets when there are few).
 
+Results: :class:`CausalCheck` (its curves :class:`Curve`), :func:`causal_curves` a :class:`CausalCurves`
+(reads as legend label -> values for :func:`circuitlib.plots.curve_plot`), :class:`TopVsRandom`.
 Every ablation goes through :mod:`circuitlib.interventions`.
 """
 

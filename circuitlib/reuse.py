@@ -1,5 +1,16 @@
 """Reuse of circuit components across tasks: ablate one task's circuit (or core) and measure another
 task, against random head sets; and the whole overlap-and-reuse analysis (notebook 04, the report).
+
+Results: :func:`cross_task_ablation` a :class:`CrossTaskAblation`, :func:`reuse_matrix` a
+:class:`ReuseMatrix` (``m[c][t]``), :func:`reuse_analysis` a :class:`ReuseAnalysis` whose ``pairs`` /
+``per_task`` hold :class:`TaskPair` / :class:`TaskAgreement` (these two read as the mapping of their
+``to_dict()``, ``pair["maps"]["rho"]``, as the dicts they replaced).
+
+Conventions (they change numbers): ablation = mean over the *measured* task's corrupted prompts, every
+position, BOS excluded (:class:`circuitlib.interventions.Ablation`); the normalised logit difference is
+``(x - corrupt) / (clean - corrupt)`` (1 = clean, 0 = corrupted); random head sets hold live heads only,
+layer-matched where the layers allow (:func:`circuitlib.interventions.control_sets`); p-values are
+empirical, ``(1 + #sets at most as high) / (1 + n)``; rank statistics over the live heads.
 """
 
 from __future__ import annotations
