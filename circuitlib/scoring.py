@@ -89,6 +89,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,13 +224,41 @@ def _check_k(k: int, d_vocab: int) -> int:
     return k
 
 
-def _free_cores() -> int:
-    """Cores not busy with other processes, by the 1-minute load average (at least 1)."""
+def _others_running() -> int | None:
+    """Runnable threads of other processes right now (Linux: ``/proc/loadavg``'s running count minus
+    this process's running threads), the median of 5 snapshots 2 ms apart; None where unavailable."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
-        return os.cpu_count() or 1
-    return max(1, int((os.cpu_count() or 1) - load + 0.5))
+        counts = []
+        for i in range(5):
+            if i:
+                time.sleep(0.002)
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            own = 0
+            for task in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{task}/stat") as f:
+                        own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+                except OSError:  # the thread ended meanwhile
+                    pass
+            counts.append(max(0, running - own))
+        return sorted(counts)[len(counts) // 2]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _free_cores() -> int:
+    """Cores not busy with other processes (at least 1): from the instantaneous count of other
+    processes' runnable threads (Linux), else from the 1-minute load average. (The load average alone
+    would count this process's own recent work, e.g. a loop it ran just before, as other load.)"""
+    cores = os.cpu_count() or 1
+    others = _others_running()
+    if others is None:
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on every platform
+            return cores
+    return max(1, int(cores - others + 0.5))
 
 
 @contextmanager
@@ -351,7 +380,7 @@ def static_scores_many(
     top-k count; ``k`` overrides every relation's default when given.
 
     ``threads``: torch intra-op threads for this call (restored afterwards). Default: torch's count,
-    capped at the cores the load average leaves free. The early-exit count is a long sequence of
+    capped at the cores other processes leave free (their runnable threads, sampled at the call). The early-exit count is a long sequence of
     short parallel operations, each ending when its slowest thread does; with more threads than free
     cores, a thread that the scheduler parks stalls every one of them, which made this path lose far
     more to a busy machine than a plain per-head loop (issue 14). Scores do not depend on it.

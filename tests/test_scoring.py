@@ -615,3 +615,46 @@ def test_cli_scores_json(capsys):
     assert out["k"] == 1 and out["pairs_used"] > 30
     assert len(out["scores"]) == 3 and len(out["scores"][0]) == 8
     assert main(["scores", "--model", "toy", "--relation", "name_copying", "--k", "0"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed-only choices do not change results (issue 14)
+
+
+@pytest.mark.parametrize("suppression", [False, True])
+def test_topk_hits_any_pair_order_and_unembedding_layout(suppression):
+    """Pairs in shuffled order with repeated rows (the gather path) and unique rows (the direct path),
+    ``W_U.T`` as a view and as a contiguous copy: the same hits as the rule applied to full logits
+    (small integers: exact, with many ties)."""
+    g = torch.Generator().manual_seed(3)
+    W_U = torch.randint(-3, 4, (8, 700), generator=g).float()  # [d_model, d_vocab]
+    rows = torch.randint(-3, 4, (30, 8), generator=g).float()
+    for row_of_pair in (torch.randperm(30, generator=g),  # distinct rows, shuffled
+                        torch.randint(0, 30, (120,), generator=g)):  # repeated rows, shuffled
+        targets = torch.randint(0, 700, (row_of_pair.shape[0],), generator=g)
+        s = rows[row_of_pair] @ W_U
+        s = -s if suppression else s
+        ts = s.gather(1, targets[:, None])
+        for k in (1, 5, 60):
+            expected = ((s >= ts).sum(1) - 1) < k
+            for W_U_T in (W_U.T, W_U.T.contiguous()):
+                hits = scoring.topk_hits(rows, W_U_T, row_of_pair, targets, k, suppression=suppression)
+                assert torch.equal(hits, expected), (k, W_U_T.is_contiguous())
+
+
+def test_threads_and_blocks_do_not_change_scores_and_threads_are_restored(toy):
+    before = torch.get_num_threads()
+    ref = {}
+    for name in RELATIONS:
+        pairs = load_relation(name, toy.tokenizer)
+        ref[name] = naive_static_scores(toy, pairs, pairs.k)
+    for threads in (1, 2, None):
+        for max_rows in (1, 65536):
+            out = scoring.static_scores_many(toy, RELATIONS, threads=threads, max_rows=max_rows)
+            assert torch.get_num_threads() == before
+            for name in RELATIONS:
+                assert torch.equal(out[name].scores, ref[name]), (threads, max_rows, name)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        scoring.static_scores_many(toy, RELATIONS, k=0, threads=1 if before != 1 else 2)
+    assert torch.get_num_threads() == before
+
