@@ -102,3 +102,36 @@ def test_random_draw_rows_join_the_family_only_with_enough_draws(toy, monkeypatc
         running = max(running, min(1.0, (len(p) - rank) * p[i]))
         holm[i] = running
     assert res.table.adjusted_p == pytest.approx(list(holm))
+
+
+def test_maps_control_is_rejected_when_clean_accuracies_differ_by_the_gap(toy):
+    """MAPS's control rule, accuracy half: a relation whose heads share nothing with the capital heads is a
+    control only when its clean top-1 accuracy is *within* ``max_accuracy_gap`` of the capital prompts'
+    (strictly: the authors' ``abs(main - control) < max_acc_diff``). The gap is measured here with the oracle
+    and the rule's bar is put exactly at it (rejected) and just above it (accepted)."""
+    from circuitlib import causal
+    from circuitlib.scoring import static_scores_many
+    from circuitlib.tasks import task_batch
+    from circuitlib.types import HeadScores
+
+    capital = "country_to_capital_wikidata"
+    real = static_scores_many(toy, [capital])
+    cap_heads = causal.relation_heads(real[capital], 3)
+    fake = torch.zeros(3, 8)
+    free = [(l, h) for l in range(3) for h in range(8) if (l, h) not in cap_heads]
+    for i, (l, h) in enumerate(free[: len(cap_heads)]):
+        fake[l, h] = 1.0 - 0.01 * i
+    scores = {**real, "name_copying": HeadScores(fake, "maps_static", "name_copying", "toy")}
+    copying_top1 = float(ablate(toy, task_batch("copying", toy.tokenizer, 40), [], kind="zero", positions="end")[1]
+                         .float().mean())
+    capital_top1 = float(ablate(toy, causal.relation_prompts(toy, capital, n=40), [], kind="zero", positions="end")[1]
+                         .float().mean())
+    gap = abs(copying_top1 - capital_top1)
+    for bar, accepted in ((gap, False), (gap + 0.01, True)):
+        res = causal.causal_check(toy, capital, scores=scores, n_random=1, n_extra_random=5, n_prompts=40,
+                                  max_accuracy_gap=bar)
+        cand = {c["relation"]: c for c in res.control_candidates}["name_copying"]
+        assert cand["shared"] == 0 and cand["accepted"] is accepted, (bar, cand)
+        assert ("name_copying" in res.controls) is accepted
+        if not accepted:
+            assert "clean top-1 accuracy" in cand["reason"]
