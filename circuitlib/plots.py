@@ -135,6 +135,7 @@ def head_heatmaps(
     annotate: bool | None = None,
     suptitle: str | None = None,
     cbar_label: str | None = None,
+    mark_styles: Mapping[str, int] | None = None,
     axes: Sequence[Any] | None = None,
 ) -> Figure:
     """Layer x head heatmaps side by side (the MAPS figure), with X marks on chosen heads.
@@ -146,6 +147,9 @@ def head_heatmaps(
     marker sets (the legend names them; a bare set is called ``mark_label``, default "reference
     heads", a Circuit "<Task> circuit"). ``panel_marks`` gives
     each panel its own marks (e.g. the *other* task's heads), merged with ``marks``.
+    ``mark_styles``: label -> index into :data:`MARK_STYLES` (marker, colour), so that one head set
+    keeps its marker in every figure whatever else is marked (the report gives each task its own);
+    labels not in it take the next free styles in alphabetical order of the labels.
     ``annotate`` writes the score in each cell (default: only for small grids, <= 64 heads).
     Heads without a computed score (:func:`computed_mask`: NaN, or not among a path-patching run's
     senders) are drawn hatched and unlabelled, with a "not computed" legend entry, never as 0.00.
@@ -174,12 +178,14 @@ def head_heatmaps(
 
     shared = _mark_sets(marks, mark_label)
     legend: dict[str, Any] = {}
-    # one marker style per label, assigned in alphabetical order of the labels: the same labels get the
-    # same markers in every figure, whichever panel they appear in first
+    # one marker style per label: explicit ones from ``mark_styles``, the others in alphabetical order of
+    # the labels after them (the same labels get the same markers whichever panel they appear in first)
     labels = set(shared)
     for pm in panel_marks or []:
         labels |= set(_mark_sets(pm, mark_label))
-    styles: dict[str, int] = {label: i for i, label in enumerate(sorted(labels))}
+    styles: dict[str, int] = {label: int(i) for label, i in (mark_styles or {}).items() if label in labels}
+    free = (i for i in range(len(labels) + len(styles) + 1) if i not in styles.values())
+    styles.update({label: next(free) for label in sorted(labels - set(styles))})
     for i, (hs, ax) in enumerate(zip(panels, axes)):
         if (hs.n_layers, hs.n_heads) != (n_layers, n_heads):
             raise ValueError("all HeadScores in one figure must have the same [n_layers, n_heads] shape")
@@ -216,6 +222,8 @@ def head_heatmaps(
             style = styles.setdefault(label, len(styles))
             legend[label] = _draw_marks(ax, heads, style, n_layers, n_heads, corner=annotate)
 
+    if mark_styles:  # marker sets in style order: the same legend order in every figure sharing ``mark_styles``
+        legend = dict(sorted(legend.items(), key=lambda kv: styles.get(kv[0], len(styles))))
     if NOT_COMPUTED in legend:  # last in the legend, after the marker sets
         legend[NOT_COMPUTED] = legend.pop(NOT_COMPUTED)
     if legend:
@@ -601,12 +609,15 @@ def curve_plot(
     return fig
 
 
-def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alpha: float = 0.05, ax=None) -> Figure:
+def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alpha: float = 0.05,
+                      informative_up_to: int | None = None, ax=None) -> Figure:
     """Observed top-k overlap against k, with the chance line (k^2 / N) and the ceiling (k).
 
     ``curve`` is :func:`circuitlib.overlap.topk_overlap_curve`'s result. Filled markers: k where
     the hypergeometric p-value of that k alone is below ``alpha`` (one test per k, not corrected for
-    the number of k shown; the legend says so).
+    the number of k shown; the legend says so). ``informative_up_to``: the largest k whose top-k sets
+    hold only heads with meaningful scores (e.g. live heads above every switched-off head's score);
+    larger k are shaded grey and labelled "order carries no information".
     """
     ks = np.asarray(curve["k"], dtype=float)
     observed = np.asarray(curve["observed"], dtype=float)
@@ -622,6 +633,9 @@ def topk_overlap_plot(curve: Mapping[str, Any], *, title: str | None = None, alp
     ax.scatter(ks[sig], observed[sig], color="#2a6f97", s=28, zorder=3, label=f"p < {alpha:g} (each k alone, uncorrected)")
     ax.scatter(ks[~sig], observed[~sig], facecolors="white", edgecolors="#2a6f97", s=28, zorder=3,
                label=f"p ≥ {alpha:g}")
+    if informative_up_to is not None and informative_up_to < ks.max():
+        ax.axvspan(informative_up_to + 0.5, ks.max() + 0.5, color="0.9", zorder=0, lw=0,
+                   label=f"k > {informative_up_to}: order carries no information")
     ax.set_xlabel("k (top heads taken from each scoring)")
     ax.set_ylabel("heads in both top-k sets")
     names = curve.get("names")

@@ -247,6 +247,20 @@ def _title(task: str) -> str:
     return TASK_SPECS[task].title if task in TASK_SPECS else task
 
 
+def head_set_label(task: str) -> str:
+    """The legend label of ``task``'s discovered head set: the same text in every figure of the report."""
+    return f"{_title(task)} head set (circuit discovery)"
+
+
+def mark_styles(tasks: Sequence[str], extra: Sequence[str] = ()) -> dict[str, int]:
+    """Marker style (index into :data:`circuitlib.plots.MARK_STYLES`) per legend label: each task's head set
+    by the task's place in ``tasks`` (registry order), then the ``extra`` labels (e.g. published heads) after
+    them. Every figure of the report passes this, so a head set has one marker everywhere."""
+    styles = {head_set_label(t): i for i, t in enumerate(tasks)}
+    styles.update({label: len(tasks) + j for j, label in enumerate(extra)})
+    return styles
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections: each returns a JSON-able dict; ``restore_*`` rebuilds the shared state from it
 
@@ -319,16 +333,24 @@ def section_discovery(ctx: Context) -> dict:
     found = [t for t in ctx.tasks if t in ctx.circuits]
     if not found:
         return out
-    fig = plots.head_heatmaps(
+    ctx.save_figure(patching_figure(ctx, found), "patching_heads", "Per-head activation patching effect per task "
+                    "(noising: 1 = replacing the head's output by its output on the corrupted prompt costs the whole "
+                    "logit difference, 0 = costs nothing, negative = the head works against the answer); each panel "
+                    "marks the head set discovery chose for its task.")
+    return out
+
+
+def patching_figure(ctx: Context, found: Sequence[str]):
+    """Per-head activation patching, one panel per task, each marking its own task's head set."""
+    from . import plots
+
+    return plots.head_heatmaps(
         [ctx.patching[t] for t in found], vmin=-1.0, vmax=1.0, cmap=plots.DIVERGING_CMAP,
-        panel_marks=[{f"{_title(t)} head set": ctx.circuits[t]} for t in found],
+        panel_marks=[{head_set_label(t): ctx.circuits[t]} for t in found],
         titles=[f"{_title(t)}: activation patching" for t in found],
-        cbar_label="patching effect (1 - normalised logit diff)",
+        cbar_label="patching effect (1 - normalised logit diff)", mark_styles=mark_styles(ctx.tasks),
         suptitle=f"{ctx.model.cfg.model_name}: per-head activation patching (noising)",
     )
-    ctx.save_figure(fig, "patching_heads", "Per-head activation patching effect per task (noising: 1 = removing the "
-                    "head's clean output costs the whole logit difference); marks = the head set discovery chose.")
-    return out
 
 
 def restore_discovery(ctx: Context, data: dict) -> None:
@@ -450,13 +472,16 @@ def section_scoring(ctx: Context) -> dict:
 
 def _maps_figure(ctx: Context, summary: dict, shown: list[str], kind: str, score_name: str, label: str):
     """The seed figure as MAPS draws it: one layer x head panel per relation, colour scale 0-1, the
-    relation as title, the score's name (and k) on each colour bar, X marks with their source in the legend."""
+    relation as title, the score's name (and k) on each colour bar, marks with their source in the legend
+    (each task's head set in its own marker, :func:`mark_styles`; published heads in the next one)."""
     from . import plots
 
+    marks = _reference_marks(ctx)
     fig = plots.head_heatmaps(
-        [HeadScores.from_dict(summary[r][kind]) for r in shown], marks=_reference_marks(ctx),
+        [HeadScores.from_dict(summary[r][kind]) for r in shown], marks=marks,
         titles=[plots.pretty_name(r) for r in shown], vmin=0.0, vmax=1.0, annotate=False if ctx.big_grid else None,
-        cbar_label=score_name,
+        cbar_label=score_name, mark_styles=mark_styles(ctx.tasks, [m for m in marks if m not in
+                                                                    {head_set_label(t) for t in ctx.tasks}]),
         suptitle=f"{ctx.model.cfg.model_name}: {score_name}s ({label})")
     for ax, r in zip(fig.axes, shown):  # the panels come first in fig.axes; each owns one colour bar
         mesh = ax.collections[0]
@@ -504,21 +529,54 @@ def section_overlap(ctx: Context) -> dict:
                                         {t: ctx.circuits[t] for t in tasks}, batches, n_random=ctx.n_random, seed=SEED)
             except ValueError as exc:  # e.g. a head set of every head leaves no random sets to draw
                 return {"skipped": f"the reuse analysis could not run: {exc}"}
+    live = set(result.to_dict()["live_heads"])
     for key, pair in result.pairs.items():
         if "maps_topk_curve" in pair:
             a, b = key.split("|")
-            fig = plots.topk_overlap_plot(pair["maps_topk_curve"], title=f"MAPS top-k heads shared: "
-                                          f"{plots.pretty_name(ctx.relation_of(a))} vs {plots.pretty_name(ctx.relation_of(b))}")
-            ctx.save_figure(fig, f"topk_overlap_{a}_{b}", "Heads shared by two relations' top-k MAPS heads, against chance.")
+            ra, rb = ctx.relation_of(a), ctx.relation_of(b)
+            k_info = informative_k([rel[a], rel[b]], live)
+            n_all = ctx.model.cfg.n_layers * ctx.model.cfg.n_heads
+            fig = plots.topk_overlap_plot(pair["maps_topk_curve"], informative_up_to=k_info if k_info < n_all else None,
+                                          title=f"MAPS top-k heads shared: {plots.pretty_name(ra)} vs {plots.pretty_name(rb)}")
+            caption = (f"Heads shared by the top-k MAPS heads of {plots.pretty_name(ra)} and {plots.pretty_name(rb)}, "
+                       "against chance (k² / N) and the ceiling (k); filled points: p < 0.05 for that k alone "
+                       "(hypergeometric, not corrected for the many k shown).")
+            if k_info < n_all:
+                caption += (f" Only {len(live)} of the {n_all} heads are live; up to k = {k_info} both top-k sets hold "
+                            "only live heads scoring above every switched-off head. Beyond that (shaded), switched-off "
+                            "heads with near-zero scores enter the rankings, and their order carries no information.")
+            ctx.save_figure(fig, f"topk_overlap_{a}_{b}", caption)
     shown = [t for t in tasks if t in rel]
     if len(shown) >= 2:
-        fig = plots.head_heatmaps(
-            [rel[t] for t in shown], titles=[plots.pretty_name(rel[t].target) for t in shown],
-            panel_marks=[{f"{_title(o)} head set": ctx.circuits[o] for o in shown if o != t} for t in shown],
-            cbar_label="MAPS static score (fraction of pairs in top-k)",
-            suptitle="MAPS scores with the other tasks' head sets marked")
-        ctx.save_figure(fig, "maps_other_tasks", "Each relation's MAPS scores with the other tasks' head sets marked.")
+        ctx.save_figure(other_tasks_figure(ctx, rel, shown), "maps_other_tasks",
+                        "Each task's MAPS relation scores with the other tasks' head sets marked (does MAPS find "
+                        "another task's heads?); markers as in every figure.")
     return result.to_dict()
+
+
+def informative_k(scores: Sequence[HeadScores], live: set[str]) -> int:
+    """The largest k for which every scoring's top-k heads are live heads scoring strictly above every
+    switched-off head of that scoring (all heads when every head is live)."""
+    ks = []
+    for hs in scores:
+        values = {f"{l}.{h}": float(hs[(l, h)]) for l in range(hs.n_layers) for h in range(hs.n_heads)}
+        dead = [v for name, v in values.items() if name not in live]
+        if not dead:
+            ks.append(len(values))
+            continue
+        ks.append(sum(1 for name, v in values.items() if name in live and v > max(dead)))
+    return min(ks)
+
+
+def other_tasks_figure(ctx: Context, rel: dict[str, HeadScores], shown: Sequence[str]):
+    """Each task's relation scores, marking the head sets of the *other* tasks."""
+    from . import plots
+
+    return plots.head_heatmaps(
+        [rel[t] for t in shown], titles=[plots.pretty_name(rel[t].target) for t in shown],
+        panel_marks=[{head_set_label(o): ctx.circuits[o] for o in shown if o != t} for t in shown],
+        cbar_label="MAPS static score (fraction of pairs in top-k)", mark_styles=mark_styles(ctx.tasks),
+        suptitle="MAPS scores with the other tasks' head sets marked")
 
 
 def reference_entry(model_name: str) -> dict | None:
@@ -537,15 +595,15 @@ def _reference_marks(ctx: Context) -> dict:
     published = reference_entry(ctx.model.cfg.model_name)
     if published:
         return {published["label"]: published["heads"]}
-    return {f"{_title(t)} head set (activation patching)": c for t, c in ctx.circuits.items()}
+    return {head_set_label(t): c for t, c in ctx.circuits.items()}
 
 
 def _marks_caption(ctx: Context) -> str:
     published = reference_entry(ctx.model.cfg.model_name)
     if published:
-        return f"X = {published['label']}"
+        return f"marked: {published['label']}"
     if ctx.circuits:
-        return "the head sets circuit discovery found marked"
+        return "the head sets circuit discovery found marked (each task's in its own marker, as in every figure)"
     return "no marks (circuit discovery did not run)"
 
 
@@ -689,23 +747,276 @@ def _f(v, nd=2) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """``1 set``, ``2 sets``: a count with its noun in the right number."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+def _rel(relation: str) -> str:
+    """A MAPS relation's display name (as in the figures' titles)."""
+    from .plots import pretty_name
+
+    return pretty_name(relation)
+
+
+METHOD_LABELS = {"act_patch": "activation patching", "attribution": "attribution patching",
+                 "path_patch": "path patching", "faithfulness": "faithfulness curve (selection prompts)",
+                 "heldout": "held-out faithfulness (every convention)"}
+STATISTIC_LABELS = {"size_intersection": "shared heads", "rho": "Spearman ρ", "auroc": "AUROC",
+                    "normalised": "normalised logit diff"}
+
+
+def _convention_md(name: str, ablation: dict) -> str:
+    """What one ablation convention does to every head outside the head set, from its stored spec."""
+    where = "every position" + ("" if ablation.get("positions") == "all" else " (END only)")
+    bos = ("the BOS position is ablated too and enters the means" if ablation.get("bos")
+           else "the BOS position is left alone")
+    ref = f"the {ablation.get('reference', 'corrupt')}ed prompts".replace("corrupted", "corrupted").replace(
+        "cleaned", "clean")
+    kind = ablation.get("kind")
+    if kind == "zero":
+        what = "replaced by 0"
+    elif kind == "resample":
+        what = (f"replaced by its output on another of {ref} with the same template (a seeded shuffle within each "
+                "template)")
+    elif ablation.get("means") == "template":
+        what = f"replaced, position by position, by its mean over {ref} of the same template (Wang et al.'s IOI convention)"
+    else:
+        what = f"replaced by its mean over all real positions of {ref}"
+    return f"*{name}*: {what}, at {where}; {bos}"
+
+
+def _live(s: dict) -> set[str] | None:
+    overlap = s.get("overlap") or {}
+    return set(overlap["live_heads"]) if overlap.get("live_heads") else None
+
+
+def _top_live(heads: list[dict], live: set[str] | None, n: int = 3) -> list[dict]:
+    """The first ``n`` of a stored top-heads list with a positive score, switched-off heads left out."""
+    return [h for h in heads if h["score"] > 0 and (live is None or h["head"] in live)][:n]
+
+
+def _summary_md(s: dict) -> list[str]:
+    """A few sentences generated from the results: what a reader should take away, with its numbers."""
+    disc = s.get("discovery") or {}
+    scoring = s.get("scoring") or {}
+    overlap = s.get("overlap") or {}
+    live = _live(s)
+    lines = ["## Summary", ""]
+    done = {t: d for t, d in disc.items() if isinstance(d, dict) and "circuit" in d} if "skipped" not in disc else {}
+    for t, d in done.items():
+        heads, held = d["circuit"]["heads"], d["heldout"]
+        values = [h["faithfulness"] for h in held.values()]
+        reach, n_conv = d["robust"], len(held)
+        target = d["meta"]["target"]
+        text = (f"- **{_title(t)}**: circuit discovery's head set is {', '.join(heads)} ({_n(len(heads), 'head')}). On "
+                f"{d['meta']['n_heldout']} held-out prompts it keeps {min(values):.2f}–{max(values):.2f} of the full "
+                f"model's logit difference across the {n_conv} ablation conventions and reaches the {target:.0%} target "
+                f"under {len(reach)} of {n_conv}")
+        if len(reach) == n_conv:
+            text += ": a circuit under every convention."
+        elif len(reach) >= 2:
+            missed = [c for c in held if c not in reach]
+            text += (f" ({', '.join(reach)}): a circuit by this report's rule (at least 2 conventions), but "
+                     f"**convention-dependent**: below the target under {', '.join(missed)}.")
+        else:
+            text += (f" ({', '.join(reach)})" if reach else "") + ": not called a circuit (it needs at least 2)."
+        if not d["reached_target"]:
+            text += " It did not reach the target on the selection prompts either (the most faithful k is shown)."
+        lines.append(text)
+    if scoring and "skipped" not in scoring:
+        tops = {r: _top_live(v["top_heads"], live) for r, v in scoring.items()}
+        lines.append("- **MAPS (parameters only)**: top heads " + "; ".join(
+            f"for {_rel(r)}: {', '.join(h['head'] for h in top) or 'none with a positive score'}"
+            for r, top in tops.items()) + ("" if live is not None else
+                                             " (switched-off heads not identified: the overlap section did not run)") + ".")
+        for t, d in done.items():
+            r = TASK_SPECS[t].relation if t in TASK_SPECS else None
+            if r not in tops:
+                continue
+            heads, top = d["circuit"]["heads"], [h["head"] for h in tops[r]]
+            inside = [h for h in heads if h in top]
+            text = (f"  {_title(t)}'s head set: {'all' if len(inside) == len(heads) and len(heads) > 1 else len(inside)} "
+                    f"of its {_n(len(heads), 'head')} among the top {len(top)} for {_rel(r)}")
+            scores = {(h["head"]): h["score"] for h in scoring[r]["top_heads"]}
+            static = scoring[r]["static"]
+            outside = [h for h in heads if h not in top]
+            if outside:
+                sup = [h["head"] for h in _top_live(scoring[r]["top_suppression_heads"], live)]
+                parts = []
+                for h in outside[:5]:
+                    lh = [int(x) for x in h.split(".")]
+                    score = scores.get(h, static["scores"][lh[0]][lh[1]])
+                    parts.append(f"{h} scores {score:.2f}" + (" and is a top *suppression* head, "
+                                 f"{next(x['score'] for x in scoring[r]['top_suppression_heads'] if x['head'] == h):.2f}"
+                                 if h in sup else ""))
+                text += " (" + "; ".join(parts) + ")"
+            lines.append(text + ".")
+        checks = {r: v["causal_check"]["summary"] for r, v in scoring.items()
+                  if v.get("causal_check") and "skipped" not in v["causal_check"]}
+        if checks:
+            lines.append("- **MAPS's causal check**: zero-ablating each relation's top MAPS heads at the last position "
+                         "takes top-1 accuracy " + ", ".join(
+                             f"{c['clean_top1_accuracy']:.2f} -> {c['top_top1_accuracy']:.2f} ({_rel(r)}, "
+                             f"{_n(c['m'], 'head')})" for r, c in checks.items()) + ".")
+    if overlap.get("table"):
+        rows = overlap["table"]["rows"]
+        sig = [r for r in rows if r["significant"]]
+        unreach = [r for r in rows if not r["can_reach"]]
+        tasks = list(overlap.get("tasks") or done)
+        text = (f"- **Overlap and reuse**: one family of {_n(len(rows), 'test')}, Holm-corrected: "
+                + (f"{len(sig)} significant (" + "; ".join(
+                    f"{_test_name(r['name'], tasks)}: {STATISTIC_LABELS.get(r['statistic'], r['statistic'])} = "
+                    f"{_value(r['value'])}, p = {r['p']:.2g}, Holm p = {r['adjusted_p']:.2g}" for r in sig) + ")"
+                   if sig else "none significant")
+                + f"; {len(unreach)} of the {len(rows)} cannot reach significance at this number of heads, whatever "
+                "the data.")
+        if overlap.get("apart"):
+            text += (f" {_n(overlap['apart']['n_tests'], 'cross-task ablation row')} "
+                     f"{'is' if overlap['apart']['n_tests'] == 1 else 'are'} reported apart from the family "
+                     "(too few random head sets exist for a test).")
+        lines.append(text)
+    return lines + [""] if len(lines) > 2 else []
+
+
+def _value(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+TEST_PATTERNS: list[tuple[str, str]] = [  # reuse.py's row names -> readable names ({a}, {b}: tasks or relations)
+    (r"circuits (?P<a>\S+) vs (?P<b>\S+): shared heads", "{A} and {B} head sets: heads in common"),
+    (r"\|patching\| (?P<a>\S+) vs (?P<b>\S+): Spearman \(live heads\)",
+     "{A} vs {B}: |activation patching| effects, rank agreement over the live heads"),
+    (r"MAPS (?P<ra>\S+) vs (?P<rb>\S+): Spearman \(live heads\)",
+     "MAPS scores, {RA} vs {RB}: rank agreement over the live heads"),
+    (r"MAPS (?P<ra>\S+) vs (?P<rb>\S+): top-(?P<k>\d+) heads shared", "MAPS top-{k} heads, {RA} vs {RB}: heads in common"),
+    (r"(?P<a>\S+): MAPS (?P<ra>\S+) vs \|patching\|: Spearman \(live heads\)",
+     "{A}: MAPS {RA} scores vs |activation patching|, rank agreement over the live heads"),
+    (r"(?P<a>\S+): circuit heads' MAPS (?P<ra>\S+) scores: AUROC(?P<live> \(live heads\))?",
+     "{A}: do the head set's heads score higher under MAPS {RA} than the other{live} heads?"),
+    (r"remove (?P<a>\S+) circuit -> (?P<b>\S+): normalised logit diff vs random sets",
+     "remove the {A} head set, measure {B}: normalised logit diff vs random head sets"),
+]
+
+
+def _parse_test(name: str) -> tuple[str, dict] | None:
+    import re
+
+    for pattern, readable in TEST_PATTERNS:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return readable, m.groupdict()
+    return None
+
+
+def _test_name(name: str, tasks: Sequence[str] = ()) -> str:
+    """A test row's readable name: task ids -> task titles, relation ids -> display names."""
+    parsed = _parse_test(name)
+    if parsed is None:
+        return name
+    readable, g = parsed
+    return readable.format(A=_title(g.get("a") or ""), B=_title(g.get("b") or ""), RA=_rel(g.get("ra") or ""),
+                           RB=_rel(g.get("rb") or ""), k=g.get("k"), live=" live" if g.get("live") else "")
+
+
+def _reading(row: dict, overlap: dict, family: bool) -> str | None:
+    """One plain sentence on a significant row, or on a row that cannot reach significance."""
+    parsed = _parse_test(row["name"])
+    g = parsed[1] if parsed else {}
+    A, B = _title(g.get("a") or ""), _title(g.get("b") or "")
+    RA, RB = _rel(g.get("ra") or ""), _rel(g.get("rb") or "")
+    v, n = row["value"], row["n"]
+    stat = row["statistic"]
+    if stat == "rho":
+        seen = (f"ρ = {v:.2f} over {n} heads: the two rank the heads "
+                + ("alike" if v > 0.5 else "in opposite order" if v < -0.5 else "with little agreement"))
+    elif stat == "size_intersection":
+        seen = _n(int(v), "head")
+    elif stat == "auroc":
+        seen = (f"AUROC = {v:.2f} (1: every head-set head scores above every other head; 0.5: chance; "
+                "0: below every other head)")
+    else:
+        seen = f"{STATISTIC_LABELS.get(stat, stat)} = {_value(v)}"
+    subject = {
+        "circuits": f"The {A} and {B} head sets", "|patching|": f"|Activation patching| on {A} and on {B}",
+    }
+    name = row["name"]
+    if name.startswith("circuits "):
+        who = f"The {A} and {B} head sets share {seen}"
+    elif name.startswith("|patching|"):
+        who = f"|Activation patching| on {A} and on {B}: {seen}"
+    elif name.startswith("MAPS ") and stat == "rho":
+        who = f"MAPS {RA} and {RB} scores: {seen}"
+    elif name.startswith("MAPS "):
+        who = f"The top-{g.get('k')} MAPS heads of {RA} and {RB} share {seen}"
+    elif ": MAPS " in name:
+        who = f"On {A}, MAPS {RA} scores and |activation patching|: {seen}"
+    elif "AUROC" in name:
+        who = f"{A}'s head set under MAPS {RA}: {seen}"
+    else:
+        who = f"{_test_name(name)}: {seen}"
+    del subject
+    if family and row["significant"]:
+        return (f"- *Significant*: {who} (p = {row['p']:.2g}, {row['how']}; {row['adjusted_p']:.2g} after Holm).")
+    if family and not row["can_reach"]:
+        return (f"- *Cannot reach significance*: {who}. Even the most extreme outcome at n = {n} gives "
+                f"p = {row['min_p']:.2g}, which would not pass the Holm bar here; the row can show nothing either way.")
+    return None
+
+
+def _how(text: str) -> str:
+    import re
+
+    return re.sub(r"\b1 random draws\b", "1 random draw", text)
+
+
+def _test_table_md(rows: list[dict], tasks: Sequence[str], *, family: bool) -> list[str]:
+    head = "| test | statistic | value | p | how p was obtained | n | smallest possible p |"
+    rule = "|---|---|---|---|---|---|---|"
+    if family:
+        head += " p (Holm) | significant | can reach |"
+        rule += "---|---|---|"
+    out = [head, rule]
+    for r in rows:
+        cells = [_test_name(r["name"], tasks).replace("|", "\\|"), STATISTIC_LABELS.get(r["statistic"], r["statistic"]),
+                 _value(r["value"]), f"{r['p']:.3g}", _how(r["how"]), str(r["n"]), f"{r['min_p']:.3g}"]
+        if family:
+            cells += [f"{r['adjusted_p']:.3g}", "yes" if r["significant"] else "no", "yes" if r["can_reach"] else "no"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def _tasks_md(base: dict) -> list[str]:
+    splits = {r.get("split") for r in base["tasks"].values()}
+    split_text = {
+        "heldout": "All prompts come from the **held-out split**: combinations of template and answer (IOI: the "
+                   "indirect object's name; country -> capital: the country) that never occur in the embedded "
+                   "model's training corpus, so the model cannot have memorised them.",
+        "train": "The prompts come from the training split: combinations the embedded model saw in training.",
+        "any": "The prompts mix seen and unseen combinations of template and answer.",
+    }
     lines = ["## Tasks", "",
              "Each task has clean prompts and corrupted twins that differ in one token and change the answer. "
              "*Accuracy* is two-way: the answer's logit beats the competing answer's (IOI: the indirect object beats "
-             "the subject; capitals: the capital beats the corrupted country's capital), so chance is 0.5. "
+             "the subject; Country -> capital: the capital beats the corrupted country's capital), so chance is 0.5. "
              "*Top-1 accuracy*: the answer is the model's first choice over the whole vocabulary. *Logit difference*: "
-             "answer minus competitor at the last position, on the clean and the corrupted prompts.", "",
-             "| task | prompts | accuracy | top-1 accuracy | logit diff clean | logit diff corrupt |",
-             "|---|---|---|---|---|---|"]
+             "answer minus competitor at the last position, on the clean and the corrupted prompts. "
+             + " ".join(split_text[x] for x in sorted(s for s in splits if s in split_text)), "",
+             "| task | what it asks | prompts | split | accuracy | top-1 accuracy | logit diff clean | logit diff corrupt |",
+             "|---|---|---|---|---|---|---|---|"]
+    split_name = {"heldout": "held out", "train": "training", "any": "any", None: "none"}
     for task, r in base["tasks"].items():
-        lines.append(f"| {_title(task)} | {r['n_prompts']} ({r['split'] or 'no split'}) | {r['accuracy']:.3f} "
-                     f"| {r['top1_accuracy']:.3f} | {r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |")
+        what = TASK_SPECS[task].description if task in TASK_SPECS else ""
+        lines.append(f"| {_title(task)} | {what} | {r['n_prompts']} | {split_name.get(r['split'], r['split'])} "
+                     f"| {r['accuracy']:.3f} | {r['top1_accuracy']:.3f} | {r['logit_diff']:.2f} "
+                     f"| {r['corrupt_logit_diff']:.2f} |")
     valid = [r for r in base["relations"] if r["valid"]]
     return lines + ["", "## Relations", "",
-                    f"{len(valid)} of {len(base['relations'])} MAPS relations keep at least 30 pairs whose source and "
-                    "target are single tokens for this tokenizer (MAPS's filter): "
-                    + ", ".join(f"{r['relation']} ({r['kept']}/{r['total']})" for r in valid) + ".", ""]
+                    f"MAPS scores heads per *relation*: a list of (source, target) word pairs. {len(valid)} of "
+                    f"{len(base['relations'])} MAPS relations keep at least 30 pairs whose source and target are single "
+                    "tokens for this tokenizer (MAPS's filter): "
+                    + ", ".join(f"{r['relation']} ({r['kept']} of {r['total']} pairs; written \"{_rel(r['relation'])}\" "
+                                "below)" for r in valid) + ".", ""]
 
 
 def _skipped_md(title: str, part: dict) -> list[str]:
@@ -722,122 +1033,211 @@ def _discovery_md(disc: dict, steps: dict) -> list[str]:
         return ["## Circuit discovery", ""] + [f"{_title(t)}: {d['skipped']}." for t, d in disc.items()] + [""]
     first = next(iter(done.values()))
     target = first["meta"]["target"]
+    conventions = first["heldout"]
     lines = ["## Circuit discovery", "",
              "Every head is scored by **activation patching** (noising: the clean prompt runs, and one head's output "
              "at every position is replaced by its output on the corrupted prompt; the score is the fraction of the "
              "logit difference lost, so 1 = the head carries it all, 0 = nothing, negative = the head works against "
-             "the answer), by attribution patching (a gradient approximation)"
-             + (" and by path patching to the logits. " if "path_patch" in first["scores"] else
-                " (path patching left out on request). ") +
-             f"The head set is the smallest top-k by |activation patching| whose **faithfulness** reaches {target:.0%} "
-             f"on {first['meta']['n_selection']} selection prompts: every other head is mean-ablated (its output "
-             "replaced by its mean over the corrupted prompts, BOS excluded) and faithfulness is the remaining logit "
-             "difference as a fraction of the full model's. It is then measured again on "
-             f"{first['meta']['n_heldout']} held-out prompts under five ablation conventions, with 95% bootstrap "
-             "intervals over prompts. A head set is called a **circuit** only when it reaches the target on held-out "
-             "prompts under at least two conventions.", "",
-             "| task | head set | reached target (selection) | mean | mean, BOS in means | template mean | resample "
-             "| zero | conventions reaching the target |", "|---|---|---|---|---|---|---|---|---|"]
+             "the answer), by attribution patching (a gradient approximation of the same)"
+             + (" and by path patching to the logits (only the head's direct path to the output is patched). "
+                if "path_patch" in first["scores"] else " (path patching left out on request). ") +
+             f"The **head set** is the smallest top-k by |activation patching| whose **faithfulness** reaches "
+             f"{target:.0%} on the selection prompts. Faithfulness: every head *outside* the "
+             "set is ablated (its output replaced, see the conventions below), and the remaining logit difference is "
+             "divided by the full model's; 1 = the set alone does what the model does. The set is then measured again "
+             f"on **held-out** prompts (disjoint from the selection prompts; a held-out prompt whose text is also a "
+             f"selection prompt is dropped, so a task with few distinct prompts has fewer) under {len(conventions)} "
+             "ablation conventions, with 95% bootstrap intervals over prompts. A head set is called a **circuit** only "
+             "when it reaches the target on held-out prompts under at least two conventions.", "",
+             "| task | prompts (selection / held out) | head set | reached target (selection) | " + " | ".join(conventions)
+             + " | conventions reaching the target |", "|" + "---|" * (5 + len(conventions))]
     for task, d in disc.items():
         if "skipped" in d:
-            lines.append(f"| {_title(task)} | {d['skipped']} | | | | | | | |")
+            lines.append(f"| {_title(task)} | | {d['skipped']} |" + " |" * (2 + len(conventions)))
             continue
         cells = [f"{h['faithfulness']:.2f} [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]" for h in d["heldout"].values()]
         verdict = f"{len(d['robust'])} of {len(d['heldout'])}" + (": a circuit" if len(d["robust"]) >= 2 else
                                                                   ": not called a circuit")
-        lines.append(f"| {_title(task)} | {', '.join(d['circuit']['heads'])} | "
+        lines.append(f"| {_title(task)} | {d['meta']['n_selection']} / {d['meta']['n_heldout']} "
+                     f"| {', '.join(d['circuit']['heads'])} | "
                      f"{'yes' if d['reached_target'] else 'no (most faithful k shown)'} "
                      f"({d['selection']['faithfulness']:.2f}) | " + " | ".join(cells) + f" | {verdict} |")
-    lines += ["", "Held-out faithfulness under each convention, with its 95% bootstrap interval. Faithfulness above 1 "
-              "means the head set alone gives a larger logit difference than the full model (other heads pull "
-              "against the answer).", ""]
+    lines += ["", "Each cell: held-out faithfulness [95% bootstrap interval]. Faithfulness above 1 means the head set "
+              "alone gives a larger logit difference than the full model (ablated heads pulled against the answer). "
+              "The conventions differ in what replaces the output (`hook_z`, the attention-weighted values before "
+              "W_O) of every head outside the set; means and resamples come from the corrupted prompts:", ""]
+    lines += [f"- {_convention_md(name, h['ablation'])}." for name, h in conventions.items()]
+    lines.append("")
     per = {}
     for name, v in steps.items():  # "discover <task>: <method>" -> wall seconds
         if name.startswith("discover ") and ": " in name:
             task, method = name[len("discover "):].split(": ", 1)
-            per.setdefault(task, []).append(f"{method} {v['wall']:.1f}")
+            per.setdefault(task, []).append(f"{METHOD_LABELS.get(method, method)} {v['wall']:.1f}")
     if per:
-        lines += ["Time per method (s): " + "; ".join(f"{_title(k)}: " + ", ".join(v) for k, v in per.items()), ""]
+        lines += ["Time per method (wall seconds): " + "; ".join(f"{_title(k)}: " + ", ".join(v)
+                                                                 for k, v in per.items()) + ".", ""]
     return lines
 
 
-def _scoring_md(scoring: dict) -> list[str]:
+def _scoring_md(scoring: dict, live: set[str] | None) -> list[str]:
     if not scoring:
         return []
     if "skipped" in scoring:
         return _skipped_md("MAPS head scores (parameters only)", scoring)
+    first = next(iter(scoring.values()))
+    meta = first["static"].get("meta", {})
+    dyn_meta = next((v["dynamic_with_context"]["meta"] for v in scoring.values() if v.get("dynamic_with_context")), None)
+    inputs = meta.get("inputs", "")
     lines = ["## MAPS head scores (parameters only)", "",
              "A head's **static score** for a relation is the fraction of its (source, target) pairs for which the "
-             "head's OV circuit maps the source token's embedding to the target among its top-k vocabulary entries "
-             "(k = 1 for copying relations, 10 otherwise): m = x_s W_V W_O W_U, no forward pass. The *suppression* "
-             "score asks the same of -m. *Dynamic* scores apply the same test to what the head actually writes at "
-             "the last position of neutral prompts; r is their Pearson correlation with the static scores over all "
-             "heads.", "",
-             "| relation | k | pairs | top heads (score) | top suppression heads | r static-dynamic (without / with context) |",
-             "|---|---|---|---|---|---|"]
+             "head's OV circuit maps the source token to the target among its top-k vocabulary entries "
+             "(k = 1 for copying relations, 10 otherwise): m = x_s W_V W_O W_U, computed from the weights alone, no "
+             "forward pass. **x_s** is the source token's input to the head: "
+             + (f"here {inputs}" if inputs else "W_E[s]") + ". W_E[s] is the source token's row of the embedding "
+             "matrix" + ("; MLP_0(LN2_0(W_E[s])) is block 0's MLP applied to it after block 0's second LayerNorm (the "
+                         "MLP's output alone, as the MAPS authors do)" if "MLP_0" in inputs else "")
+             + ". No positional embedding, no LayerNorm in "
+             "front of W_V, no biases, no final LayerNorm. The *suppression* score asks the same of -m (the head "
+             "pushes the target down)."]
+    if dyn_meta:
+        used, dropped = dyn_meta.get("templates", []), dyn_meta.get("templates_dropped", {})
+        lines[-1] += (" *Dynamic* scores apply the same test to what the head actually writes at the last position "
+                      "of **neutral prompts**: MAPS's experiment-1 templates filled with each source word ("
+                      + ", ".join(f'"{t}"' for t in used) + "".join(
+                          f"; dropped ({why}): " + ", ".join(f'"{t}"' for t, w in dropped.items() if w == why)
+                          for why in dict.fromkeys(dropped.values())) + "). *With context* is the normal "
+                      "forward pass; *without context* forces the head's attention at the last position onto the "
+                      "source word. r is the Pearson correlation of dynamic and static scores over all heads "
+                      "(pooled over templates).")
+    lines.append("")
+    if live is not None and any(h["head"] not in live for v in scoring.values()
+                                for h in v["top_heads"][:3] + v["top_suppression_heads"][:3]):
+        lines += [f"Top heads are listed among the {len(live)} live heads only: the other heads are switched off "
+                  "(their OV weights are ~0, see the overlap section) and their tiny scores are noise.", ""]
+    lines += ["| relation | k | pairs | top heads (score) | top suppression heads | r static-dynamic (without / with context) |",
+              "|---|---|---|---|---|---|"]
+    low = []
     for rel, r in scoring.items():
-        top = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_heads"][:3])
-        sup = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in r["top_suppression_heads"][:3])
+        top = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in _top_live(r["top_heads"], live)) or "none > 0"
+        sup = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in _top_live(r["top_suppression_heads"], live)) or "none > 0"
         rr = r["r_static_dynamic"]
         r_text = f"{_f(rr['without_context'])} / {_f(rr['with_context'])}" if rr else "not run (skip: dynamic)"
-        lines.append(f"| {rel} | {r['k']} | {r['pairs_used']}/{r['pairs_total']} | {top} | {sup} | {r_text} |")
-    lines += ["", "### MAPS's causal check", "",
-              "As the MAPS authors run it: the relation's heads with a positive static score, best first, are "
-              "zero-ablated cumulatively at the last position of the relation's prompts, and top-1 accuracy is "
-              "tracked; baselines are as many random heads (from all heads except the relation's, 5 draws) and the "
-              "relation's heads ablated on *other* relations' prompts (the control: relations sharing < 15% of the "
-              "heads, clean accuracy within 0.2). circuitlib adds the two-way accuracy, the relation's heads on "
-              "the report's tasks, and layer-matched random live heads with a p-value.", "",
-              "| relation | prompts | m | heads | top-1 clean -> heads ablated | random heads (MAPS) | controls "
-              "| layer-matched random (mean, p) |", "|---|---|---|---|---|---|---|---|"]
-    for rel, r in scoring.items():
-        c = r.get("causal_check")
-        if not c or "skipped" in c:
-            lines.append(f"| {rel} | — | — | — | {'skipped: ' + c['skipped'] if c else 'not run (skip: causal_check)'} "
-                         "| | | |")
-            continue
-        s = c["summary"]
-        ctrl = "; ".join(f"{k}: {v[0]:.2f} -> {v[1]:.2f}" for k, v in s["control_top1_accuracy"].items()) or \
-            f"none qualified ({len(c['control_candidates'])} considered)"
-        er = c["extra_random"]
-        extra = f"{er['top1_accuracy_mean']:.2f}, p = {er['p_value']:.3g} ({er['n_draws']} sets)" if er.get("n_draws") \
-            else er.get("note", "—")
-        live = s.get("random_heads_live_fraction")
-        lines.append(f"| {rel} | {c['prompts']} | {c['m']} | {', '.join(c['top']['heads'])} | "
-                     f"{s['clean_top1_accuracy']:.2f} -> {s['top_top1_accuracy']:.2f} "
-                     f"| {_f(s.get('random_top1_accuracy'))}" + (f" ({live:.0%} of the drawn heads live)" if live is not None
-                                                                and live < 1 else "") + f" | {ctrl} | {extra} |")
-    lines += ["", "m follows MAPS's rule (50 heads for gpt2-medium's 384); on models so small that the rule would "
-              "ablate more than a quarter of the heads, gpt2-medium's ratio (3 of the embedded model's 24).", ""]
+        if rr and rr.get("with_context") is not None and rr["with_context"] < 0.5:
+            low.append(f"{_rel(rel)} ({rr['with_context']:.2f})")
+        lines.append(f"| {_rel(rel)} | {r['k']} | {r['pairs_used']} of {r['pairs_total']} | {top} | {sup} | {r_text} |")
+    lines.append("")
+    if low:
+        lines += [f"**Low with-context r** ({', '.join(low)}): with context, a head's output at the last position "
+                  "depends on where it attends, not only on its OV map, so a low r says the heads do not write the "
+                  "source's target *at that position of these prompts*; it does not say their OV maps lack the "
+                  "relation. Notebook 03 (§3, \"Why the with-context scores are ~0 on this model\") works this out "
+                  "for the embedded model.", ""]
+    lines += _causal_md(scoring)
     return lines
 
 
-def _overlap_md(overlap: dict) -> list[str]:
-    from .overlap import TestRow, test_table
+def _causal_md(scoring: dict) -> list[str]:
+    checks = [v["causal_check"] for v in scoring.values() if v.get("causal_check") and "skipped" not in v["causal_check"]]
+    m_rule = checks[0]["m_rule"] if checks else ""
+    lines = ["### MAPS's causal check", "",
+             "As the MAPS authors run it: the relation's top heads by static score (only heads with a positive "
+             "score), best first, are **zero-ablated** cumulatively at the last position of the relation's prompts, "
+             "and top-1 accuracy is tracked. **m** is the number of heads ablated: MAPS's rule (50 heads for "
+             "gpt2-medium's 384); on models so small that the rule would ablate more than a quarter of the heads, "
+             "gpt2-medium's ratio" + (f". Here: {m_rule}" if m_rule else "") + ". Baselines: as many random heads "
+             "(MAPS: 5 draws from all heads except the relation's), and the relation's heads ablated on *other* "
+             "relations' prompts (MAPS's control: relations sharing < 15% of the heads, clean accuracy within 0.2). "
+             "circuitlib adds random **live** heads, layer-matched where the layers allow, with an empirical p-value "
+             "(1 + number of sets at least as harmful) / (1 + number of sets).", "",
+             "| relation | prompts | m | heads | top-1 clean -> heads ablated | random heads (MAPS) | controls "
+             "| random live heads (mean top-1, p) |", "|---|---|---|---|---|---|---|---|"]
+    for rel, r in scoring.items():
+        c = r.get("causal_check")
+        if not c or "skipped" in c:
+            lines.append(f"| {_rel(rel)} | — | — | — | {'skipped: ' + c['skipped'] if c else 'not run (skip: causal_check)'} "
+                         "| | | |")
+            continue
+        s = c["summary"]
+        ctrl = "; ".join(f"{_rel(k)}: {v[0]:.2f} -> {v[1]:.2f}" for k, v in s["control_top1_accuracy"].items()) or \
+            f"none qualified ({len(c['control_candidates'])} considered)"
+        er = c["extra_random"]
+        n = er.get("n_draws") or 0
+        if n and 1 / (n + 1) > 0.05:
+            extra = (f"{er['top1_accuracy_mean']:.2f}; not testable: only {_n(n, 'random live-head set')} "
+                     f"{'exists' if n == 1 else 'exist'}" if er.get("exhaustive") else
+                     f"{er['top1_accuracy_mean']:.2f}; not testable: {_n(n, 'draw')}, p >= {1 / (n + 1):.2g}")
+        elif n:
+            extra = f"{er['top1_accuracy_mean']:.2f}, p = {er['p_value']:.3g} ({_n(n, 'set')})"
+        else:
+            extra = er.get("note", "—")
+        live_frac = s.get("random_heads_live_fraction")
+        prompts = f"{c['n_prompts']}, {c['prompts']}" if c.get("n_prompts") else c["prompts"]
+        lines.append(f"| {_rel(rel)} | {prompts} | {c['m']} | {', '.join(c['top']['heads'])} | "
+                     f"{s['clean_top1_accuracy']:.2f} -> {s['top_top1_accuracy']:.2f} "
+                     f"| {_f(s.get('random_top1_accuracy'))}" + (f" ({live_frac:.0%} of the drawn heads live)"
+                                                                if live_frac is not None and live_frac < 1 else "")
+                     + f" | {ctrl} | {extra} |")
+    return lines + [""]
 
+
+def _note_md(note: str, tasks: Sequence[str]) -> str:
+    import re
+
+    m = re.fullmatch(r"remove (\S+) circuit -> (\S+): (.*)", note)
+    if m:
+        return f"Removing the {_title(m[1])} head set, measured on {_title(m[2])}: {m[3]}"
+    return note[:1].upper() + note[1:]
+
+
+def _overlap_md(overlap: dict) -> list[str]:
     if overlap and "skipped" in overlap:
         return _skipped_md("Overlap and reuse", overlap)
     if not overlap or not overlap.get("table"):
         return []
     tab = overlap["table"]
-    rows = [TestRow(**{k: r[k] for k in ("name", "statistic", "value", "p", "how", "n", "min_p")}) for r in tab["rows"]]
-    table = test_table(rows, alpha=tab["alpha"], correction=tab["correction"])
+    tasks = list(overlap.get("tasks") or [])
+    n_live = len(overlap["live_heads"])
     lines = ["## Overlap and reuse", "",
              "Do the tasks' head sets share heads, do MAPS scores find the heads causal discovery finds, and does "
              "removing one task's head set hurt another task? All tests form **one family**, corrected together "
-             f"(Holm). Rank statistics use only the **live heads** ({len(overlap['live_heads'])} of them: heads whose "
-             "OV weights are not switched off), because dead heads tie at zero and would make any two scorings look "
-             "alike. p-values are exact (all permutations / labellings, or hypergeometric) where feasible, else "
-             "Monte Carlo with >= 20,000 permutations; random-set ablation p-values count the random head sets that "
-             "hurt at least as much (with +1). 'can reach' says whether a test could be significant at all at its n.",
-             "", table.to_markdown(), ""]
+             f"(Holm). Rank statistics use only the **live heads** ({n_live} of them: heads whose OV weights are not "
+             "switched off), because dead heads tie at zero and would make any two scorings look alike. *Shared heads*: "
+             "how many heads two sets have in common (tested against drawing the sets at random, hypergeometric). "
+             "*Spearman ρ*: rank correlation of two per-head scorings (1 = same order). *AUROC*: the chance that a head "
+             "of the head set scores higher than a head outside it (1 = all above, 0.5 = chance). p-values are exact "
+             "(all permutations / labellings, or hypergeometric) where feasible, else Monte Carlo with >= 20,000 "
+             "permutations. *Smallest possible p*: the p the most extreme data could give at this n; *p (Holm)*: p "
+             f"adjusted over the {tab['n_tests']} rows; *significant*: adjusted p <= {tab['alpha']:g}; *can reach*: "
+             "whether the row would be significant at its smallest possible p, the other rows as observed ('no': the "
+             "test cannot show anything at this n, whatever the data).", "",
+             *_test_table_md(tab["rows"], tasks, family=True), ""]
+    readings = [x for x in (_reading(r, overlap, True) for r in tab["rows"]) if x]
+    if readings:
+        lines += ["How to read it:", "", *readings, ""]
     if overlap.get("apart"):
         ap = overlap["apart"]
-        rows = [TestRow(**{k: r[k] for k in ("name", "statistic", "value", "p", "how", "n", "min_p")}) for r in ap["rows"]]
-        lines += ["Kept apart from the family (too few random draws for their p to pass the corrected bar):", "",
-                  test_table(rows, alpha=ap["alpha"]).to_markdown(), ""]
-    lines += [f"- {n}" for n in overlap.get("notes", [])]
-    return lines + [""]
+        lines += ["**Kept apart from the family**: cross-task ablations, where one task's head set is mean-ablated "
+                  "and another task is measured, against random sets of as many live heads. The *normalised logit "
+                  "diff* is (x - corrupted) / (clean - corrupted): 1 = the task is untouched, 0 = as bad as the "
+                  "corrupted prompts. These rows have too few random sets for their p to pass a corrected bar, so "
+                  "they are reported, not tested:", "", *_test_table_md(ap["rows"], tasks, family=False), ""]
+        reuse = overlap.get("reuse") or {}
+        for r in ap["rows"]:
+            parsed = _parse_test(r["name"])
+            if not parsed or "a" not in parsed[1] or "b" not in parsed[1]:
+                continue
+            c, t = parsed[1]["a"], parsed[1]["b"]
+            cell = reuse.get(c, {}).get(t)
+            if not cell:
+                continue
+            lines.append(f"- Removing the {_title(c)} head set leaves {_title(t)} at {cell['ablated']['normalised']:.2f} "
+                         f"(random live-head sets of the same size: {cell['random_mean']['normalised']:.2f} on average, "
+                         f"{_n(cell['n_random'], 'set')}{', every one that exists' if cell.get('exhaustive') else ''}).")
+        lines.append("")
+    notes = overlap.get("notes", [])
+    if notes:
+        lines += ["Notes:", ""] + [f"- {_note_md(n, tasks)}" for n in notes] + [""]
+    return lines
 
 
 def render_markdown(s: dict) -> str:
@@ -847,10 +1247,13 @@ def render_markdown(s: dict) -> str:
     lines = [f"# circuitlib report: {m['name']}", "",
              f"{m['n_layers']} layers x {m['n_heads']} heads, d_model {m['d_model']}, vocabulary {m['d_vocab']}"
              f"{', attention-only' if m['attn_only'] else ''}; {m['n_params']:,} parameters. Weights unprocessed "
-             "(no LayerNorm folding), as MAPS uses them. Heads are named layer.head.", ""]
-    lines += _plan_md(s.get("settings", {}))
+             "(no LayerNorm folding), as MAPS uses them. Heads are named layer.head (1.6 = layer 1, head 6). The "
+             "report asks which heads carry two tasks (circuit discovery, by intervening on the model), which heads "
+             "MAPS finds from the weights alone, and whether the two agree.", ""]
+    lines += _summary_md(s)
+    lines += _plan_md(s.get("settings", {}), m)
     lines += _tasks_md(base) + _discovery_md(s.get("discovery", {}), s.get("step_seconds", {}).get("discovery", {}))
-    lines += _scoring_md(s.get("scoring", {}))
+    lines += _scoring_md(s.get("scoring", {}), _live(s))
     lines += _overlap_md(s.get("overlap", {}))
     lines += ["## Figures", ""]
     for name, fig in s.get("figures", {}).items():
@@ -863,17 +1266,29 @@ def render_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _plan_md(settings: dict) -> list[str]:
+def _plan_md(settings: dict, model: dict | None = None) -> list[str]:
     plan = settings.get("plan")
     if not plan:
         return []
     causal = "every pair" if plan["causal_prompts"] is None else f"at most {plan['causal_prompts']}"
     reuse = plan["n_prompts"] if plan["reuse_prompts"] is None else plan["reuse_prompts"]
+    rule = plan.get("rule", "")
+    given = rule.split("; given: ", 1)[1] if "; given: " in rule else ""
+    if model:
+        n_heads = model["n_layers"] * model["n_heads"]
+        why = (f"The model has {n_heads} heads (<= {BIG_MODEL_HEADS}), so every count is at its full value; models "
+               f"with more than {BIG_MODEL_HEADS} heads get smaller counts, because each of their forward passes costs "
+               "far more (circuitlib.report.report_plan)." if n_heads <= BIG_MODEL_HEADS else
+               f"The model has {n_heads} heads (> {BIG_MODEL_HEADS}), so it gets the smaller big-model counts: each of "
+               "its forward passes costs far more than on a small model (circuitlib.report.report_plan).")
+    else:
+        why = f"Why these counts: {rule} (circuitlib.report.report_plan)."
     lines = ["## How much work", "",
              f"Prompts per task: {plan['n_prompts']} for the baseline, {plan['discovery_prompts']} selection and as "
              f"many held-out prompts for circuit discovery, {reuse} for the cross-task ablations; MAPS's causal check: "
-             f"{causal} per relation, {plan['causal_random']} layer-matched random head sets; cross-task ablation: "
-             f"{plan['n_random']} random head sets. Why these counts: {plan['rule']} (circuitlib.report.report_plan)."]
+             f"{causal} per relation, {plan['causal_random']} random live-head sets; cross-task ablation: "
+             f"{plan['n_random']} random head sets (fewer when fewer exist). {why}"
+             + (f" Set by hand for this run: {given}." if given else "")]
     if plan.get("screen") is not None or plan.get("max_k") is not None:
         lines.append(
             "Circuit discovery on this many heads: "
