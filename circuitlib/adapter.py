@@ -111,16 +111,19 @@ def frozen_kv_cache(
     prefix_v: Mapping[int, Float[Tensor, "batch prefix kv_heads d_head"]],
     layer: int,
     copies: int = 1,
+    stop_at_layer: int | None = None,
 ):
     """A frozen TransformerLens key/value cache holding each layer's keys and values of the first
     positions (``prefix_k[l]``, ``prefix_v[l]``: ``hook_k`` / ``hook_v`` activations ``[batch, P, heads,
-    d_head]``), repeated ``copies`` times along the batch, for layers ``>= layer`` (earlier layers are
-    not run). Frozen: forward passes read it and never append to it. ``P`` may be 0."""
+    d_head]``), repeated ``copies`` times along the batch, for layers ``layer .. stop_at_layer - 1``
+    (default: to the last layer; layers outside are not run). Frozen: forward passes read it and never
+    append to it. ``P`` may be 0."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+    stop = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
     entries = [
-        None if l < layer else TransformerLensKeyValueCacheEntry(
+        None if not layer <= l < stop else TransformerLensKeyValueCacheEntry(
             prefix_k[l].repeat(copies, 1, 1, 1), prefix_v[l].repeat(copies, 1, 1, 1), frozen=True)
         for l in range(model.cfg.n_layers)
     ]

@@ -171,11 +171,13 @@ def _setup(model: HookedTransformer, batch: TaskBatch, direction: Direction, met
     if bool((batch.clean == batch.corrupt).all()):
         raise ValueError("clean and corrupt prompts are identical: there is nothing to patch")
     keep = lambda n: names(n) or adapter.restart_activation(model, n)  # noqa: E731
-    clean_logits, clean_cache = model.run_with_cache(clean, names_filter=keep)
-    corrupt_logits, corrupt_cache = model.run_with_cache(corrupt, names_filter=keep)
+    L = model.cfg.n_layers
+    # residual stream after the last block; logits only at END (final norm + unembedding by readout)
+    clean_resid, clean_cache = model.run_with_cache(clean, names_filter=keep, stop_at_layer=L)
+    corrupt_resid, corrupt_cache = model.run_with_cache(corrupt, names_filter=keep, stop_at_layer=L)
     raw = _end_metric(metric)
-    clean_value = float(raw(_end(clean_logits, batch), batch))
-    corrupt_value = float(raw(_end(corrupt_logits, batch), batch))
+    clean_value = float(raw(readout(model, _end(clean_resid, batch)), batch))
+    corrupt_value = float(raw(readout(model, _end(corrupt_resid, batch)), batch))
     normalised = metric == "logit_diff"
     if normalised:
         check_span(clean_value, corrupt_value)
@@ -197,7 +199,6 @@ def _setup(model: HookedTransformer, batch: TaskBatch, direction: Direction, met
     base, source = packed(base_cache), packed(src_cache)
     pos_embed = base.pop("hook_pos_embed", None)
     source.pop("hook_pos_embed", None)
-    L = model.cfg.n_layers
     prefix_k = {l: base_cache[f"blocks.{l}.attn.hook_k"][:, :P] for l in range(L)}
     prefix_v = {l: base_cache[f"blocks.{l}.attn.hook_v"][:, :P] for l in range(L)}
     return _Setup(
@@ -644,35 +645,56 @@ class ScreenedPatching(Result):
 @torch.no_grad()
 def _patch_masks(setup: _Setup, masks: Tensor, chunk: int | None = None) -> Tensor:
     """Exact joint patching: copy ``c`` gets every head with ``masks[c, l, h]`` taken from the source
-    run (``hook_z``, all positions), all others left as in the base run. Copies are grouped by their
-    first patched layer (each group's forward starts there). Returns the raw metric ``[C]``."""
+    run (``hook_z``, all positions), all others left as in the base run. Returns the raw metric ``[C]``.
+
+    Staggered forward: one block at a time, each copy joining at its first patched layer (its
+    residual stream there is the cached base run's), so a batch of copies that start at different
+    layers costs one pass over the blocks from the lowest start, not one pass per start layer."""
     C, L, H = masks.shape
     out = torch.empty(C)
     has = masks.any(-1)  # [C, L]
     first = torch.where(has.any(1), has.float().argmax(1), torch.full((C,), L))
-    size = _chunk_size(chunk, setup)
-    for start in sorted(set(first.tolist())):
-        idx = (first == start).nonzero().flatten()
-        if start == L:  # nothing patched
-            out[idx] = setup.base_value
-            continue
-        for c in _chunks(len(idx), size):
-            rows = idx[c.start:c.stop]
-            m = masks[rows]
-
-            def hook(z, hook, m=m):
-                layer = int(hook.name.split(".")[1])
-                sel = m[:, layer]
-                if not bool(sel.any()):
-                    return z
-                src = setup.source[hook.name]  # [B, T, H, d]
-                zc = z.reshape(len(m), -1, *z.shape[1:])
-                zc = torch.where(sel[:, None, None, :, None].to(z.device), src[None], zc)
-                return zc.reshape(z.shape)
-
-            hooks = [(f"blocks.{l}.attn.hook_z", hook) for l in range(start, L) if bool(m[:, l].any())]
-            out[rows] = _run_copies(setup, start, len(rows), hooks)
+    out[first == L] = setup.base_value  # nothing patched
+    idx = (first < L).nonzero().flatten()
+    idx = idx[first[idx].argsort(stable=True)]
+    for c in _chunks(len(idx), _chunk_size(chunk, setup)):
+        rows = idx[c.start:c.stop]
+        out[rows] = _staggered(setup, masks[rows], first[rows])
     return out
+
+
+@torch.no_grad()
+def _staggered(setup: _Setup, masks: Tensor, start: Tensor) -> Tensor:
+    """Run copies with patch masks ``masks`` [C, L, H] whose first patched layers ``start`` [C] are
+    sorted ascending, block by block from ``start[0]``; copy ``c`` joins at block ``start[c]``."""
+    model, batch = setup.model, setup.batch
+    L, B = model.cfg.n_layers, len(batch)
+    resid: Tensor | None = None
+    n = 0
+    for l in range(int(start[0]), L):
+        joined = int((start <= l).sum())
+        if joined > n:
+            new = setup.base[f"blocks.{l}.hook_resid_pre"].repeat(joined - n, 1, 1)
+            resid = new if resid is None else torch.cat([resid, new])
+            n = joined
+        sel = masks[:n, l]  # [n, H]
+
+        def hook(z, hook, sel=sel, n=n):
+            src = setup.source[hook.name]  # [B, T, H, d]
+            zc = z.reshape(n, B, *z.shape[1:])
+            return torch.where(sel[:, None, None, :, None].to(z.device), src[None], zc).reshape(z.shape)
+
+        hooks = [(f"blocks.{l}.attn.hook_z", hook)] if bool(sel.any()) else []
+        cache = adapter.frozen_kv_cache(model, setup.prefix_k, setup.prefix_v, l, n, stop_at_layer=l + 1)
+        pos = None if setup.pos_embed is None else setup.pos_embed.repeat(n, 1, 1)
+        with model.hooks(fwd_hooks=hooks):
+            resid = adapter.forward_from_layer(model, resid, l, stop_at_layer=l + 1, kv_cache=cache,
+                                               attention_mask=setup.attn_mask.repeat(n, 1),
+                                               shortformer_pos_embed=pos)
+    assert resid is not None and n == len(start)
+    rows = torch.arange(n * B)
+    logits = readout(model, resid[rows, setup.end_rel.to(resid.device).repeat(n)])
+    return torch.stack([setup.raw(part, batch) for part in logits.split(B)])
 
 
 def _screen_estimates(setup: _Setup, groups: int) -> tuple[Tensor, Tensor]:
@@ -732,6 +754,8 @@ def act_patch_screened(
     initial: int | None = None,
     step: int | None = None,
     diagnostic_samples: int = 8,
+    strata: int | None = None,
+    max_subsets: int | None = None,
     z: float = 2.0,
     max_verified: int | None = None,
     seed: int = 0,
@@ -800,26 +824,48 @@ def act_patch_screened(
     t_screen = time.perf_counter() - t0
     rank = torch.maximum(screen.abs(), graddrop)
     order = rank.flatten().argsort(descending=True).tolist()
+    flat_screen = screen.flatten()
     exact = torch.full((N,), float("nan"))
     done = torch.zeros(N, dtype=torch.bool)
     initial = max(top_k or 0, 8) if initial is None else initial
     step = max(4, N // 24) if step is None else step
     cap = N if max_verified is None else max_verified
     gen = torch.Generator().manual_seed(seed)
-    subsets: list[Tensor] = []  # [N] bool masks
+    n_strata = min(L, 6) if strata is None else int(strata)
+    if not 1 <= n_strata <= L:
+        raise ValueError(f"strata must be between 1 and n_layers = {L}; got {strata}")
+    sub_cap = 8 * diagnostic_samples if max_subsets is None else int(max_subsets)
+    cuts = sorted({round(i * L / n_strata) for i in range(n_strata + 1)})
+    layer_of = torch.arange(N) // H
+    stratum_of = torch.bucketize(layer_of, torch.tensor(cuts[1:-1]), right=True)  # [N] layer group
+    subsets: list[Tensor] = []  # [N] bool masks, each within one stratum
+    sub_stratum: list[int] = []
     sub_values: list[float] = []
     rounds: list[dict] = []
-    n_patched = {"single": 0, "subsets": 0}
+    n_patched = {"single": 0, "subsets": 0, "copy_layers": 0}
 
-    def verify(idx: list[int]) -> None:
-        idx = [i for i in idx if not done[i]][: max(0, cap - int(done.sum()))]
-        if not idx:
+    def run(idx: list[int], new: list[tuple[Tensor, int]]) -> None:
+        """One staggered batch: exact single-head patches of ``idx`` and the new subsets."""
+        idx = [i for i in dict.fromkeys(idx) if not done[i]][: max(0, cap - int(done.sum()))]
+        masks = torch.zeros(len(idx) + len(new), N, dtype=torch.bool)
+        if idx:
+            masks[torch.arange(len(idx)), torch.tensor(idx)] = True
+        for j, (mask, _) in enumerate(new):
+            masks[len(idx) + j] = mask
+        if len(masks) == 0:
             return
-        masks = torch.zeros(len(idx), N, dtype=torch.bool)
-        masks[torch.arange(len(idx)), torch.tensor(idx)] = True
-        exact[idx] = setup.score(_patch_masks(setup, masks.view(-1, L, H), chunk))
-        done[idx] = True
-        n_patched["single"] += len(idx)
+        vals = setup.score(_patch_masks(setup, masks.view(-1, L, H), chunk))
+        starts = torch.where(masks.any(1), (masks.float().argmax(1) // H), torch.full((len(masks),), L))
+        n_patched["copy_layers"] += int((L - starts).sum())
+        if idx:
+            exact[idx] = vals[: len(idx)]
+            done[idx] = True
+            n_patched["single"] += len(idx)
+        for j, (mask, g) in enumerate(new):
+            subsets.append(mask)
+            sub_stratum.append(g)
+            sub_values.append(float(vals[len(idx) + j]))
+        n_patched["subsets"] += len(new)
 
     def threshold() -> float:
         vals = exact[done].abs().sort(descending=True).values
@@ -828,9 +874,55 @@ def act_patch_screened(
             theta = min(theta, float(vals[top_k - 1]) if len(vals) >= top_k else 0.0)
         return theta
 
-    verify(order[:initial])
+    def halves(heads: Tensor, g: int, count: int) -> list[tuple[Tensor, int]]:
+        """``count`` (even) subsets of ``heads``: random halves and their complements."""
+        out = []
+        for _ in range(count // 2):
+            pick = torch.rand(len(heads), generator=gen) < 0.5
+            for part in (heads[pick], heads[~pick]):
+                mask = torch.zeros(N, dtype=torch.bool)
+                mask[part] = True
+                out.append((mask, g))
+        return out
+
+    def diagnose() -> tuple[Tensor, Tensor, Tensor]:
+        """Unverified heads, ``|screen + subsampling estimate of its error|`` and its standard error
+        (inf where the head's stratum has no usable subsets yet)."""
+        left = (~done).nonzero().flatten()
+        pt = flat_screen[left].abs().clone()
+        se = torch.full((len(left),), float("inf"))
+        if not subsets:
+            return left, pt, se
+        S = torch.stack(subsets)
+        gs = torch.tensor(sub_stratum)
+        known = torch.where(done, exact, flat_screen).nan_to_num(0.0)
+        resid = torch.tensor(sub_values) - (S.float() * known).sum(1)
+        for g in stratum_of[left].unique().tolist():
+            rows, cols = gs == g, (stratum_of[left] == g).nonzero().flatten()
+            if int(rows.sum()) < 2:
+                continue
+            inside = S[rows][:, left[cols]].float()  # [m_g, heads]
+            r = resid[rows]
+            n_in, n_out = inside.sum(0), (1 - inside).sum(0)
+            mean_in = (inside * r[:, None]).sum(0) / n_in.clamp(min=1)
+            mean_out = ((1 - inside) * r[:, None]).sum(0) / n_out.clamp(min=1)
+            err = torch.sqrt(float(r.var()) * (1 / n_in.clamp(min=1) + 1 / n_out.clamp(min=1)))
+            err[(n_in == 0) | (n_out == 0)] = float("inf")
+            pt[cols] = (flat_screen[left[cols]] + mean_in - mean_out).abs()
+            se[cols] = err
+        return left, pt, se
+
+    # round 0: the screen's best heads and a first set of subsets in every stratum, one batch
+    first_new = []
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[order[:initial]] = False
+    for g in range(len(cuts) - 1):
+        heads = (rest & (stratum_of == g)).nonzero().flatten()
+        if len(heads) >= 2:
+            first_new += halves(heads, g, diagnostic_samples)
+    run(order[:initial], first_new)
     bound, stopped = float("nan"), "all verified"
-    flat_screen = screen.flatten()
+    rank_flat = rank.flatten()
     while True:
         if bool(done.all()):
             bound, stopped = float("nan"), "all verified"
@@ -839,51 +931,45 @@ def act_patch_screened(
             stopped = "max_verified"
             break
         theta = threshold()
-        pending = [i for i in order if not done[i] and rank.flatten()[i] >= theta]
-        if pending:
-            verify(pending[:step])
-            rounds.append({"verified": int(done.sum()), "threshold": theta, "bound": None,
-                           "reason": "screen", "subsets": len(subsets)})
-            continue
-        # diagnostic: balanced random halves of the unverified heads, patched jointly and exactly
-        left = (~done).nonzero().flatten()
-        new = []
-        for _ in range(diagnostic_samples // 2):
-            pick = torch.rand(len(left), generator=gen) < 0.5
-            a = torch.zeros(N, dtype=torch.bool)
-            a[left[pick]] = True
-            b = torch.zeros(N, dtype=torch.bool)
-            b[left[~pick]] = True
-            new += [a, b]
-        vals = setup.score(_patch_masks(setup, torch.stack(new).view(-1, L, H), chunk))
-        subsets += new
-        sub_values += vals.tolist()
-        n_patched["subsets"] += len(new)
-        S = torch.stack(subsets)  # [m, N]
-        known = torch.where(done, exact, flat_screen)
-        resid = torch.tensor(sub_values) - (S.float() * known.nan_to_num(0.0)).sum(1)
-        var = float(resid.var()) if len(resid) > 1 else float("inf")
-        n_in = S[:, left].sum(0).float()
-        n_out = len(S) - n_in
-        mean_in = (S[:, left].float() * resid[:, None]).sum(0) / n_in.clamp(min=1)
-        mean_out = ((~S[:, left]).float() * resid[:, None]).sum(0) / n_out.clamp(min=1)
-        se = torch.sqrt(var * (1 / n_in.clamp(min=1) + 1 / n_out.clamp(min=1)))
-        se[(n_in == 0) | (n_out == 0)] = float("inf")
-        ucb = (flat_screen[left] + mean_in - mean_out).abs() + z * se
+        pending = [i for i in order if not done[i] and rank_flat[i] >= theta][:step]
+        left, pt, se = diagnose()
+        ucb = pt + z * se
         bound = float(ucb.max())
-        flagged = left[ucb >= theta]
+        by_point = left[pt >= theta]
+        by_point = by_point[pt[pt >= theta].argsort(descending=True)][:step].tolist()
+        to_verify = pending + [i for i in by_point if i not in pending]
+        se_only = (pt < theta) & (ucb >= theta)
+        new: list[tuple[Tensor, int]] = []
+        for g in stratum_of[left[se_only]].unique().tolist():
+            free = [i for i in left[stratum_of[left] == g].tolist() if i not in to_verify]
+            mine = se_only & (stratum_of[left] == g)
+            heads_g = left[mine]
+            m_g = sum(1 for x in sub_stratum if x == g)
+            ratio = (z * se[mine] / (theta - pt[mine])).max()
+            need = diagnostic_samples if not torch.isfinite(ratio) else int(torch.ceil(m_g * ratio ** 2)) - m_g
+            need = max(diagnostic_samples, need + need % 2)
+            low = int(layer_of[torch.tensor(free)].min()) if free else L
+            cost_subsets = need * (L - low)
+            cost_verify = int((L - layer_of[heads_g]).sum())
+            if len(free) >= 2 and m_g + need <= sub_cap and cost_subsets < cost_verify:
+                new += halves(torch.tensor(free), g, min(need, 4 * diagnostic_samples))
+            else:  # more subsets cannot pay off here: patch these heads exactly
+                order_g = heads_g[ucb[mine].argsort(descending=True)].tolist()
+                to_verify += [i for i in order_g if i not in to_verify]
         rounds.append({"verified": int(done.sum()), "threshold": theta, "bound": bound,
-                       "reason": "diagnostic", "subsets": len(subsets), "flagged": len(flagged)})
-        if len(flagged) == 0:
+                       "reason": "screen" if pending and not (by_point or se_only.any()) else "diagnostic",
+                       "subsets": len(subsets), "flagged": len(by_point) + int(se_only.sum()),
+                       "flagged_by_se": int(se_only.sum()), "new_subsets": len(new), "to_verify": len(to_verify)})
+        if not to_verify and not new:
             stopped = "bound"
             break
-        verify(flagged[ucb[ucb >= theta].argsort(descending=True)][:step].tolist())
+        run(to_verify, new)
     theta = threshold()
     exact_grid = exact.view(L, H)
     verified = done.view(L, H)
     combined = torch.where(verified, exact_grid, screen)
     passes = {"single_head_patches": n_patched["single"], "subset_patches": n_patched["subsets"],
-              "graddrop_groups": groups}
+              "copy_layers": n_patched["copy_layers"], "graddrop_groups": groups, "strata": len(cuts) - 1}
     meta = setup.meta("act_patch_screened", threshold=theta, min_fraction=min_fraction, top_k=top_k,
                       verified=int(done.sum()), stopped=stopped, bound=bound, z=z, passes=passes,
                       screen_seconds=round(t_screen, 3), seconds=round(time.perf_counter() - t0, 3))
