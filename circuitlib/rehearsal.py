@@ -98,10 +98,9 @@ class RehearsalError(RuntimeError):
 
 def official_name(name: str) -> str:
     """TransformerLens's official (hub) name for ``name`` ("gpt2-medium", "EleutherAI/pythia-160m")."""
-    import warnings
+    from .models import _tl_quiet  # TransformerLens's import-time warning filtered by message, prints to stderr
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
+    with _tl_quiet():
         from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
