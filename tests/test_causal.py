@@ -13,6 +13,7 @@ from circuitlib.scoring import static_scores_many
 from circuitlib.tasks import capital_batch, task_batch
 from circuitlib.tasks.maps_prompts import MAPS_CAUSAL_TEMPLATES, relation_prompt_batch, template_fits
 from circuitlib.types import HeadScores
+from builders import copying_scores_disjoint_from_capitals
 from oracle import ablate
 
 CAPITAL = "country_to_capital_wikidata"
@@ -78,13 +79,7 @@ def test_causal_check_random_draws_avoid_relation_heads_and_json(capital_check):
 def test_control_follows_the_papers_rule(toy):
     """A fabricated name-copying scoring on heads disjoint from the capital heads makes name copying a
     control (< 15% shared, clean top-1 within 0.2): the capital heads are then ablated on its prompts."""
-    real = static_scores_many(toy, [CAPITAL])
-    cap_heads = causal.relation_heads(real[CAPITAL], 3)
-    fake = torch.zeros(3, 8)
-    free = [(l, h) for l in range(3) for h in range(8) if (l, h) not in cap_heads]
-    for i, (l, h) in enumerate(free[: len(cap_heads)]):
-        fake[l, h] = 1.0 - 0.01 * i
-    scores = {**real, "name_copying": HeadScores(fake, "maps_static", "name_copying", "toy")}
+    scores, cap_heads = copying_scores_disjoint_from_capitals(toy)
     res = causal.causal_check(toy, CAPITAL, scores=scores, n_random=1, n_extra_random=10, n_prompts=40)
     cand = {c["relation"]: c for c in res.control_candidates}
     copying = task_batch("copying", toy.tokenizer, 40)

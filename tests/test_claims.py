@@ -9,6 +9,7 @@ import torch
 
 from circuitlib.interventions import Ablation, run_ablations
 from circuitlib.tasks import ioi_batch
+from builders import copying_scores_disjoint_from_capitals, random_reuse_inputs
 from oracle import ablate
 
 
@@ -70,15 +71,8 @@ def test_random_draw_rows_join_the_family_only_with_enough_draws(toy, monkeypatc
     import numpy as np
 
     from circuitlib import reuse
-    from circuitlib.tasks import task_batch
-    from circuitlib.types import Circuit, HeadScores
 
-    g = torch.Generator().manual_seed(0)
-    rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),
-           "capitals": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "country_to_capital_wikidata", "toy")}
-    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in rel}
-    circuits = {t: Circuit.of(patch[t].top(2, absolute=True), t, "toy") for t in patch}
-    batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
+    rel, patch, circuits, batches = random_reuse_inputs(toy)
     monkeypatch.setattr(reuse, "MIN_DRAWS_IN_FAMILY", 10)
     res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20)
     family = {r.name: r for r in res.table.rows}
@@ -110,18 +104,10 @@ def test_maps_control_is_rejected_when_clean_accuracies_differ_by_the_gap(toy):
     (strictly: the authors' ``abs(main - control) < max_acc_diff``). The gap is measured here with the oracle
     and the rule's bar is put exactly at it (rejected) and just above it (accepted)."""
     from circuitlib import causal
-    from circuitlib.scoring import static_scores_many
     from circuitlib.tasks import task_batch
-    from circuitlib.types import HeadScores
 
     capital = "country_to_capital_wikidata"
-    real = static_scores_many(toy, [capital])
-    cap_heads = causal.relation_heads(real[capital], 3)
-    fake = torch.zeros(3, 8)
-    free = [(l, h) for l in range(3) for h in range(8) if (l, h) not in cap_heads]
-    for i, (l, h) in enumerate(free[: len(cap_heads)]):
-        fake[l, h] = 1.0 - 0.01 * i
-    scores = {**real, "name_copying": HeadScores(fake, "maps_static", "name_copying", "toy")}
+    scores, _ = copying_scores_disjoint_from_capitals(toy)
     copying_top1 = float(ablate(toy, task_batch("copying", toy.tokenizer, 40), [], kind="zero", positions="end")[1]
                          .float().mean())
     capital_top1 = float(ablate(toy, causal.relation_prompts(toy, capital, n=40), [], kind="zero", positions="end")[1]

@@ -10,6 +10,7 @@ from circuitlib import overlap, reuse
 from circuitlib.interventions import control_sets, live_heads
 from circuitlib.tasks import ioi_batch, task_batch
 from circuitlib.types import Circuit, HeadScores
+from builders import random_reuse_inputs
 from oracle import ablate
 
 
@@ -61,12 +62,7 @@ def test_random_controls_name_extra_exclusions_given_as_a_generator(toy):
 
 
 def test_reuse_analysis_cells_equal_direct_calls(toy):
-    g = torch.Generator().manual_seed(0)
-    rel = {"ioi": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "name_copying", "toy"),
-           "capitals": HeadScores(torch.rand(3, 8, generator=g), "maps_static", "country_to_capital_wikidata", "toy")}
-    patch = {t: HeadScores(torch.randn(3, 8, generator=g), "act_patch", t, "toy") for t in rel}
-    circuits = {t: Circuit.of(patch[t].top(2, absolute=True), t, "toy") for t in patch}
-    batches = {t: task_batch(t, toy.tokenizer, 8, seed=0) for t in patch}
+    rel, patch, circuits, batches = random_reuse_inputs(toy)
     res = reuse.reuse_analysis(toy, rel, patch, circuits, batches, n_random=20, n_permutations=20_000)
     live = live_heads(toy)
     pair = res.pairs["ioi|capitals"]
