@@ -149,7 +149,7 @@ def head_heatmaps(
     each panel its own marks (e.g. the *other* task's heads), merged with ``marks``.
     ``mark_styles``: label -> index into :data:`MARK_STYLES` (marker, colour), so that one head set
     keeps its marker in every figure whatever else is marked (the report gives each task its own);
-    labels not in it take the next free styles in alphabetical order of the labels.
+    labels not in it take the styles it does not use, in alphabetical order of the labels.
     ``annotate`` writes the score in each cell (default: only for small grids, <= 64 heads).
     Heads without a computed score (:func:`computed_mask`: NaN, or not among a path-patching run's
     senders) are drawn hatched and unlabelled, with a "not computed" legend entry, never as 0.00.
@@ -184,7 +184,8 @@ def head_heatmaps(
     for pm in panel_marks or []:
         labels |= set(_mark_sets(pm, mark_label))
     styles: dict[str, int] = {label: int(i) for label, i in (mark_styles or {}).items() if label in labels}
-    free = (i for i in range(len(labels) + len(styles) + 1) if i not in styles.values())
+    taken = {int(i) for i in (mark_styles or {}).values()}  # reserved even when its label is not in this figure
+    free = (i for i in range(len(labels) + len(taken) + 1) if i not in taken)
     styles.update({label: next(free) for label in sorted(labels - set(styles))})
     for i, (hs, ax) in enumerate(zip(panels, axes)):
         if (hs.n_layers, hs.n_heads) != (n_layers, n_heads):

@@ -337,3 +337,47 @@ def test_single_panel_legend_fits_in_the_figure():
     fig = plots.head_heatmaps(hs, {"Country -> capital head set": ["0.0"], "IOI head set": ["1.6"]})
     _inside_figure(fig)
     plt.close(fig)
+
+
+def test_mark_styles_fix_each_label_s_marker_whatever_the_alphabet():
+    """``mark_styles`` assigns markers explicitly: "b" gets MARK_STYLES[0] although "a" sorts first, in a figure
+    that shows both and in one that shows "b" alone; labels not in it take the next free style."""
+    from matplotlib.colors import to_rgba
+
+    hs = [HeadScores(torch.rand(3, 8), "maps_static", t, "toy") for t in ("name_copying", "country_to_capital_wikidata")]
+
+    def colour_of(fig, label):
+        leg = fig.legends[0]
+        handle = leg.legend_handles[[t.get_text() for t in leg.get_texts()].index(label)]
+        face = handle.get_facecolor()
+        return tuple(np.round(face[0] if len(face) and face[0][3] > 0 else handle.get_edgecolor()[0], 3))
+
+    def want(i):
+        return tuple(np.round(to_rgba(plots.MARK_STYLES[i][1]), 3))
+
+    styles = {"b set": 0, "a set": 1}
+    both = plots.head_heatmaps(hs, {"a set": [(0, 0)], "b set": [(1, 6)]}, mark_styles=styles)
+    alone = plots.head_heatmaps(hs, {"b set": [(1, 6)]}, mark_styles=styles)
+    extra = plots.head_heatmaps(hs, {"a set": [(0, 0)], "c set": [(2, 1)]}, mark_styles=styles)
+    assert colour_of(both, "b set") == colour_of(alone, "b set") == want(0)
+    assert colour_of(both, "a set") == colour_of(extra, "a set") == want(1)
+    assert colour_of(extra, "c set") == want(2)  # the first style not taken by mark_styles
+    assert [t.get_text() for t in both.legends[0].get_texts()] == ["b set", "a set"]  # legend in style order
+    plt.close("all")
+
+
+def test_topk_overlap_plot_shades_the_uninformative_k():
+    curve = {"k": [1, 2, 3, 4, 5, 6], "observed": [1, 2, 2, 3, 5, 6], "expected": [k * k / 6 for k in range(1, 7)],
+             "p_value": [0.2, 0.04, 0.3, 0.5, 0.6, 1.0]}
+    fig = plots.topk_overlap_plot(curve, informative_up_to=3)
+    ax = fig.axes[0]
+    spans = [p for p in ax.patches if p.get_label().startswith("k > 3")]
+    assert len(spans) == 1
+    span = spans[0]  # a Rectangle (matplotlib >= 3.9) or a Polygon (older)
+    x0, x1 = ((span.get_x(), span.get_x() + span.get_width()) if hasattr(span, "get_width")
+              else (min(span.get_xy()[:, 0]), max(span.get_xy()[:, 0])))
+    assert (x0, x1) == (3.5, 6.5)
+    assert "k > 3: order carries no information" in [t.get_text() for t in ax.get_legend().get_texts()]
+    none = plots.topk_overlap_plot(curve)
+    assert not any(p.get_label().startswith("k >") for p in none.axes[0].patches)
+    plt.close("all")

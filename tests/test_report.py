@@ -3,14 +3,16 @@ quick): determinism across runs, resuming after a deleted section file and after
 markdown's prose and test family, skipping sections, the plan for big models, and the seed figure."""
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
-from circuitlib import report
+from circuitlib import plots, report
 from circuitlib.types import HeadScores
 
 matplotlib.use("Agg")
@@ -82,14 +84,146 @@ def test_report_md_has_every_section_and_the_test_family(first_run):
     # each section's prose
     for words in ("Prompts per task: 32 for the baseline, 16 selection", "*Accuracy* is two-way",
                   "A head set is called a **circuit** only when", "A head's **static score**",
-                  "As the MAPS authors run it", "All tests form **one family**", "Time per method (s): IOI:"):
+                  "As the MAPS authors run it", "All tests form **one family**",
+                  "Time per method (wall seconds): IOI: activation patching"):
         assert words in md, words
-    # the test family: the table of every test with its Holm-adjusted p
+    # the plan rule in words: 24 heads, at most BIG_MODEL_HEADS, so the full counts
+    assert f"The model has 24 heads (<= {report.BIG_MODEL_HEADS}), so every count is at its full value" in md
+    # the test family: the table of every test with its Holm-adjusted p, in readable names
     family = summary["overlap"]["table"]["rows"]
-    assert family and "| test | statistic | value | p |" in md and "Holm correction over this table" in md
-    for row in family:
-        assert row["name"].replace("|", "\\|") in md
+    table = _table_after(md, "## Overlap and reuse")
+    assert family and table[0][:4] == ["test", "statistic", "value", "p"] and "p (Holm)" in table[0]
+    assert len(table) - 2 == len(family)
+    for row, cells in zip(family, table[2:]):
+        assert cells[2] == (f"{row['value']:.3f}" if isinstance(row["value"], float) else str(row["value"]))
+        assert cells[3] == f"{row['p']:.3g}" and cells[-2] == ("yes" if row["significant"] else "no")
+        assert "_" not in cells[0] and "ioi" not in cells[0]  # no internal ids (IOI, Name copying, ...)
+    assert {"shared heads", "Spearman ρ", "AUROC"} <= {cells[1] for cells in table[2:]}
     assert "Kept apart from the family" in md  # 40 draws < 2,000: the cross-task rows are reported apart
+
+
+def _table_after(md: str, marker: str) -> list[list[str]]:
+    """The first markdown table after ``marker``: rows of cells (header, rule, body); ``\\|`` stays in its cell."""
+    import re
+
+    lines = md.split(marker, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
+    return rows
+
+
+def test_apart_rows_have_no_holm_columns(first_run):
+    out, summary = first_run
+    md = (out / "report.md").read_text()
+    apart = summary["overlap"]["apart"]["rows"]
+    assert apart  # 40 random draws: every cross-task row is kept apart
+    table = _table_after(md, "**Kept apart from the family**")
+    assert table[0] == ["test", "statistic", "value", "p", "how p was obtained", "n", "smallest possible p"]
+    assert len(table) - 2 == len(apart) and all(len(r) == 7 for r in table)
+    for row, cells in zip(apart, table[2:]):
+        assert cells[3] == f"{row['p']:.3g}" and cells[5] == str(row["n"]) and cells[6] == f"{1 / (1 + row['n']):.3g}"
+    section = md.split("**Kept apart from the family**", 1)[1].split("\n## ", 1)[0]
+    assert "Holm" not in section.split("Notes:")[0] and "significant" not in section.split("Notes:")[0]
+    assert not re.search(r"\b1 random draws\b|\b1 sets\b", md)  # singular after 1
+
+
+def test_summary_numbers_are_the_results(first_run):
+    """The Summary's numbers, recomputed here from summary.json: per task the held-out faithfulness range and how
+    many conventions reach the target (faithfulness >= target), MAPS's top live heads, the family's significant
+    rows and the rows that cannot reach significance."""
+    from circuitlib.interventions import live_heads
+    from circuitlib.models import load_model
+    from circuitlib.tasks import TASK_SPECS
+
+    out, s = first_run
+    md = (out / "report.md").read_text()
+    summ = md.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    for t, d in s["discovery"].items():
+        values = [h["faithfulness"] for h in d["heldout"].values()]
+        target = s["settings"]["target"]
+        reach = [c for c, h in d["heldout"].items() if h["faithfulness"] >= target]
+        line = next(x for x in summ.splitlines() if x.startswith(f"- **{TASK_SPECS[t].title}**"))
+        m = re.search(r"head set is ([\d., ]+) \((\d+) heads?\)\. On (\d+) held-out prompts it keeps "
+                      r"(-?\d\.\d\d)–(-?\d\.\d\d) .* the (\d+)% target under (\d) of (\d)", line)
+        assert m, line
+        assert m[1].split(", ") == d["circuit"]["heads"] and int(m[2]) == len(d["circuit"]["heads"])
+        assert int(m[3]) == d["heldout"]["mean"]["n_prompts"]
+        assert (m[4], m[5]) == (f"{min(values):.2f}", f"{max(values):.2f}")
+        assert (int(m[6]), int(m[7]), int(m[8])) == (round(100 * target), len(reach), len(values))
+        if len(reach) == len(values):
+            assert "a circuit under every convention" in line
+        elif len(reach) >= 2:
+            assert "convention-dependent" in line and all(c in line for c in d["heldout"] if c not in reach)
+        else:
+            assert "not called a circuit" in line
+    # MAPS top heads: positive score, switched-off heads (by the model's own weights) left out
+    live = {f"{l}.{h}" for l, h in live_heads(load_model("toy"))}
+    maps = next(x for x in summ.splitlines() if x.startswith("- **MAPS (parameters only)**"))
+    for rel, r in s["scoring"].items():
+        want = [h["head"] for h in r["top_heads"] if h["score"] > 0 and h["head"] in live][:3]
+        assert f"for {plots.pretty_name(rel)}: {', '.join(want)}" in maps
+    # the family: how many tests, which are significant (Holm over the p-values, recomputed here)
+    rows = s["overlap"]["table"]["rows"]
+    p = sorted(range(len(rows)), key=lambda i: rows[i]["p"])
+    adjusted, running = [0.0] * len(rows), 0.0
+    for rank, i in enumerate(p):
+        running = max(running, min(1.0, (len(rows) - rank) * rows[i]["p"]))
+        adjusted[i] = running
+    significant = [i for i in range(len(rows)) if adjusted[i] <= 0.05]
+    line = next(x for x in summ.splitlines() if x.startswith("- **Overlap and reuse**"))
+    assert f"one family of {len(rows)} tests" in line
+    assert (f"{len(significant)} significant" in line) if significant else ("none significant" in line)
+    for i in significant:
+        assert f"Holm p = {adjusted[i]:.2g}" in line
+    cannot = sum(not r["can_reach"] for r in rows)
+    assert f"{cannot} of the {len(rows)} cannot reach significance" in line
+
+
+def test_every_figure_marks_a_head_set_with_one_label_and_one_marker(first_run, tmp_path):
+    """patching_heads, maps_static and maps_other_tasks: a task's head set has the same legend text and the same
+    marker (MARK_STYLES by the task's place in the registry) in each; once maps_static said "... (activation
+    patching)" and the others not, and markers followed the labels' alphabetical order."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from circuitlib.models import load_model
+    from circuitlib.tasks import TASK_SPECS, report_tasks
+
+    _, s = first_run
+    ctx = report.Context(load_model("toy"), tmp_path, all_relations=False, plan={"n_prompts": 4, "n_random": 1},
+                         skip=frozenset(), bars=False)
+    report.restore_discovery(ctx, s["discovery"])
+    report.restore_scoring(ctx, s["scoring"])
+    tasks = list(report_tasks())
+    shown = [r for r in report.FIGURE_RELATIONS if r in s["scoring"]]
+    rel = {t: ctx.relation_scores[TASK_SPECS[t].relation] for t in tasks}
+    figures = {"patching_heads": report.patching_figure(ctx, tasks),
+               "maps_static": report._maps_figure(ctx, s["scoring"], shown, "static", "MAPS static score", "x"),
+               "maps_other_tasks": report.other_tasks_figure(ctx, rel, tasks)}
+
+    def marks(fig) -> dict[str, tuple]:
+        leg = fig.legends[0]
+        out = {}
+        for text, handle in zip(leg.get_texts(), leg.legend_handles):
+            filled = len(handle.get_facecolor()) and handle.get_facecolor()[0][3] > 0
+            colour = handle.get_facecolor()[0] if filled else handle.get_edgecolor()[0]
+            out[text.get_text()] = (handle.get_paths()[0].vertices.round(3).tobytes(), tuple(np.round(colour, 3)))
+        return out
+
+    seen = {name: marks(fig) for name, fig in figures.items()}
+    labels = {name: set(m) for name, m in seen.items()}
+    assert len({frozenset(v) for v in labels.values()}) == 1, labels  # the same label texts everywhere
+    for i, t in enumerate(tasks):
+        label = next(x for x in labels["patching_heads"] if x.startswith(TASK_SPECS[t].title + " head set"))
+        styles = {name: m[label] for name, m in seen.items()}
+        assert len(set(styles.values())) == 1, (t, styles)  # one marker in every figure
+        marker, colour, _ = plots.MARK_STYLES[i]
+        assert next(iter(styles.values()))[1] == tuple(np.round(to_rgba(colour), 3)), (t, marker)
+    plt.close("all")
 
 
 def test_same_seed_same_summary(first_run, small, tmp_path):
