@@ -836,7 +836,7 @@ def _summary_md(s: dict) -> list[str]:
                 continue
             heads, top = d["circuit"]["heads"], [h["head"] for h in tops[r]]
             inside = [h for h in heads if h in top]
-            text = (f"  {_title(t)}'s head set: {'all' if len(inside) == len(heads) and len(heads) > 1 else len(inside)} "
+            text = (f"  - {_title(t)}'s head set: {'all' if len(inside) == len(heads) and len(heads) > 1 else len(inside)} "
                     f"of its {_n(len(heads), 'head')} among the top {len(top)} for {_rel(r)}")
             scores = {(h["head"]): h["score"] for h in scoring[r]["top_heads"]}
             static = scoring[r]["static"]
@@ -991,7 +991,7 @@ def _tasks_md(base: dict) -> list[str]:
     split_text = {
         "heldout": "All prompts come from the **held-out split**: combinations of template and answer (IOI: the "
                    "indirect object's name; country -> capital: the country) that never occur in the embedded "
-                   "model's training corpus, so the model cannot have memorised them.",
+                   "model's training corpus.",
         "train": "The prompts come from the training split: combinations the embedded model saw in training.",
         "any": "The prompts mix seen and unseen combinations of template and answer.",
     }
@@ -1284,9 +1284,9 @@ def _plan_md(settings: dict, model: dict | None = None) -> list[str]:
     else:
         why = f"Why these counts: {rule} (circuitlib.report.report_plan)."
     lines = ["## How much work", "",
-             f"Prompts per task: {plan['n_prompts']} for the baseline, {plan['discovery_prompts']} selection and as "
-             f"many held-out prompts for circuit discovery, {reuse} for the cross-task ablations; MAPS's causal check: "
-             f"{causal} per relation, {plan['causal_random']} random live-head sets; cross-task ablation: "
+             f"Prompts per task: {plan['n_prompts']} for the baseline, {plan['discovery_prompts']} selection prompts and "
+             f"at most as many held-out prompts for circuit discovery, {reuse} for the cross-task ablations; MAPS's "
+             f"causal check: {causal} per relation, up to {plan['causal_random']} random live-head sets; cross-task ablation: "
              f"{plan['n_random']} random head sets (fewer when fewer exist). {why}"
              + (f" Set by hand for this run: {given}." if given else "")]
     if plan.get("screen") is not None or plan.get("max_k") is not None:
