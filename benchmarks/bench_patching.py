@@ -85,6 +85,8 @@ def main() -> None:
                         help="IOI prompts for the screen-vs-exact comparison (default 4, --quick 2)")
     parser.add_argument("--tl-heads", type=int, default=None, help="heads timed in TransformerLens's loop (48)")
     parser.add_argument("--top-k", type=int, default=10, help="heads the screened search must find (10)")
+    parser.add_argument("--min-fraction", type=float, default=None,
+                        help="instead of top-k: every head >= this fraction of the largest |effect| (e.g. 0.05)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved pairs per comparison (>= 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small model, 2 prompts: checks the script runs")
@@ -147,14 +149,28 @@ def main() -> None:
         v = scr.verified.flatten()
         same = float((scr.exact.flatten()[v] - full_s[v]).abs().max()) < 1e-4
         top = full_s.abs().argsort(descending=True)[:k]
-        found = bool(v[top].all())
-        print(f"    screen: {int(v.sum())} of {L * H} heads verified ({scr.stopped}; bound {scr.bound:.3g} < threshold "
-              f"{scr.threshold:.3g}); verified values equal exact: {same}; exact top-{k} all verified: {found}")
+        big = full_s.abs() >= 0.05 * full_s.abs().max()
+        want = top if args.min_fraction is None else (
+            full_s.abs() >= args.min_fraction * full_s.abs().max()).nonzero().flatten()
+        found = bool(v[want].all())
+        p, m = scr.meta["passes"], scr.meta
+        print(f"    screen: {int(v.sum())} of {L * H} heads verified ({scr.stopped}; bound {scr.bound:.3g} vs threshold "
+              f"{scr.threshold:.3g}); {p['single_head_patches']} single-head and {p['subset_patches']} subset "
+              f"patches in {len(scr.rounds)} rounds, {p['copy_layers']} copy-layers (full exact: "
+              f"{H * L * (L + 1) // 2}); screen stage {m['screen_seconds']:.1f} s of {m['seconds']:.1f} s")
+        print(f"    verified values equal exact: {same}; target heads all verified: {found} "
+              f"({'top ' + str(k) if args.min_fraction is None else f'>= {args.min_fraction:g} of the largest'}); "
+              f"heads >= 5% of the largest |effect|: {int(big.sum())}")
         return same and found
 
-    r = interleaved(lambda: act_patch_heads(model, sbatch), lambda: act_patch_screened(model, sbatch, top_k=k,
-                    min_fraction=None), reps=args.reps, check=check_screen, label="screen")
-    print(f"screened search (top {k}, {len(sbatch)} prompts) vs full exact patching: exact / screen "
+    def screened():
+        return act_patch_screened(model, sbatch, top_k=None if args.min_fraction else k,
+                                  min_fraction=args.min_fraction)
+
+    r = interleaved(lambda: act_patch_heads(model, sbatch), screened, reps=args.reps, check=check_screen,
+                    label="screen")
+    target = f"top {k}" if args.min_fraction is None else f"every head >= {args.min_fraction:g} of the largest"
+    print(f"screened search ({target}, {len(sbatch)} prompts) vs full exact patching: exact / screen "
           f"{r.median:.2f}x (min {r.lo:.2f}, max {r.hi:.2f})")
     print(f"screen time / exact time: {1 / r.median:.3f} (per pair: {', '.join(f'{1 / x:.3f}' for x in r.ratios)})",
           flush=True)

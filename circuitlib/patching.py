@@ -617,7 +617,9 @@ class ScreenedPatching(Result):
     - ``stopped``: ``"bound"`` (the diagnostic ruled out the rest), ``"all verified"`` or
       ``"max_verified"`` (the cap was reached first: the bound did NOT hold).
     - ``rounds``: one dict per round (heads verified so far, threshold, bound, subsets patched).
-    - ``passes``: forward-equivalent bookkeeping of what ran (see :func:`act_patch_screened`).
+    - ``meta["passes"]``: what ran: single-head and subset patches, ``copy_layers`` (blocks run per
+      prompt copy, summed; full exact patching runs ``n_heads * n_layers * (n_layers + 1) / 2``),
+      GradDrop groups and strata.
     """
 
     exact: Float[Tensor, "n_layers n_heads"]
@@ -766,9 +768,10 @@ def act_patch_screened(
     Conventions: the same metric, direction, sign and positions as :func:`act_patch_heads` (heads
     patched through ``hook_z`` at every position; effect > 0 when the head carries the clean
     behaviour). **Verified** means patched exactly: a verified head's value in ``exact`` equals
-    :func:`act_patch_heads` for that head (same code path, one head per forward copy).
+    :func:`act_patch_heads` for that head (one head per forward copy, the same blocks on the same
+    cached inputs; equal up to float rounding, ~1e-6).
 
-    1. **Screen** (about 2 forwards for the caches, one forward + backward on the positions from
+    1. **Screen** (2 forwards for the caches, logits at END only, one forward + backward on the positions from
        each prompt's first clean/corrupt difference, and ``graddrop_groups`` partial backwards):
        attribution patching on ``hook_z``: ``grad_z metric . (z_source - z_base)`` summed over
        positions. The change of each head's own output is exact (both runs are computed), so the
@@ -785,14 +788,23 @@ def act_patch_screened(
        the largest verified ``|exact|``; ``top_k``: the ``top_k``-th largest verified ``|exact|``;
        both given: the smaller, i.e. both sets are searched for).
     3. **Diagnostic bound** (the subsampling diagnostic of AtP*'s section on false negatives, as
-       implemented here): random halves of the unverified heads and their complements are patched
-       jointly and exactly (``diagnostic_samples`` subsets per round, balanced: every head is in
-       half of them). Assuming effects add within a subset, the residual of each subset (its exact
-       effect minus the known values of its heads: exact where verified, screen estimate elsewhere)
+       implemented here), **layer-stratified**: the layers are cut into ``strata`` consecutive groups
+       (default ``min(n_layers, 6)``); within each, random halves of its unverified heads and their
+       complements are patched jointly and exactly (``diagnostic_samples`` subsets at a time,
+       balanced: every head is in half of them). A subset's forward starts at its lowest layer
+       (earlier layers come from the cache), and its residual variance holds only its stratum's
+       heads. Assuming effects add within a subset, the residual of each subset (its exact effect
+       minus the known values of its heads: exact where verified, screen estimate elsewhere)
        estimates each unverified head's screen error by the difference of the mean residual with
-       and without it; ``|estimate + error| + z * standard error`` bounds its effect. Heads whose
-       bound reaches the threshold are verified; the search stops when none does (``stopped =
-       "bound"``) or everything is verified. Subsets from earlier rounds are reused.
+       and without it; ``|estimate + error| + z * standard error`` bounds its effect. A head whose
+       point value ``|estimate + error|`` reaches the threshold is verified. A head that reaches it
+       only through the ``z * standard error`` term gets more subsets in its stratum (as many as the
+       standard error's ``1 / sqrt(subsets)`` shrinkage says it needs), unless patching the flagged
+       heads exactly costs fewer layer-forwards or the stratum would exceed ``max_subsets`` (default
+       ``8 * diagnostic_samples``): then they are verified. The search stops when no bound reaches
+       the threshold (``stopped = "bound"``) or everything is verified. Subsets from earlier rounds
+       are reused; each round's single-head patches and subsets run as one batch in which every copy
+       joins the forward at its first patched layer.
 
     When it can miss a head: when effects do not add within the random subsets (two unverified
     heads that cancel each other in every subset holding both), or by chance: at the threshold, a
@@ -885,16 +897,19 @@ def act_patch_screened(
                 out.append((mask, g))
         return out
 
-    def diagnose() -> tuple[Tensor, Tensor, Tensor]:
+    def diagnose(theta: float) -> tuple[Tensor, Tensor, Tensor]:
         """Unverified heads, ``|screen + subsampling estimate of its error|`` and its standard error
-        (inf where the head's stratum has no usable subsets yet)."""
+        (inf where the head's stratum has no usable subsets yet). Subsets holding a verified head
+        with ``|exact| >= theta`` are left out: next to a large effect, effects add worst (a head
+        can only move a metric that the large one has not already moved)."""
         left = (~done).nonzero().flatten()
         pt = flat_screen[left].abs().clone()
         se = torch.full((len(left),), float("inf"))
         if not subsets:
             return left, pt, se
         S = torch.stack(subsets)
-        gs = torch.tensor(sub_stratum)
+        large = done & (exact.abs() >= theta)
+        gs = torch.tensor(sub_stratum).masked_fill((S & large).any(1), -1)
         known = torch.where(done, exact, flat_screen).nan_to_num(0.0)
         resid = torch.tensor(sub_values) - (S.float() * known).sum(1)
         for g in stratum_of[left].unique().tolist():
@@ -932,7 +947,7 @@ def act_patch_screened(
             break
         theta = threshold()
         pending = [i for i in order if not done[i] and rank_flat[i] >= theta][:step]
-        left, pt, se = diagnose()
+        left, pt, se = diagnose(theta)
         ucb = pt + z * se
         bound = float(ucb.max())
         by_point = left[pt >= theta]
@@ -944,7 +959,8 @@ def act_patch_screened(
             free = [i for i in left[stratum_of[left] == g].tolist() if i not in to_verify]
             mine = se_only & (stratum_of[left] == g)
             heads_g = left[mine]
-            m_g = sum(1 for x in sub_stratum if x == g)
+            large = done & (exact.abs() >= theta)
+            m_g = sum(1 for x, mask in zip(sub_stratum, subsets) if x == g and not bool((mask & large).any()))
             ratio = (z * se[mine] / (theta - pt[mine])).max()
             need = diagnostic_samples if not torch.isfinite(ratio) else int(torch.ceil(m_g * ratio ** 2)) - m_g
             need = max(diagnostic_samples, need + need % 2)

@@ -91,19 +91,24 @@ def test_graddrop_matches_brute_force_on_the_attention_only_toy(toy):
     assert (r.graddrop - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("strata", [1, 2])
 @pytest.mark.parametrize("task", ["ioi", "capitals"])
-def test_diagnostic_finds_heads_a_blind_screen_misses(toy, task, monkeypatch):
+def test_diagnostic_finds_heads_a_blind_screen_misses(toy, task, strata, monkeypatch):
     """With a screen that estimates 0 for every head, only the diagnostic's subset patching can
-    point at the live heads: every head above 5% of the largest must still be found."""
+    point at the live heads: every head above 5% of the largest must still be found, with subsets
+    over all layers (strata=1) or within each layer (strata=2 on the 2-layer toy)."""
     batch = _batch(toy, task)
     full = act_patch_heads(toy, batch).scores
     big = full.abs() >= 0.05 * full.abs().max()
     blind = lambda setup, groups: (torch.zeros(toy.cfg.n_layers, toy.cfg.n_heads),) * 2  # noqa: E731
     monkeypatch.setattr(patching, "_screen_estimates", blind)
-    r = act_patch_screened(toy, batch, initial=1, step=1)
+    r = act_patch_screened(toy, batch, initial=1, step=1, strata=strata)
+    assert r.meta["passes"]["strata"] == strata
     assert bool(r.verified[big].all())
     assert any(x["reason"] == "diagnostic" and x["flagged"] > 0 for x in r.rounds)
-    assert int(r.verified.sum()) < full.numel()  # it stopped before patching everything
+    if strata == 2:  # per-layer subsets: it stops before patching everything (one stratum over both
+        # layers mixes the layer-1 head with the layer-0 heads it reads: subsets next to it are set aside)
+        assert int(r.verified.sum()) < full.numel()
 
 
 def test_random_mlp_model_and_top_k(toy):
@@ -125,6 +130,55 @@ def test_cap_is_reported_and_bad_arguments_raise(toy):
     assert int(r.verified.sum()) == 1 and r.stopped == "max_verified"
     for kwargs, match in [({"min_fraction": 0}, "min_fraction"), ({"min_fraction": None}, "top_k"), ({"top_k": 0}, "top_k"),
                           ({"diagnostic_samples": 3}, "even"), ({"metric": "accuracy"}, "differentiable"),
-                          ({"graddrop_groups": 99}, "graddrop_groups")]:
+                          ({"graddrop_groups": 99}, "graddrop_groups"), ({"strata": 0}, "strata")]:
         with pytest.raises(ValueError, match=match):
             act_patch_screened(toy, batch, **kwargs)
+
+
+def _naive_joint(model, batch, mask, direction):
+    """Joint patching by hand: one full-sequence forward of the base prompts with every head in
+    ``mask`` [L, H] taking its source-run ``hook_z`` at every position; normalised logit difference,
+    signed as an effect (noising: 1 - patched, denoising: patched)."""
+    from circuitlib.metrics import logit_diff
+
+    base, src = (batch.clean, batch.corrupt) if direction == "noising" else (batch.corrupt, batch.clean)
+    with torch.no_grad():
+        clean = float(logit_diff(model(batch.clean)[torch.arange(len(batch)), batch.end], batch))
+        corrupt = float(logit_diff(model(batch.corrupt)[torch.arange(len(batch)), batch.end], batch))
+        _, cache = model.run_with_cache(src)
+        hooks = []
+        for l in range(model.cfg.n_layers):
+            heads = mask[l].nonzero().flatten()
+            if len(heads):
+                def put(z, hook, heads=heads, l=l):
+                    z = z.clone()
+                    z[:, :, heads] = cache["z", l][:, :, heads]
+                    return z
+                hooks.append((f"blocks.{l}.attn.hook_z", put))
+        logits = model.run_with_hooks(base, fwd_hooks=hooks)
+    value = (float(logit_diff(logits[torch.arange(len(batch)), batch.end], batch)) - corrupt) / (clean - corrupt)
+    return 1 - value if direction == "noising" else value
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_staggered_joint_patching_equals_one_forward_per_head_set(toy, direction):
+    """The diagnostic's subsets (and the verification copies) run in one staggered batch: copies join
+    at their first patched layer, so subsets starting at different layers share the forward. Each
+    copy's value must equal a plain forward with the same heads patched by hand."""
+    torch.manual_seed(1)
+    cfg = dict(n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=256, act_fn="gelu_new", n_ctx=32,
+               normalization_type="LN", positional_embedding_type="standard", d_vocab=toy.cfg.d_vocab)
+    model = build_model(cfg, toy.tokenizer)
+    batch = ioi_batch(toy.tokenizer, 6)
+    setup = patching._setup(model, batch, direction, "logit_diff", lambda n: n.endswith("attn.hook_z"))
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(7, 4, 4, generator=gen) < 0.3
+    masks[0] = False  # nothing patched: the base value
+    masks[1, :2] = False  # starts at layer 2 or later
+    masks[2] = False
+    masks[2, 3, 1] = True  # one head in the last layer
+    masks[3] = True  # every head
+    got = setup.score(patching._patch_masks(setup, masks, chunk=3))  # chunks cut across start layers
+    ref = torch.tensor([_naive_joint(model, batch, m, direction) for m in masks])
+    assert ref[1:].abs().max() > 1e-2
+    assert (got - ref).abs().max() < 1e-4
