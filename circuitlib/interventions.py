@@ -34,6 +34,8 @@ exceptions included.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -246,6 +248,20 @@ def head_masks(model: HookedTransformer, head_sets: Sequence[Iterable[Head]]) ->
     return masks
 
 
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("circuitlib_ablation_progress", default=False)
+
+
+@contextlib.contextmanager
+def show_progress(enabled: bool = True):
+    """Inside the block, :func:`run_ablations` shows a tqdm bar over its chunks (with an ETA) when it
+    runs more than one; off by default (the report turns it on with its own bars)."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 @torch.no_grad()
 def run_ablations(
     model: HookedTransformer,
@@ -275,7 +291,12 @@ def run_ablations(
     diffs, top1s = [], []
     end = batch.end.to(device)
     answer, wrong = batch.answer.to(device), batch.wrong.to(device)
-    for lo in range(0, masks.shape[0], per_chunk):
+    starts = range(0, masks.shape[0], per_chunk)
+    if _PROGRESS.get() and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="    ablation runs", unit=" chunk", leave=False, dynamic_ncols=True)
+    for lo in starts:
         part = masks[lo : lo + per_chunk].to(device)
         C = part.shape[0]
 

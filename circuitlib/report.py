@@ -163,7 +163,9 @@ class Steps:
     def __call__(self, name: str) -> Iterator[None]:
         self.bar.set_postfix_str(name)
         wall, cpu = time.perf_counter(), time.process_time()
-        with forward_counter(self.ctx.model, name, self.ctx.bars):
+        from .interventions import show_progress
+
+        with forward_counter(self.ctx.model, name, self.ctx.bars), show_progress(self.ctx.bars):
             yield
         self.ctx.steps[name] = {"wall": round(time.perf_counter() - wall, 2),
                                 "cpu": round(time.process_time() - cpu, 2)}

@@ -220,3 +220,22 @@ def test_sampler_cuts_a_given_pool_to_live_heads(half_dead):
     assert len(raw) == 7 and {h for s in raw for h in s} == set(every) - {(0, 0)}
     with pytest.raises(ValueError, match="layer 1 has 0 other live heads"):
         sample_head_sets(half_dead, 5, like=[(1, 0)], pool=every, exclude=[(1, 0)])
+
+
+def test_run_ablations_shows_a_bar_with_a_total_only_when_asked(toy, capsys, monkeypatch):
+    """Under ``show_progress`` a multi-chunk run prints a tqdm bar whose total is the number of chunks
+    (so it has an ETA); without it, nothing; the values do not change."""
+    from circuitlib import interventions
+    from circuitlib.interventions import show_progress
+
+    batch = task_batch("ioi", toy.tokenizer, 4)
+    sets = [[], [(0, 0)], [(1, 6)], [(0, 0), (1, 6)], [(0, 1)]]
+    quiet = run_ablations(toy, batch, sets, Ablation())
+    assert "ablation runs" not in capsys.readouterr().err
+    B, S = batch.clean.shape
+    monkeypatch.setattr(interventions, "MAX_TOKENS", 2 * B * S)  # 2 copies per chunk: 3 chunks for 5 sets
+    with show_progress(True):
+        shown = run_ablations(toy, batch, sets, Ablation())
+    err = capsys.readouterr().err
+    assert "ablation runs" in err and "0/3" in err, err  # total known from the start: an ETA
+    assert torch.equal(shown.logit_diff, quiet.logit_diff) and torch.equal(shown.top1, quiet.top1)
