@@ -41,7 +41,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from jaxtyping import Real
-from scipy import stats
 
 from transformer_lens import HookedTransformer
 from .interventions import (
@@ -53,6 +52,7 @@ from .interventions import (
     run_ablations,
     sample_head_sets,
 )
+from .overlap import binomial_p
 from .results import Result
 from .types import Head, HeadScores, TaskBatch, head_name
 
@@ -464,6 +464,6 @@ def top_vs_random(
         drop_random={"accuracy": round(float(acc[0] - acc[rand].mean()), 4),
                      "top1_accuracy": round(float(top1[0] - top1[rand].mean()), 4)} if has_random else {},
         p_random_as_harmful=_at_least_as_harmful(float(top1[1]), top1[rand]) if len(draws) else None,
-        binomial_p_above_chance=float(stats.binomtest(n_correct, len(batch), 0.5, alternative="greater").pvalue),
+        binomial_p_above_chance=float(binomial_p(n_correct, len(batch))),
         n_prompts=len(batch),
     )

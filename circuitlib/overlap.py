@@ -243,6 +243,20 @@ def permutation_test(
     )
 
 
+def binomial_p(successes: int, trials: int, *, chance: float = 0.5, alternative: str = "greater") -> PValue:
+    """Exact binomial test of ``successes`` out of ``trials`` against success probability ``chance``
+    (scipy.stats.binomtest), e.g. "is the two-way accuracy after ablation above chance (0.5)?": one-sided
+    ``"greater"`` by default. ``min_p`` is chance**trials (all successes), for ``"greater"``."""
+    _check_alternative(alternative, ("greater", "less", "two-sided"))
+    if not (0 <= successes <= trials and trials > 0 and 0 < chance < 1):
+        raise ValueError(f"need 0 <= successes <= trials, trials > 0 and 0 < chance < 1; got {successes}, {trials}, {chance}")
+    p = float(stats.binomtest(int(successes), int(trials), chance, alternative=alternative).pvalue)
+    edge = chance if alternative != "less" else 1 - chance
+    return PValue(statistic=successes / trials, p_value=p, alternative=alternative, method="exact",
+                  n_resamples=0, min_p=float(min(edge**trials * (2 if alternative == "two-sided" else 1), 1.0)),
+                  how=f"exact binomial, {successes} of {trials} vs {chance:g}")
+
+
 def empirical_p(observed: float, draws: Sequence[float] | Real[np.ndarray, " n"], *, alternative: str) -> PValue:
     """p of an observed value against the same quantity under ``n`` random draws.
 

@@ -502,3 +502,17 @@ def test_circuit_rank_test_within_a_subset_matches_brute_force():
     assert res["n"] == 6 and res["min_p"] == pytest.approx(1 / 15)
     with pytest.raises(ValueError, match="not among the heads compared"):
         overlap.circuit_rank_test(s, [(2, 2)], heads=among)
+
+
+def test_binomial_p_is_the_sum_of_binomial_terms():
+    """One-sided exact binomial p written out by hand: P(X >= k) for X ~ Bin(n, 1/2)."""
+    from math import comb
+
+    from circuitlib.overlap import binomial_p
+
+    for k, n in [(10, 10), (7, 10), (5, 10), (0, 4)]:
+        by_hand = sum(comb(n, i) for i in range(k, n + 1)) / 2**n
+        r = binomial_p(k, n)
+        assert r.p_value == pytest.approx(by_hand, rel=1e-12) and r.min_p == pytest.approx(0.5**n)
+    with pytest.raises(ValueError, match="successes <= trials"):
+        binomial_p(11, 10)
