@@ -468,17 +468,7 @@ def discover_circuit(
       screen can miss a head (a linear estimate can be far off, e.g. for heads whose effect saturates); a
       missed head cannot enter the circuit.
     """
-    names = list(HEAD_SCORERS) if scorers is None else list(scorers)
-    unknown = [n for n in [method, *names] if n not in HEAD_SCORERS]
-    if unknown:
-        raise ValueError(f"unknown head-scoring method {unknown[0]!r}: use one of {tuple(HEAD_SCORERS)} "
-                         "(or register_scorer a new one)")
-    if method not in names:
-        names.append(method)
-    if direction not in ("noising", "denoising"):
-        raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
-    import inspect
-
+    names = _check_methods(method, scorers, direction)
     n_all = model.cfg.n_layers * model.cfg.n_heads
     big = n_all > BIG_MODEL_HEADS
     if max_k == "auto":
@@ -488,63 +478,15 @@ def discover_circuit(
     if screen is not None and not 1 <= int(screen) <= n_all:
         raise ValueError(f"screen must be between 1 and {n_all} heads (or None: patch every head exactly)")
     sel, held = split_prompts(task, model.tokenizer, n_prompts, seed=seed)
-    scores, timings = {}, {}
-    candidates = None
-    screen_meta: dict[str, Any] = {"n_candidates": None, "note": "every head patched exactly (screen=None)"}
-    if screen is not None:
-        # The screen: exact activation patching of every head (about one forward per head from the
-        # head's layer on: minutes on gpt2-medium) ranks the heads, and the costly per-sender methods
-        # (path patching) run on its top N. With atp_screen=True (or no act_patch scorer) the ranking is
-        # attribution patching instead and activation patching itself is screened
-        # (patching.act_patch_screened: exact only where the AtP* screen says a head may matter).
-        by = "attribution" if atp_screen or "act_patch" not in HEAD_SCORERS else "act_patch"
-        t0 = time.perf_counter()
-        ranking = HEAD_SCORERS[by](model, sel, direction=direction, progress=progress)
-        timings[by] = time.perf_counter() - t0
-        if by in names:
-            scores[by] = ranking
-        candidates = sorted(ranking.top(int(screen), absolute=True))
-        screened_methods = [n for n in names if n not in scores
-                            and "candidates" in inspect.signature(HEAD_SCORERS[n]).parameters
-                            and (n != "act_patch" or screened_act_patch() is not None)]
-        what = ("activation patching by patching.act_patch_screened (its own AtP* screen, at most "
-                f"{len(candidates)} heads patched exactly, estimates elsewhere), other methods"
-                if "act_patch" in screened_methods else "activation patching of every head exactly; "
-                + (", ".join(screened_methods) or "no other method"))
-        screen_meta = {"n_candidates": len(candidates), "by": f"|{by}| on the selection prompts",
-                       "candidates": [head_name(h) for h in candidates], "exact_on_candidates": screened_methods,
-                       "note": f"{what} exactly on the top {len(candidates)} heads by |{by}| only (0 elsewhere)"}
-        if max_k is None or max_k > len(candidates):
-            max_k = len(candidates) if method in screened_methods else max_k
-    for name in names:
-        if name in scores:
-            continue
-        t0 = time.perf_counter()
-        fn = HEAD_SCORERS[name]
-        if candidates is not None and "candidates" in inspect.signature(fn).parameters:
-            scores[name] = fn(model, sel, direction=direction, progress=progress, candidates=candidates)
-        else:
-            scores[name] = fn(model, sel, direction=direction, progress=progress)
-        timings[name] = time.perf_counter() - t0
+    scores, timings, candidates, screen_meta = _screen(model, sel, names, screen, direction=direction,
+                                                      progress=progress, atp_screen=atp_screen)
+    if candidates is not None and method in screen_meta["exact_on_candidates"] and (max_k is None or max_k > len(candidates)):
+        max_k = len(candidates)  # a head outside the candidates has no score to enter the circuit with
+    _score_heads(model, sel, names, scores, timings, candidates, direction=direction, progress=progress)
     chosen = scores[method]
     t0 = time.perf_counter()
-    if max_k is None:
-        ks = k_grid(n_all)
-        curve = faithfulness_curve(model, sel, chosen, ablation=ablation)
-        full = None
-        grid_meta = {"grid": "k_grid: every k up to 40, then x1.25 up to all heads", "max_k": n_all}
-    else:
-        ks = coarse_k_grid(n_all, cap=int(max_k))
-        curve, full = scan_curve(model, sel, chosen, ks, target, ablation=ablation, progress=progress)
-        grid_meta = {"grid": "coarse_k_grid (0-4, then x1.5), 4 points per run until one reaches the target",
-                     "max_k": int(max_k), "evaluated": sorted(curve)}
-    reached = True
-    if top_k is None and threshold is None:
-        top_k = smallest_k(model, sel, chosen, curve, target, ablation=ablation, full=full)
-        if top_k is None:
-            reached = False
-            top_k = max(curve, key=curve.get)
-    grid_meta["bisected"] = sorted(set(curve) - set(ks))
+    top_k, curve, grid_meta, reached = _choose_k(model, sel, chosen, max_k, target, top_k=top_k, threshold=threshold,
+                                                 ablation=ablation, progress=progress)
     circuit = select_circuit(chosen, top_k=top_k, threshold=threshold)
     selection = faithfulness(model, sel, circuit, ablation=ablation, n_boot=n_boot, seed=seed,
                              prompts=f"{task} selection prompts ({len(sel)})")
@@ -562,3 +504,97 @@ def discover_circuit(
         task=task, model=model.cfg.model_name or "", scores=scores, circuit=circuit, selection=selection,
         heldout=heldout, robust=[n for n, f in heldout.items() if f.reaches(target)], reached_target=reached,
         minimality=mini, curve=curve, timings=timings, meta=meta)
+
+
+def _check_methods(method: str, scorers: list[str] | None, direction: str) -> list[str]:
+    """The scorers to run (``method`` among them); unknown names or directions fail before any work."""
+    names = list(HEAD_SCORERS) if scorers is None else list(scorers)
+    unknown = [n for n in [method, *names] if n not in HEAD_SCORERS]
+    if unknown:
+        raise ValueError(f"unknown head-scoring method {unknown[0]!r}: use one of {tuple(HEAD_SCORERS)} "
+                         "(or register_scorer a new one)")
+    if method not in names:
+        names.append(method)
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"unknown direction {direction!r}: use 'noising' or 'denoising'")
+    return names
+
+
+def _takes_candidates(name: str) -> bool:
+    import inspect
+
+    return "candidates" in inspect.signature(HEAD_SCORERS[name]).parameters
+
+
+def _screen(model: HookedTransformer, sel: TaskBatch, names: list[str], screen: int | None, *, direction: Direction,
+            progress: bool, atp_screen: bool) -> tuple[dict[str, HeadScores], dict[str, float], list[Head] | None, dict]:
+    """The screen of :func:`discover_circuit` (its docstring): with ``screen`` N, rank every head by exact
+    activation patching (or attribution patching with ``atp_screen``) and keep the top N as candidates for
+    the scorers that take ``candidates``. Returns (scores so far, timings, candidates or None, meta)."""
+    scores: dict[str, HeadScores] = {}
+    timings: dict[str, float] = {}
+    if screen is None:
+        return scores, timings, None, {"n_candidates": None, "note": "every head patched exactly (screen=None)"}
+    # Exact activation patching of every head costs about one forward per head from the head's layer on
+    # (minutes on gpt2-medium); the per-sender methods (path patching) run on its top N.
+    by = "attribution" if atp_screen or "act_patch" not in HEAD_SCORERS else "act_patch"
+    t0 = time.perf_counter()
+    ranking = HEAD_SCORERS[by](model, sel, direction=direction, progress=progress)
+    timings[by] = time.perf_counter() - t0
+    if by in names:
+        scores[by] = ranking
+    candidates = sorted(ranking.top(int(screen), absolute=True))
+    screened = [n for n in names if n not in scores and _takes_candidates(n)
+                and (n != "act_patch" or screened_act_patch() is not None)]
+    what = ("activation patching by patching.act_patch_screened (its own AtP* screen, at most "
+            f"{len(candidates)} heads patched exactly, estimates elsewhere), other methods"
+            if "act_patch" in screened else "activation patching of every head exactly; "
+            + (", ".join(screened) or "no other method"))
+    meta = {"n_candidates": len(candidates), "by": f"|{by}| on the selection prompts",
+            "candidates": [head_name(h) for h in candidates], "exact_on_candidates": screened,
+            "note": f"{what} exactly on the top {len(candidates)} heads by |{by}| only (0 elsewhere)"}
+    return scores, timings, candidates, meta
+
+
+def _score_heads(model: HookedTransformer, sel: TaskBatch, names: list[str], scores: dict[str, HeadScores],
+                 timings: dict[str, float], candidates: list[Head] | None, *, direction: Direction,
+                 progress: bool) -> None:
+    """Every scorer in ``names`` not yet in ``scores`` runs on the selection prompts (on ``candidates`` only
+    where it takes them); fills ``scores`` and ``timings``."""
+    for name in names:
+        if name in scores:
+            continue
+        t0 = time.perf_counter()
+        fn = HEAD_SCORERS[name]
+        if candidates is not None and _takes_candidates(name):
+            scores[name] = fn(model, sel, direction=direction, progress=progress, candidates=candidates)
+        else:
+            scores[name] = fn(model, sel, direction=direction, progress=progress)
+        timings[name] = time.perf_counter() - t0
+
+
+def _choose_k(model: HookedTransformer, sel: TaskBatch, chosen: HeadScores, max_k: int | None, target: float, *,
+              top_k: int | None, threshold: float | None, ablation: Ablation,
+              progress: bool) -> tuple[int | None, dict[int, float], dict, bool]:
+    """The faithfulness curve (every k of :func:`k_grid`, or a coarse grid up to ``max_k`` scanned until the
+    target) and, without ``top_k`` / ``threshold``, the smallest k reaching ``target`` (else the most
+    faithful k evaluated, and reached = False). Returns (top_k, curve, grid meta, reached)."""
+    n_all = model.cfg.n_layers * model.cfg.n_heads
+    if max_k is None:
+        ks = k_grid(n_all)
+        curve = faithfulness_curve(model, sel, chosen, ablation=ablation)
+        full = None
+        grid_meta = {"grid": "k_grid: every k up to 40, then x1.25 up to all heads", "max_k": n_all}
+    else:
+        ks = coarse_k_grid(n_all, cap=int(max_k))
+        curve, full = scan_curve(model, sel, chosen, ks, target, ablation=ablation, progress=progress)
+        grid_meta = {"grid": "coarse_k_grid (0-4, then x1.5), 4 points per run until one reaches the target",
+                     "max_k": int(max_k), "evaluated": sorted(curve)}
+    reached = True
+    if top_k is None and threshold is None:
+        top_k = smallest_k(model, sel, chosen, curve, target, ablation=ablation, full=full)
+        if top_k is None:
+            reached = False
+            top_k = max(curve, key=curve.get)
+    grid_meta["bisected"] = sorted(set(curve) - set(ks))
+    return top_k, curve, grid_meta, reached

@@ -409,7 +409,7 @@ class PointLabels(matplotlib.artist.Artist):
 
     @staticmethod
     def _overlaps(a, b, pad: float) -> bool:
-        return a[0] < b[2] + pad and b[0] < a[2] + pad and a[1] < b[3] + pad and b[1] < a[3] + pad
+        return bool(a[0] < b[2] + pad and b[0] < a[2] + pad and a[1] < b[3] + pad and b[1] < a[3] + pad)
 
     def _directions(self, ring: int) -> list[tuple[float, float]]:
         first = [45, 135, -45, -135, 0, 180, 90, -90]  # NE, NW, SE, SW, E, W, N, S
