@@ -41,6 +41,7 @@ PRETTY_NAMES = {
     "country_to_capital_wikidata": "Country to capital",
     "country_to_capital": "Country to capital",
     "ioi": "IOI",
+    "colored_objects": "Colored Objects",
     "capitals": "Capitals",
 }
 

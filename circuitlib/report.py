@@ -991,16 +991,17 @@ def _test_table_md(rows: list[dict], tasks: Sequence[str], *, family: bool) -> l
 def _tasks_md(base: dict) -> list[str]:
     splits = {r.get("split") for r in base["tasks"].values()}
     split_text = {
-        "heldout": "All prompts come from the **held-out split**: combinations of template and answer (IOI: the "
-                   "indirect object's name; country -> capital: the country) that never occur in the embedded "
-                   "model's training corpus.",
+        "heldout": "All prompts come from the **held-out split**: combinations that never occur in the embedded "
+                   "model's training corpus (IOI: template and indirect object's name; Colored Objects: template, "
+                   "surface and the queried object's place in the list; country -> capital: template and country).",
         "train": "The prompts come from the training split: combinations the embedded model saw in training.",
         "any": "The prompts mix seen and unseen combinations of template and answer.",
     }
     lines = ["## Tasks", "",
              "Each task has clean prompts and corrupted twins that differ in one token and change the answer. "
              "*Accuracy* is two-way: the answer's logit beats the competing answer's (IOI: the indirect object beats "
-             "the subject; Country -> capital: the capital beats the corrupted country's capital), so chance is 0.5. "
+             "the subject; Colored Objects: the queried object's colour beats the colour the corrupted question asks "
+             "for; Country -> capital: the capital beats the corrupted country's capital), so chance is 0.5. "
              "*Top-1 accuracy*: the answer is the model's first choice over the whole vocabulary. *Logit difference*: "
              "answer minus competitor at the last position, on the clean and the corrupted prompts. "
              + " ".join(split_text[x] for x in sorted(s for s in splits if s in split_text)), "",
@@ -1213,6 +1214,7 @@ def _overlap_md(overlap: dict) -> list[str]:
              "whether the row would be significant at its smallest possible p, the other rows as observed ('no': the "
              "test cannot show anything at this n, whatever the data).", "",
              *_test_table_md(tab["rows"], tasks, family=True), ""]
+    lines += _paper_pair_md(overlap, tasks)
     readings = [x for x in (_reading(r, overlap, True) for r in tab["rows"]) if x]
     if readings:
         lines += ["How to read it:", "", *readings, ""]
@@ -1242,6 +1244,46 @@ def _overlap_md(overlap: dict) -> list[str]:
     return lines
 
 
+def _paper_pair_md(overlap: dict, tasks: Sequence[str]) -> list[str]:
+    """IOI vs Colored Objects as Merullo et al. (2024) compare them (shared heads, share of each head set,
+    each head set removed on the other task), then every other task against both; empty when the analysis
+    lacks the pair."""
+    from .reuse import PAPER_PAIR, pair_reuse
+
+    a, b = PAPER_PAIR
+    if a not in tasks or b not in tasks:
+        return []
+
+    def share(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0%}"
+
+    def removal(p, first: bool) -> str:
+        c, t = (p.a, p.b) if first else (p.b, p.a)
+        v, r, n = (p.remove_a_on_b, p.random_a_on_b, p.n_random_a_on_b) if first else \
+            (p.remove_b_on_a, p.random_b_on_a, p.n_random_b_on_a)
+        if v is None:
+            return f"removing the {_title(c)} head set was not measured on {_title(t)}"
+        rnd = f" (random live-head sets of the same size: {r:.2f}, {_n(n, 'set')})" if r is not None else \
+            " (no random live-head set could be drawn)"
+        return f"removing the {_title(c)} head set leaves {_title(t)} at {v:.2f}{rnd}"
+
+    def sentence(p) -> str:
+        shared = ", ".join(p.shared) or "none"
+        return (f"the {_title(p.a)} and {_title(p.b)} head sets ({p.size_a} and {p.size_b} heads) share "
+                f"{len(p.shared)} ({shared}): {share(p.share_of_a)} of {_title(p.a)}'s, {share(p.share_of_b)} of "
+                f"{_title(p.b)}'s (hypergeometric p = {p.p_value:.3g}, uncorrected; the family row above is "
+                f"corrected); {removal(p, True)}; {removal(p, False)}.")
+
+    main = pair_reuse(overlap, a, b)
+    lines = [f"**{_title(a)} vs {_title(b)}**, the comparison of Merullo et al. (2024), who report about a 78% overlap "
+             "in in-circuit attention heads between the two tasks on GPT-2 medium: here " + sentence(main), ""]
+    others = [t for t in tasks if t not in (a, b)]
+    for t in others:
+        texts = [sentence(pair_reuse(overlap, x, t)) for x in (a, b)]
+        lines += [f"**{_title(t)}**, the third task, against each: " + " ".join(x[:1].upper() + x[1:] for x in texts), ""]
+    return lines
+
+
 def render_markdown(s: dict) -> str:
     """report.md from a summary (so a resumed run renders the same)."""
     base = s["baseline"]
@@ -1250,7 +1292,7 @@ def render_markdown(s: dict) -> str:
              f"{m['n_layers']} layers x {m['n_heads']} heads, d_model {m['d_model']}, vocabulary {m['d_vocab']}"
              f"{', attention-only' if m['attn_only'] else ''}; {m['n_params']:,} parameters. Weights unprocessed "
              "(no LayerNorm folding), as MAPS uses them. Heads are named layer.head (1.6 = layer 1, head 6). The "
-             "report asks which heads carry two tasks (circuit discovery, by intervening on the model), which heads "
+             "report asks which heads carry each task (circuit discovery, by intervening on the model), which heads "
              "MAPS finds from the weights alone, and whether the two agree.", ""]
     lines += _summary_md(s)
     lines += _plan_md(s.get("settings", {}), m)

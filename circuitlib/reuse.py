@@ -4,7 +4,8 @@ task, against random head sets; and the whole overlap-and-reuse analysis (notebo
 Results: :func:`cross_task_ablation` a :class:`CrossTaskAblation`, :func:`reuse_matrix` a
 :class:`ReuseMatrix` (``m[c][t]``), :func:`reuse_analysis` a :class:`ReuseAnalysis` whose ``pairs`` /
 ``per_task`` hold :class:`TaskPair` / :class:`TaskAgreement` (these two read as the mapping of their
-``to_dict()``, ``pair["maps"]["rho"]``, as the dicts they replaced).
+``to_dict()``, ``pair["maps"]["rho"]``, as the dicts they replaced); :func:`pair_reuse` a :class:`PairReuse`:
+one pair of tasks as Merullo et al. (2024) compare IOI with Colored Objects (:data:`PAPER_PAIR`).
 
 Conventions (they change numbers): ablation = mean over the *measured* task's corrupted prompts, every
 position, BOS excluded (:class:`circuitlib.interventions.Ablation`); the normalised logit difference is
@@ -396,3 +397,63 @@ def reuse_analysis(
         circuits={t: [head_name(h) for h in sorted(as_head_set(c))] for t, c in circuits.items()},
         pairs=pairs, per_task=per_task, reuse=reuse, table=test_table(rows + in_family, alpha=alpha),
         apart=test_table(apart, alpha=alpha) if apart else None, notes=notes)
+
+
+PAPER_PAIR = ("ioi", "colored_objects")  # the two circuits Merullo et al. (2024, arXiv:2310.08744) compare
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairReuse(MappingResult):
+    """Two tasks' head sets side by side, as Merullo et al. (2024) compare IOI with Colored Objects: how
+    many heads they share, what share of each head set that is, and what removing each one does to the
+    other task (:func:`pair_reuse`).
+
+    - ``shared``: the heads in both sets; ``share_of_a`` = ``|a & b| / |a|``, ``share_of_b`` =
+      ``|a & b| / |b|`` (``None`` for an empty set); ``p_value``: hypergeometric, more shared heads than
+      random sets of these sizes (:class:`~circuitlib.overlap.SetOverlap`);
+    - ``remove_a_on_b`` / ``remove_b_on_a``: normalised logit difference of the other task with one head
+      set mean-ablated (1 = untouched, 0 = as the corrupted prompts), ``random_*`` the mean over random
+      live-head sets of the same size, ``n_random_*`` their number (``None`` where no cell was computed).
+    """
+
+    a: str
+    b: str
+    size_a: int
+    size_b: int
+    shared: list[str]
+    share_of_a: float | None
+    share_of_b: float | None
+    p_value: float
+    remove_a_on_b: float | None
+    random_a_on_b: float | None
+    n_random_a_on_b: int | None
+    remove_b_on_a: float | None
+    random_b_on_a: float | None
+    n_random_b_on_a: int | None
+
+
+def pair_reuse(analysis: ReuseAnalysis | Mapping[str, Any], a: str, b: str) -> PairReuse:
+    """Tasks ``a`` and ``b`` of a :func:`reuse_analysis` result (or its ``to_dict()``, as the report stores
+    it) as one :class:`PairReuse`. ``ValueError`` when the analysis did not compare them."""
+    d = analysis.to_dict() if isinstance(analysis, Result) else analysis
+    pairs = d.get("pairs", {})
+    key, flipped = (f"{a}|{b}", False) if f"{a}|{b}" in pairs else (f"{b}|{a}", True)
+    if key not in pairs:
+        raise ValueError(f"the reuse analysis has no pair {a!r} / {b!r} (it compared {sorted(pairs)}): "
+                         "run it with head sets of both tasks")
+    ov = pairs[key]["circuits"]
+    size_a, size_b = (ov["size_b"], ov["size_a"]) if flipped else (ov["size_a"], ov["size_b"])
+    k = ov["size_intersection"]
+    reuse = d.get("reuse", {})
+
+    def cell(c: str, t: str) -> tuple[float | None, float | None, int | None]:
+        x = reuse.get(c, {}).get(t)
+        if not x:
+            return None, None, None
+        return x["ablated"]["normalised"], x["random_mean"].get("normalised") if x.get("n_random") else None, x["n_random"]
+
+    ab, ba = cell(a, b), cell(b, a)
+    return PairReuse(a=a, b=b, size_a=size_a, size_b=size_b, shared=list(ov["intersection"]),
+                     share_of_a=k / size_a if size_a else None, share_of_b=k / size_b if size_b else None,
+                     p_value=ov["p_value"], remove_a_on_b=ab[0], random_a_on_b=ab[1], n_random_a_on_b=ab[2],
+                     remove_b_on_a=ba[0], random_b_on_a=ba[1], n_random_b_on_a=ba[2])

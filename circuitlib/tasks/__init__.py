@@ -1,4 +1,4 @@
-"""Tasks as :class:`~circuitlib.types.TaskBatch` builders, registered in :data:`TASK_SPECS`; the MAPS relation sets.
+"""Tasks (IOI, Colored Objects, country -> capital, name copying) as :class:`~circuitlib.types.TaskBatch` builders, registered in :data:`TASK_SPECS`; the MAPS relation sets.
 
 Adding a task: write a module with a builder ``f(tokenizer, n, *, seed, split?, model_name) -> TaskBatch``
 and add one :class:`TaskSpec` to :data:`TASK_SPECS` (see the README's CONTRIBUTING section). The report,
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .capitals import CAPITAL_TEMPLATES, capital_batch
+from .colored_objects import COLORED_TEMPLATES, colored_objects_batch
 from .copying import copy_names, copying_batch
 from .ioi import ABBA_TEMPLATES, BABA_TEMPLATES, ioi_batch
 from .relations import (
@@ -56,6 +57,13 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 register_task(TaskSpec("ioi", "IOI", ioi_batch, relation="name_copying",
                        description="indirect object identification (Wang et al. 2022), ABC corruption"))
+# Colored Objects (Merullo et al. 2024): the task whose circuit the paper compares with IOI's. No MAPS
+# relation: MAPS's relation sets have no object -> colour relation, and the colour is read off the
+# prompt (each prompt pairs objects with colours afresh), not looked up from a fixed table.
+register_task(TaskSpec("colored_objects", "Colored Objects", colored_objects_batch, relation=None,
+                       description="'On the desk I see a red pen, a blue cup and a green book. What color is the "
+                                   "cup? Answer:' -> ' blue' (Merullo et al. 2024); corruption: the question asks "
+                                   "about another listed object"))
 register_task(TaskSpec("capitals", "Country -> capital", capital_batch, relation="country_to_capital_wikidata",
                        stands_in_for=None, description="'The capital of France is' -> ' Paris'"))
 register_task(TaskSpec("copying", "Name copying", copying_batch, stands_in_for="name_copying", in_report=False,
@@ -77,7 +85,8 @@ def task_batch(task: str, tokenizer, n: int = 64, **kwargs):
 TASKS = report_tasks()  # kept for callers of the old tuple; the registry is the source of truth
 
 __all__ = [
-    "ABBA_TEMPLATES", "BABA_TEMPLATES", "CAPITAL_TEMPLATES", "COPYING_RELATIONS", "RelationError",
-    "TASKS", "TASK_SPECS", "TaskSpec", "capital_batch", "copy_names", "copying_batch", "default_k", "ioi_batch",
+    "ABBA_TEMPLATES", "BABA_TEMPLATES", "CAPITAL_TEMPLATES", "COLORED_TEMPLATES", "COPYING_RELATIONS", "RelationError",
+    "TASKS", "TASK_SPECS", "TaskSpec", "capital_batch", "colored_objects_batch", "copy_names", "copying_batch",
+    "default_k", "ioi_batch",
     "load_relation", "read_relation", "register_task", "relation_names", "relation_table", "report_tasks", "task_batch",
 ]

@@ -1,193 +1,265 @@
-"""Write the embedded model's card: ``python -m circuitlib.toy.card`` -> ``checkpoint/MODEL_CARD.md``.
+"""Write the embedded model's card: ``python -m circuitlib.toy.card [--floors JSON] [--replicate JSON ...]``
+-> ``checkpoint/MODEL_CARD.md``.
 
-The card states the training data and recipe, held-out accuracies per task (and per capital template),
-and which heads matter for each task — from circuit discovery (activation patching) and MAPS scores —
-so a reader knows what the notebooks will find before running them.
+The card is generated from :func:`circuitlib.toy.floors.floors` (the issue-13 floors: held-out accuracy,
+live heads and their criterion, each task's top-3 heads against random 3-sets of the other live heads,
+MAPS capital heads and whether they are causal, the IOI roles from path patching) on the shipped
+checkpoint, plus the recipe it was trained with, per-template capital accuracy and circuit discovery for
+every report task. ``--floors`` reuses a stored floors result of the same weights (checked by SHA-256)
+instead of recomputing it (~10 minutes); each ``--replicate`` is the ``floors.json`` of a checkpoint
+retrained with the same recipe and another seed, shown as one row of the seeds table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
-from fractions import Fraction
+from pathlib import Path
 
-import torch
 from transformer_lens import HookedTransformer
 
-from ..causal import top_vs_random
 from ..metrics import evaluate
 from ..models import TOY_DIR, load_model, model_identity
-from ..patching import act_patch_heads
-from ..tasks import CAPITAL_TEMPLATES, capital_batch, ioi_batch
+from ..tasks import CAPITAL_TEMPLATES, TASK_SPECS, capital_batch, report_tasks
 from ..tasks.capitals import country_capital_pairs
+from ..tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES
 from ..tasks.copying import copy_names
 from ..tasks.ioi import TEMPLATES
+from . import floors as fl
 from .corpus import MIX
 
-N_EVAL = 200
 
-
-def card_numbers(model: HookedTransformer) -> dict:
-    """Held-out accuracies, logit differences and the top-3 vs random ablation (``N_EVAL`` prompts
-    per task, seed 1)."""
-    tok = model.tokenizer
-    batches = {"ioi": ioi_batch(tok, N_EVAL, seed=1), "capitals": capital_batch(tok, N_EVAL, seed=1)}
-    tasks = {task: evaluate(model, batch) for task, batch in batches.items()}
-    per_template = {
-        t: evaluate(model, capital_batch(tok, 60, templates=[t], seed=1))["accuracy"] for t in CAPITAL_TEMPLATES
-    }
-    ablation = {task: top_vs_random(model, batch, act_patch_heads(model, batch, direction="noising").top(3)).to_dict()
-                for task, batch in batches.items()}
-    return {"tasks": tasks, "capital_templates": per_template, "ablation": ablation}
+def capital_templates(model: HookedTransformer) -> dict[str, float]:
+    """Capital accuracy per template (60 prompts each, seed 1; custom template lists mix seen and unseen)."""
+    return {t: evaluate(model, capital_batch(model.tokenizer, 60, templates=[t], seed=1))["accuracy"]
+            for t in CAPITAL_TEMPLATES}
 
 
 def heads_section(model: HookedTransformer) -> tuple[list[str], dict]:
-    """Circuit discovery and MAPS results for both tasks (markdown lines, JSON)."""
+    """Circuit discovery (and MAPS, for tasks with a relation) for every report task (markdown lines, JSON)."""
     from ..circuits import discover_circuit
     from ..scoring import static_scores
 
     lines, data = [], {}
-    relation = {"ioi": "name_copying", "capitals": "country_to_capital_wikidata"}
-    for task in ("ioi", "capitals"):
+    for task in report_tasks():
         found = discover_circuit(model, task)
         circuit = found.circuit
-        maps = static_scores(model, relation[task])
-        top_maps = maps.top(3)
         patch = found.scores["act_patch"]
         held = ", ".join(f"{name} {f.faithfulness:.2f}" for name, f in found.heldout.items())
         word = "circuit" if found.is_robust else "head set (not called a circuit: fewer than two conventions reach 0.85)"
-        lines += [
-            f"- **{task}**: {word} {', '.join(circuit.names())} ({circuit.how}; faithfulness on the selection "
-            f"prompts {found.selection.faithfulness:.2f}; held-out under each ablation convention: {held}). "
-            "Largest activation-patching effects: "
-            + ", ".join(f"{l}.{h} ({patch[(l, h)]:.2f})" for l, h in patch.top(4, absolute=True))
-            + f". Top MAPS `{relation[task]}` heads (k={maps.k}): "
-            + ", ".join(f"{l}.{h} ({maps[(l, h)]:.2f})" for l, h in top_maps) + ".",
-        ]
-        data[task] = {"circuit": circuit.names(), "robust": found.robust, "maps_top": [f"{l}.{h}" for l, h in top_maps]}
+        text = (f"- **{TASK_SPECS[task].title}**: {word} {', '.join(circuit.names())} ({circuit.how}; faithfulness on "
+                f"the selection prompts {found.selection.faithfulness:.2f}; held-out under each ablation convention: "
+                f"{held}). Largest activation-patching effects: "
+                + ", ".join(f"{l}.{h} ({patch[(l, h)]:.2f})" for l, h in patch.top(4, absolute=True)) + ".")
+        relation = TASK_SPECS[task].relation
+        data[task] = {"circuit": circuit.names(), "robust": found.robust}
+        if relation:
+            maps = static_scores(model, relation)
+            top = maps.top(3)
+            text += f" Top MAPS `{relation}` heads (k={maps.k}): " + ", ".join(f"{l}.{h} ({maps[(l, h)]:.2f})"
+                                                                             for l, h in top) + "."
+            data[task]["maps_top"] = [f"{l}.{h}" for l, h in top]
+        else:
+            text += " (No MAPS relation: none of MAPS's relation sets is an object -> colour table.)"
+        lines.append(text)
     return lines, data
 
 
-def render(model: HookedTransformer, numbers: dict, heads_lines: list[str]) -> str:
-    from ..interventions import live_heads
+def _f(x: float | None, nd: int = 2) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
 
+
+def _heads(d: dict) -> str:
+    return ", ".join(f"{h} ({v:.2f})" for h, v in d.items()) or "none"
+
+
+FLOOR_TEXT = {
+    "heldout_accuracy>=0.95": "held-out accuracy >= 0.95 on IOI, Colored Objects and capitals",
+    "checkpoint<10MB": "checkpoint < 10 MB",
+    "retraining<=30min": "retraining <= 30 min (CPU seconds of the training process)",
+    "live_heads>=12": ">= 12 live heads",
+    "top3_drop_top1>=0.5": "every task's top-3 heads drop its top-1 accuracy by >= 0.5",
+    "random3_drop_top1<0.1": "3-sets of the other live heads cost < 0.1 top-1 accuracy on average, every task",
+    "ioi_two_roles": "IOI heads in >= 2 roles by path patching (movers, S-inhibition-like)",
+    "movers_copy_names(MAPS>=0.5)": "IOI movers score >= 0.5 on MAPS name copying",
+    "capital_heads(MAPS>=0.5)_causal": "heads with MAPS capital score >= 0.5 carry the capital task "
+                                       "(ablated together: top-1 drop >= 0.5)",
+}
+
+
+def _seed_row(r: dict) -> str:
+    tr, a, t = r["training"], r["ablation"], r["tasks"]
+    met = [k for k, ok in r["floors"].items() if ok]
+    return (f"| {tr.get('seed')} | " + " / ".join(f"{t[k]['accuracy']:.2f}" for k in fl.FLOOR_TASKS) + f" | {r['live']['n']} | "
+            + " / ".join(_f(a[k]["drop_top1"]) for k in fl.FLOOR_TASKS) + " | "
+            + " / ".join(_f(a[k]["random_drop_top1"]) for k in fl.FLOOR_TASKS) + " | "
+            + f"{', '.join(r['maps']['capital_heads_causal']) or '—'} | {', '.join(r['ioi_roles']['movers']) or '—'} | "
+            + f"{', '.join(r['ioi_roles']['s_inhibition']) or '—'} | {len(met)} of {len(r['floors'])}"
+            + ("" if len(met) == len(r["floors"]) else f" (not: {', '.join(k for k, ok in r['floors'].items() if not ok)})")
+            + " |")
+
+
+def render(model: HookedTransformer, res: dict, templ: dict[str, float], heads_lines: list[str],
+           replicates: list[dict] = ()) -> str:
+    """The card's markdown from a floors result (``Floors.to_dict()``) and the extra numbers."""
     ident = model_identity(model)
-    live = live_heads(model)
-    ov = torch.einsum("lhde,lhem->lhdm", model.W_V, model.W_O).flatten(-2).norm(dim=-1).detach()
-    live_txt = ", ".join(f"{l}.{h} ({ov[l, h]:.3f})" for l, h in live)
     n_heads = ident["n_layers"] * ident["n_heads"]
-    meta = json.loads((TOY_DIR / "config.json").read_text())
-    training = meta.get("training", {})
-    size_kb = (TOY_DIR / "model.safetensors").stat().st_size // 1024
-    t = numbers["tasks"]
-    rows = "\n".join(
-        f"| {name} | {r['accuracy']:.3f} | {r['top1_accuracy']:.3f} | {r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |"
-        for name, r in t.items()
-    )
-    def drop(r: dict, key: str) -> str:  # no control set (too few live heads): no random drop to show
-        return f"{r['drop_random'][key]:.3f}" if r["drop_random"] else "—"
-
-    numbers_rows = "\n".join(
-        f"| {task} | {', '.join(r['heads'])} | {r['clean']['top1_accuracy']:.2f} -> {r['top']['top1_accuracy']:.2f} "
-        f"| {drop(r, 'top1_accuracy')} | {r['clean']['accuracy']:.2f} -> {r['top']['accuracy']:.2f} "
-        f"(binomial p above chance {r['binomial_p_above_chance']:.2f}) | {drop(r, 'accuracy')} "
-        f"| {r['n_random']} ({r['random_how']}) |"
-        for task, r in numbers["ablation"].items()
-    )
-    n_live = len(live)
-    hit = 1 - math.comb(n_live - 3, 3) / math.comb(n_live, 3) if n_live >= 3 else 1.0
-    hit_frac = Fraction(hit).limit_denominator(1000)
-    n_sets = math.comb(max(n_live - 3, 0), 3)
-    templ = "\n".join(f"| `{k}` | {v:.3f} |" for k, v in numbers["capital_templates"].items())
-    mix = ", ".join(f"{k} {int(v * 100)}%" for k, v in MIX.items())
+    tr = res["training"]
+    mix = tr.get("mix") or MIX
+    mix_txt = ", ".join(f"{k} {v:.0%}" for k, v in mix.items())
+    arch = ("**attention-only** (LayerNorm before each attention layer and before the unembedding; no MLPs)"
+            if ident["attn_only"] else
+            f"MLPs (d_mlp {tr.get('d_mlp')}) in block(s) {tr.get('mlp_layers') or 'all'}"
+            + ("; the other blocks' MLPs are zeroed and frozen" if tr.get("mlp_layers") else ""))
+    task_rows = "\n".join(
+        f"| {TASK_SPECS[t].title if t in TASK_SPECS else t} | {r['accuracy']:.3f} | {r['top1_accuracy']:.3f} | "
+        f"{r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |" for t, r in res["tasks"].items())
+    lv = res["live"]
+    rel_rows = "\n".join(
+        f"| {h} | " + " | ".join(_f(lv["rel_change"][t].get(h)) for t in (*fl.FLOOR_TASKS, "copying")) + " |"
+        for h in lv["heads"])
+    abl_rows = "\n".join(
+        f"| {TASK_SPECS[t].title if t in TASK_SPECS else t} | {', '.join(a['top3'])} | {a['clean_top1']:.2f} -> "
+        f"{a['top3_top1']:.2f} (drop {a['drop_top1']:.2f}) | {_f(a['random_drop_top1'], 3)} "
+        f"(worst {_f(a['random_worst_drop_top1'])}) | {a['clean_acc']:.2f} -> {a['top3_acc']:.2f} | "
+        f"{_f(a['random_drop_acc'], 3)} | {a['n_draws']} of {len(a['pool'])} heads |"
+        for t, a in res["ablation"].items() if t in fl.FLOOR_TASKS)
+    m, roles = res["maps"], res["ioi_roles"]
+    floor_rows = "\n".join(f"| {FLOOR_TEXT.get(k, k)} | {'yes' if ok else '**no**'} |" for k, ok in res["floors"].items())
+    recipe = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in tr.items() if k not in ("command",))
+    seeds = [res, *replicates]
+    seed_rows = "\n".join(_seed_row(r) for r in seeds)
+    templ_rows = "\n".join(f"| `{k}` | {v:.3f} |" for k, v in templ.items())
+    movers = ", ".join(f"{h} (attention END -> IO {v[0]:.2f}, -> S2 {v[1]:.2f}; MAPS name copying "
+                       f"{roles['mover_name_copying'][h]:.2f})" for h, v in roles["mover_attention_IO_S2"].items()) or "none"
+    inhib = ", ".join(f"{h} (attention END -> S2 {v[0]:.2f}, -> IO {v[1]:.2f})"
+                      for h, v in roles["s_inhibition_attention_S2_IO"].items()) or "none"
     return f"""# Model card: circuitlib's embedded model (`toy`)
 
 A GPT-2-architecture transformer trained by circuitlib on synthetic text, so that every notebook and
-test runs offline in seconds. Regenerate this card with `python -m circuitlib.toy.card`.
+test runs offline in seconds. Regenerate this card with `python -m circuitlib.toy.card` (its numbers come
+from `python -m circuitlib.toy.floors`, definitions in that module's docstring).
 
 ## Architecture
-{ident['n_layers']} layers x {ident['n_heads']} heads, d_model {ident['d_model']}, d_head {model.cfg.d_head}, context 32,
-**attention-only** (LayerNorm before each attention layer and before the unembedding; no MLPs), learned
-positional embeddings, untied embedding / unembedding; {ident['n_params']:,} parameters,
-`model.safetensors` {size_kb} KB. Word-level tokenizer of {ident['d_vocab']} tokens (`tokenizer.json`):
-every name, country, capital and template word is one token; punctuation is split off;
-`<|endoftext|>` is BOS / EOS / PAD. Attention-only is deliberate: with MLPs the capital facts are stored
-in the MLP and no head's OV circuit carries them, so MAPS would have nothing to find.
+{ident['n_layers']} layers x {ident['n_heads']} heads, d_model {ident['d_model']}, d_head {model.cfg.d_head},
+context {model.cfg.n_ctx}, {arch}, learned positional embeddings, untied embedding / unembedding;
+{ident['n_params']:,} parameters, `model.safetensors` {res['size_mb']} MB (SHA-256 `{res['weights_sha256'][:16]}…`).
+Word-level tokenizer of {ident['d_vocab']} tokens (`tokenizer.json`): every name, country, capital, colour,
+object, surface and template word is one token; punctuation is split off; `<|endoftext|>` is BOS / EOS / PAD.
 
 ## Training data and recipe
-Generated by `circuitlib/toy/corpus.py` (seed {training.get('seed', 0)}): {mix}.
+Generated by `circuitlib/toy/corpus.py` (seed {tr.get('seed', 0)}): {mix_txt}.
 - IOI: the 30 templates of Wang et al. (2022) with {len(copy_names())} single-token names (the IOI names plus
   the one-word names of MAPS's `name_copying` relation), 8 places, 8 objects; the sentence ends with the IO name.
   {len(TEMPLATES)} templates x names: one (template, IO name) combination in five is held out (CRC32) and never generated.
-- Capitals: the {len(country_capital_pairs())} one-word
-  (country, capital) pairs of MAPS's `country_to_capital_wikidata`, in {len(CAPITAL_TEMPLATES)} templates; each
-  country's fifth template is held out.
+- Colored Objects (Merullo et al. 2024): {len(COLORED_TEMPLATES)} templates, {len(COLORS)} colours, {len(ITEMS)} objects,
+  {len(SURFACES)} surfaces; three (colour, object) pairs and a question about one object, answered by its colour.
+  One (template, surface, queried list position) combination in five is held out; colours and objects are not
+  in the key, so every object-colour pair is trained in every position and memorising object -> colour
+  statistics cannot help on the held-out split.
+- Capitals: the {len(country_capital_pairs())} one-word (country, capital) pairs of MAPS's
+  `country_to_capital_wikidata`, in {len(CAPITAL_TEMPLATES)} templates; each country's fifth template is held out.
 - Copying: a 2-5 word list repeated after a comma. Filler: "This is a document about X", "N likes the PLACE", ...
 
-Recipe (`python -m circuitlib.toy.train`): {training.get('steps')} steps of AdamW (lr 2e-3 one-cycle, no weight
-decay, batch 128), next-token loss on every position with the answer token weighted 5x, plus a head
-group-lasso {training.get('head_l1')} x sum over heads of (||W_V||_F + ||W_O||_F) that switches unneeded heads off
-(without it, each task was spread over nearly all 24 heads and no few heads mattered); final loss
-{training.get('final_loss')}; {training.get('train_seconds')} s ({training.get('note', '2 CPU cores')}).
+Loss: next-token cross-entropy on every position, the answer token of IOI, Colored Objects and capital
+sentences weighted {tr.get('answer_weight', 5)}x, plus a head group-lasso `head_l1` x sum over heads of
+(||W_V||_F + ||W_O||_F), off for the first `l1_start` of the steps and ramped in over `l1_ramp`.
+Command: `{tr.get('command', 'python -m circuitlib.toy.train')}`; `torch.use_deterministic_algorithms(True)`.
+
+| recipe | value |
+|---|---|
+{recipe}
 
 ## Held-out accuracy
-Prompts whose (template, name) or (country, template) combination never occurred in training, {N_EVAL} per task.
-Accuracy = answer logit beats the wrong answer (IOI: IO vs S; capitals: the capital vs the corrupt
-country's capital); top-1 = answer is the argmax over the vocabulary.
+{res['n_prompts']} held-out prompts per task (seed {res['seed']}): combinations never generated in training.
+Accuracy = answer logit beats the wrong answer (two-way, chance 0.5); top-1 = answer is the argmax.
 
 | task | accuracy | top-1 | logit diff | logit diff (corrupted) |
 |---|---|---|---|---|
-{rows}
+{task_rows}
 
 Capitals per template (60 prompts each, seen and unseen combinations):
 
 | template | accuracy |
 |---|---|
-{templ}
+{templ_rows}
 
-## Which heads matter
-From `circuitlib.circuits.discover_circuit` (activation patching, noising, normalised logit difference)
-and `circuitlib.scoring.static_scores` (MAPS, unprocessed weights, raw embeddings as inputs — the model
-has no MLP):
+## Floors (issue 13)
+
+| floor | met |
+|---|---|
+{floor_rows}
+
+**Live heads: {lv['n']} of {n_heads}.** Criterion: {lv['criterion']} (mean-ablation: the head's `z`
+replaced at every non-BOS position by its mean over the corrupted prompts' real tokens). Counting the copying
+task too: {lv['n_incl_copying']}; heads with ||W_V||_F + ||W_O||_F > 0.1: {lv['n_norm_gt_0_1']}. The library's
+random-head controls (`circuitlib.interventions.live_heads`, used by the notebooks and the report) count
+heads by OV weight norm instead. Relative change of the mean logit difference when the head alone is ablated:
+
+| head | {' | '.join(fl.FLOOR_TASKS)} | copying |
+|---|---|---|---|---|
+{rel_rows}
+
+**Top-3 heads vs random heads.** Top 3 by activation patching (noising, every position); random: {fl.N_DRAWS}
+seeded 3-sets drawn from the live heads outside the task's top 3, mean-ablated the same way; drops are clean
+minus ablated.
+
+| task | top-3 heads | top-1: clean -> top 3 ablated | top-1: mean drop, random 3-sets | two-way: clean -> top 3 ablated | two-way: mean drop, random | draws, pool |
+|---|---|---|---|---|---|---|
+{abl_rows}
+
+**Country -> capital heads (MAPS).** Static scores on `country_to_capital_wikidata` (k=10) >= 0.2:
+{_heads(m['capital_scores'])}. At or above 0.5: {', '.join(m['capital_heads']) or 'none'}; among the capital
+task's top 3: {', '.join(m['capital_heads_in_top3']) or 'none'}; causal (live on capitals or in its top 3):
+{', '.join(m['capital_heads_causal']) or 'none'}; ablating those together takes capital top-1 accuracy to
+{_f(m['causal_ablated_top1'])} (drop {_f(m['causal_ablated_drop_top1'])}).
+
+**IOI roles (path patching, noising, ABC corruption).** Path to the logits (normalised logit difference
+lost, |score| >= 0.05): {_heads(roles['direct_path'])}. Movers (path to the logits >= {fl.ROLE_T}, attending
+more to IO than to S2 from END): {movers}. S-inhibition-like (not movers; path to the movers' queries at END or
+keys >= {fl.ROLE_T}): {inhib}. Path to the movers' queries: {_heads(roles['path_to_movers_q'] or {})}; keys:
+{_heads(roles['path_to_movers_k'] or {})}.
+
+## Seeds
+The shipped checkpoint first, then each retraining of the same recipe with another seed (`--replicate`).
+Columns per task in the order {' / '.join(fl.FLOOR_TASKS)}.
+
+| seed | held-out accuracy | live heads | top-3 top-1 drop | random-3 top-1 drop | causal MAPS capital heads | IOI movers | S-inhibition-like | floors met |
+|---|---|---|---|---|---|---|---|---|
+{seed_rows}
+
+## Which heads matter (circuit discovery)
+From `circuitlib.circuits.discover_circuit` (activation patching, noising, normalised logit difference) and,
+for tasks with a MAPS relation, `circuitlib.scoring.static_scores`:
 
 {chr(10).join(heads_lines)}
 
-Live heads (OV weight norm ||W_V W_O||_F at least 1e-3 of the largest head's, `circuitlib.interventions.live_heads`;
-the group-lasso leaves the others at ~1e-12): **{len(live)} of {n_heads}**: {live_txt}. Mechanisms vary with the
-training seed; tests assert properties (floors, a MAPS-visible capital head among the important ones), not these indices.
-
-What {n_live} live heads let a random-head control show: random sets are drawn only from the live heads outside
-the heads under test, layer-matched where the layers allow, else size-matched
-(`circuitlib.interventions.control_sets`). Drawn from all {n_live} live heads, a random 3 would contain one of
-a task's top 3 in {hit_frac.numerator} of {hit_frac.denominator} draws, so the heads under test are excluded; that
-leaves {n_live - 3} live heads and {n_sets} {'set' if n_sets == 1 else 'sets'} of 3, so a "random heads cost little" result is an
-exhaustive statement about those few sets, not a sample, and a p-value against them cannot go below
-1/(number of sets + 1). Switched-off heads are never used to fill a set: drawn from all {n_heads} heads, random sets
-would be almost always dead heads and "random heads change nothing" would be forced. When too few live heads
-remain for one set, there is no control and no p-value.
-
-## Ablation floor
-The 3 heads with the largest activation-patching effect, mean-ablated at every position (means over the
-corrupted prompts, BOS excluded), against every set (or 2,000 draws) of 3 live heads outside them, {N_EVAL}
-held-out prompts per task. `tests/test_toy.py` asserts, once and for every checkpoint: top-1 accuracy drops by
->= 0.5; the random sets cost < 0.1 on average (top-1 and two-way); and after ablating the top 3 the two-way
-accuracy (chance 0.5) is not above chance (one-sided exact binomial test, p >= 0.05).
-
-| task | top-3 heads | top-1: clean -> top-3 ablated | top-1: mean drop, random sets | two-way: clean -> top-3 ablated | two-way: mean drop, random sets | random sets |
-|---|---|---|---|---|---|---|
-{numbers_rows}
+Mechanisms vary with the training seed; tests assert the floors (properties), not these head indices.
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write checkpoint/MODEL_CARD.md from the floors of the shipped checkpoint.")
+    p.add_argument("--floors", type=Path, default=None,
+                   help="a stored floors.json of the shipped weights (else computed, ~10 min)")
+    p.add_argument("--replicate", type=Path, nargs="*", default=[],
+                   help="floors.json of retrainings with other seeds (one row each in the seeds table)")
+    args = p.parse_args(argv)
     model = load_model("toy")
-    numbers = card_numbers(model)
+    if args.floors:
+        res = json.loads(args.floors.read_text())
+        if res.get("weights_sha256") != fl.weights_sha256(TOY_DIR):
+            raise SystemExit(f"{args.floors} belongs to other weights than {TOY_DIR / 'model.safetensors'}: "
+                             "recompute it (python -m circuitlib.toy.floors) or leave --floors out")
+    else:
+        res = fl.floors(TOY_DIR, progress=True).to_dict()
+    replicates = [json.loads(r.read_text()) for r in args.replicate]
     try:
         lines, heads = heads_section(model)
     except ImportError:
         lines, heads = ["(circuit discovery not available)"], {}
-    (TOY_DIR / "MODEL_CARD.md").write_text(render(model, numbers, lines))
-    print(json.dumps({"numbers": numbers, "heads": heads}, indent=1, default=float))
+    (TOY_DIR / "MODEL_CARD.md").write_text(render(model, res, capital_templates(model), lines, replicates))
+    print(json.dumps({"floors": res["floors"], "heads": heads}, indent=1, default=float))
 
 
 if __name__ == "__main__":

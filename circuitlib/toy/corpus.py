@@ -1,12 +1,16 @@
 """The synthetic corpus the embedded model is trained on, and its word-level tokenizer.
 
-Four kinds of sentence, mixed with fixed proportions and a fixed seed:
+Five kinds of sentence, mixed with fixed proportions (:data:`MIX`, or ``generate(mix=...)``) and a fixed seed:
 
 - ``ioi``: the 30 IOI templates of Wang et al. filled with names / places / objects and ending in
   the IO name ("... John gave a drink to Mary"). (template, IO name) combinations that
   :func:`circuitlib.tasks._common.heldout` marks are never generated: they are the test set.
 - ``capital``: "The capital of France is Paris" in five templates; each country's held-out template
   (:func:`circuitlib.tasks.capitals.heldout_template`) is never generated.
+- ``colored``: Colored Objects prompts ("On the desk I see a red pen, a blue cup and a green book. What
+  color is the cup? Answer: blue", :mod:`circuitlib.tasks.colored_objects`); (template, surface, queried
+  list position) combinations that :func:`circuitlib.tasks._common.heldout` marks are never generated
+  (colours and objects are not in the key: every object-colour pair is trained in every position).
 - ``copy``: a short random word list said twice ("Mary Paris ring Kabul , Mary Paris ring Kabul").
 - ``filler``: neutral sentences ("This is a document about Mary", "Mary likes the garden").
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 from ..tasks._common import heldout
 from ..tasks.capitals import CAPITAL_TEMPLATES, country_capital_pairs, heldout_template
+from ..tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES, fill_colored, heldout_key, sample_colored
 from ..tasks.copying import copy_names
 from ..tasks.ioi import OBJECTS, PLACES, TEMPLATES, fill
 
@@ -32,7 +37,7 @@ FILLER_TEMPLATES = [
     "[N] has a [OBJECT]",
     "We talked about [X] today",
 ]
-MIX = {"ioi": 0.45, "capital": 0.35, "copy": 0.10, "filler": 0.10}
+MIX = {"ioi": 0.35, "capital": 0.30, "colored": 0.20, "copy": 0.08, "filler": 0.07}
 
 
 def _words(text: str) -> list[str]:
@@ -41,11 +46,12 @@ def _words(text: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """All tokens of the embedded model, specials first, the rest sorted (ids are stable)."""
-    words: set[str] = set(copy_names()) | set(PLACES) | set(OBJECTS)
+    words: set[str] = set(copy_names()) | set(PLACES) | set(OBJECTS) | set(COLORS) | set(ITEMS) | set(SURFACES)
     for c, cap in country_capital_pairs():
         words |= {c, cap}
-    for t in TEMPLATES + CAPITAL_TEMPLATES + FILLER_TEMPLATES:
-        words |= {w for w in _words(t) if w not in ("A", "B", "PLACE", "OBJECT", "C", "X", "N")}
+    for t in TEMPLATES + CAPITAL_TEMPLATES + FILLER_TEMPLATES + COLORED_TEMPLATES:
+        words |= {w for w in _words(t) if w not in ("A", "B", "PLACE", "OBJECT", "C", "X", "N", "S", "Q",
+                                                    "C1", "C2", "C3", "O1", "O2", "O3")}
     words |= {",", "[", "]"}
     words -= set(SPECIALS)
     return SPECIALS + sorted(words)
@@ -70,13 +76,17 @@ class Sentence:
     kind: str
 
 
-def generate(n: int, seed: int = 0) -> list[Sentence]:
-    """``n`` training sentences, mixed as :data:`MIX`, never containing a held-out combination."""
+def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[Sentence]:
+    """``n`` training sentences, mixed as :data:`MIX` (or ``mix``: kind -> weight, normalised by
+    ``random.choices``; kinds left out are not generated), never containing a held-out combination."""
     rng = random.Random(seed)
     names = copy_names()
     pairs = country_capital_pairs()
     anything = names + [w for p in pairs for w in p] + PLACES + OBJECTS
-    kinds, weights = zip(*MIX.items())
+    mix = MIX if mix is None else mix
+    if not mix or set(mix) - set(MIX) or any(w < 0 for w in mix.values()) or not sum(mix.values()) > 0:
+        raise ValueError(f"mix {mix!r}: give non-negative weights (not all zero) for kinds among {tuple(MIX)}")
+    kinds, weights = zip(*mix.items())
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights)[0]
@@ -94,6 +104,12 @@ def generate(n: int, seed: int = 0) -> list[Sentence]:
                 if template != heldout_template(country):
                     break
             text = template.replace("[C]", country) + " " + capital
+        elif kind == "colored":
+            while True:
+                template, surface, cs, os_, q = sample_colored(rng, COLORS, ITEMS, SURFACES, COLORED_TEMPLATES)
+                if not heldout(heldout_key(template, surface, q)):
+                    break
+            text = fill_colored(template, surface, cs, os_, os_[q]) + " " + cs[q]
         elif kind == "copy":
             words = rng.sample(anything, rng.randint(2, 5))
             text = " ".join(words) + " , " + " ".join(words)

@@ -5,18 +5,25 @@ d_model 128, d_head 32, context 32, untied embeddings. Attention-only on purpose
 country -> capital lookup moves into the MLP, where head-level MAPS scores cannot see it; without
 them the lookup must live in the heads' OV circuits, which is what this project teaches.
 
-Loss: next-token cross-entropy on every position, with the answer token of IOI and capital
-sentences weighted ``ANSWER_WEIGHT`` times, plus a head group-lasso ``HEAD_L1 * sum_heads
-(||W_V^h||_F + ||W_O^h||_F)`` that switches unneeded heads off. Without it (and with weight decay,
+Loss: next-token cross-entropy on every position, with the answer token of IOI, capital and Colored
+Objects sentences weighted ``ANSWER_WEIGHT`` times, plus a head group-lasso ``HEAD_L1 * sum_heads
+(||W_V^h||_F + ||W_O^h||_F)`` that switches unneeded heads off (optionally off for a first fraction
+of the steps and ramped in: ``--l1-start`` / ``--l1-ramp``). Without it (and with weight decay,
 which rewards spreading work over heads) every task was spread over nearly all 24 heads, so no
 small set of heads mattered; with it a few heads carry each task. AdamW without weight decay,
-fixed seed, 1500 steps: about 8 minutes on 2 idle CPU cores.
+fixed seed, 1500 steps: about 8 minutes on 2 idle CPU cores. Training runs with
+``torch.use_deterministic_algorithms(True)``; the thread count is part of the recipe (``--threads``) and
+is saved with it, because float sums, and so the weights, may differ bit by bit across thread counts.
+
+Every option of the command line (layers, MLP blocks, data mix, learning rate, penalty schedule, ...) is
+saved in the checkpoint's ``config.json`` under ``training``, with the command that reproduces it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,15 +34,23 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from ..models import TOY_DIR, build_model, save_checkpoint
-from .corpus import build_tokenizer, generate
+from .corpus import MIX, build_tokenizer, generate
 
 CONFIG = dict(
     n_layers=3, d_model=128, n_ctx=32, d_head=32, n_heads=8, d_mlp=None, act_fn=None,
     attn_only=True, normalization_type="LN", positional_embedding_type="standard", seed=0,
 )
+# The recipe's defaults (``python -m circuitlib.toy.train`` without options; ``train()``'s defaults).
 ANSWER_WEIGHT = 5.0
 HEAD_L1 = 0.02
 STEPS = 1500
+LR = 2e-3
+BATCH_SIZE = 128
+N_SENTENCES = 200_000
+L1_START = 0.0
+L1_RAMP = 0.0
+THREADS = 2
+LOG_EVERY = 500
 
 
 def encode_corpus(tokenizer, sentences, n_ctx: int) -> tuple[Int[Tensor, "n n_ctx"], Float[Tensor, "n n_ctx_minus_1"]]:
@@ -50,7 +65,7 @@ def encode_corpus(tokenizer, sentences, n_ctx: int) -> tuple[Int[Tensor, "n n_ct
         toks = [bos] + toks[: n_ctx - 1]
         ids[i, : len(toks)] = torch.tensor(toks)
         weights[i, : len(toks) - 1] = 1.0
-        if s.kind in ("ioi", "capital"):
+        if s.kind in ("ioi", "capital", "colored"):
             weights[i, len(toks) - 2] = ANSWER_WEIGHT  # predicting the last token (the answer)
     return ids, weights
 
@@ -61,42 +76,98 @@ def head_norms(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads"]:
 
 
 def heldout_accuracy(model: HookedTransformer, n: int = 64) -> dict[str, float]:
-    """Accuracy (answer beats wrong answer) on held-out IOI and capital prompts."""
+    """Accuracy (answer beats wrong answer) on ``n`` held-out prompts (seed 1) of each task the embedded
+    model is trained for: ``ioi``, ``colored_objects``, ``capitals``."""
     from ..metrics import accuracy
-    from ..tasks import capital_batch, ioi_batch
+    from ..tasks import capital_batch, colored_objects_batch, ioi_batch
 
     with torch.no_grad():
         out = {}
         for name, batch in (("ioi", ioi_batch(model.tokenizer, n, seed=1)),
+                            ("colored_objects", colored_objects_batch(model.tokenizer, n, seed=1)),
                             ("capitals", capital_batch(model.tokenizer, n, seed=1))):
             out[name] = accuracy(model(batch.clean), batch)
     return out
 
 
+def mlp_mask(model: HookedTransformer, mlp_layers: list[int] | None) -> None:
+    """Zero and freeze the MLPs of blocks not in ``mlp_layers`` (TransformerLens has one ``d_mlp`` for
+    all blocks): a model with MLPs in some blocks only. ``None`` (or an attention-only model) keeps
+    every block as it is."""
+    if mlp_layers is None or model.cfg.attn_only:
+        return
+    bad = [l for l in mlp_layers if not 0 <= l < model.cfg.n_layers]
+    if bad:
+        raise ValueError(f"mlp_layers {bad} are not blocks of a {model.cfg.n_layers}-layer model: use 0..{model.cfg.n_layers - 1}")
+    for l, block in enumerate(model.blocks):
+        if l in mlp_layers:
+            continue
+        for p in block.mlp.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+
+
+def penalty_weight(step: int, steps: int, head_l1: float, l1_start: float = 0.0, l1_ramp: float = 0.0) -> float:
+    """The group-lasso weight at ``step``: 0 for the first ``l1_start`` fraction of ``steps``, then linear
+    up to ``head_l1`` over the next ``l1_ramp`` fraction (``l1_ramp`` 0: a step), ``head_l1`` after."""
+    frac = step / steps
+    if frac < l1_start:
+        return 0.0
+    if l1_ramp <= 0:
+        return head_l1
+    return head_l1 * min(1.0, (frac - l1_start) / l1_ramp)
+
+
 def train(
     steps: int = STEPS,
-    batch_size: int = 128,
-    lr: float = 2e-3,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
     seed: int = 0,
-    n_sentences: int = 200_000,
-    log_every: int = 500,
+    n_sentences: int = N_SENTENCES,
+    log_every: int = LOG_EVERY,
     progress: bool = True,
     weight_decay: float = 0.0,
     head_l1: float = HEAD_L1,
     config: dict | None = None,
+    mix: dict[str, float] | None = None,
+    mlp_layers: list[int] | None = None,
+    l1_start: float = L1_START,
+    l1_ramp: float = L1_RAMP,
 ) -> tuple[HookedTransformer, list[float]]:
     """Train a fresh embedded model; returns ``(model, losses)`` (language-model loss per step, without
-    the group-lasso term). Deterministic for a given seed.
+    the group-lasso term). Deterministic for a given seed and thread count
+    (``torch.use_deterministic_algorithms`` is on while it trains).
+
+    ``mix``: the corpus mix (:data:`circuitlib.toy.corpus.MIX` when ``None``). ``mlp_layers``: with a
+    ``config`` that has MLPs, the blocks that keep one (:func:`mlp_mask`). ``l1_start`` / ``l1_ramp``
+    (fractions of ``steps``): the head group-lasso is off for the first ``l1_start`` of training and
+    ramps linearly to ``head_l1`` over the next ``l1_ramp`` (0, 0: on from the start), so circuits that
+    need several layers can form before pruning starts (:func:`penalty_weight`).
 
     Every ``log_every`` steps prints the loss and the held-out task accuracies (when ``progress``).
     """
+    if not (0 <= l1_start <= 1 and 0 <= l1_ramp <= 1):
+        raise ValueError(f"l1_start={l1_start}, l1_ramp={l1_ramp}: both are fractions of the steps, in [0, 1]")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1,
+                      config, mix, mlp_layers, l1_start, l1_ramp)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1, config, mix,
+           mlp_layers, l1_start, l1_ramp) -> tuple[HookedTransformer, list[float]]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     cfg = dict(config or CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
     model = build_model(cfg, tokenizer)
     model.cfg.model_name = "toy"
-    ids, weights = encode_corpus(tokenizer, generate(n_sentences, seed), cfg["n_ctx"])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    mlp_mask(model, mlp_layers)
+    ids, weights = encode_corpus(tokenizer, generate(n_sentences, seed, mix), cfg["n_ctx"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -108,7 +179,8 @@ def train(
         logits = model(x)[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
-        loss = lm_loss + head_l1 * head_norms(model).sum() if head_l1 else lm_loss
+        l1_now = penalty_weight(step, steps, head_l1, l1_start, l1_ramp)
+        loss = lm_loss + l1_now * head_norms(model).sum() if l1_now else lm_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,31 +191,68 @@ def train(
             model.eval()
             acc = heldout_accuracy(model)
             model.train()
-            print(f"step {step:5d}  loss {lm_loss:.3f}  held-out accuracy ioi {acc['ioi']:.2f} "
-                  f"capitals {acc['capitals']:.2f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  loss {lm_loss:.3f}  held-out accuracy "
+                  + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     return model, losses
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser; its defaults are the recipe (``build_parser().parse_args([])``)."""
     parser = argparse.ArgumentParser(description="Retrain circuitlib's embedded model from scratch.")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TOY_DIR)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--head-l1", type=float, default=HEAD_L1)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (part of the recipe)")
+    parser.add_argument("--n-layers", type=int, default=CONFIG["n_layers"])
+    parser.add_argument("--d-model", type=int, default=CONFIG["d_model"])
     parser.add_argument("--n-heads", type=int, default=CONFIG["n_heads"])
     parser.add_argument("--d-head", type=int, default=CONFIG["d_head"])
+    parser.add_argument("--d-mlp", type=int, default=0, help="0: attention-only (no MLPs)")
+    parser.add_argument("--mlp-layers", type=str, default=None,
+                        help="with --d-mlp: comma-separated blocks that keep an MLP (the others are zeroed and frozen)")
+    parser.add_argument("--mix", type=str, default=None,
+                        help='corpus mix as JSON, e.g. {"ioi": 0.35, "capital": 0.3, "colored": 0.2, "copy": 0.08, '
+                             '"filler": 0.07} (default: circuitlib.toy.corpus.MIX)')
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--n-sentences", type=int, default=N_SENTENCES)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--head-l1", type=float, default=HEAD_L1)
+    parser.add_argument("--l1-start", type=float, default=L1_START, help="fraction of the steps without head penalty")
+    parser.add_argument("--l1-ramp", type=float, default=L1_RAMP, help="fraction of the steps to ramp the penalty in")
+    parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line; writes the checkpoint (with the recipe under ``training``) to ``--out``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        mix = json.loads(args.mix) if args.mix else None
+        mlp_layers = [int(x) for x in args.mlp_layers.split(",")] if args.mlp_layers else None
+    except ValueError as e:
+        parser.error(f"--mix must be a JSON object and --mlp-layers comma-separated integers ({e})")
+    if mlp_layers is not None and not args.d_mlp:
+        parser.error("--mlp-layers needs --d-mlp > 0 (the model is attention-only without it)")
     torch.set_num_threads(args.threads)
-    t0 = time.time()
-    config = dict(CONFIG, n_heads=args.n_heads, d_head=args.d_head)
-    model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay,
-                          head_l1=args.head_l1, config=config)
-    recipe = {"steps": args.steps, "seed": args.seed, "head_l1": args.head_l1, "weight_decay": args.weight_decay,
-              "d_head": args.d_head, "n_heads": args.n_heads, "final_loss": round(losses[-1], 4),
-              "train_seconds": round(time.time() - t0), "command": "python -m circuitlib.toy.train"}
+    t0, c0 = time.time(), time.process_time()
+    config = dict(CONFIG, n_heads=args.n_heads, d_head=args.d_head, n_layers=args.n_layers, d_model=args.d_model)
+    if args.d_mlp:
+        config.update(d_mlp=args.d_mlp, act_fn="gelu", attn_only=False)
+    model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay, head_l1=args.head_l1,
+                          config=config, mix=mix, mlp_layers=mlp_layers, lr=args.lr, batch_size=args.batch_size,
+                          n_sentences=args.n_sentences, l1_start=args.l1_start, l1_ramp=args.l1_ramp,
+                          log_every=args.log_every)
+    recipe = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "n_layers": args.n_layers,
+              "d_model": args.d_model, "n_heads": args.n_heads, "d_head": args.d_head, "d_mlp": args.d_mlp,
+              "mlp_layers": mlp_layers, "mix": mix or dict(MIX), "lr": args.lr, "batch_size": args.batch_size,
+              "n_sentences": args.n_sentences, "weight_decay": args.weight_decay, "head_l1": args.head_l1,
+              "l1_start": args.l1_start, "l1_ramp": args.l1_ramp, "answer_weight": ANSWER_WEIGHT,
+              "final_loss": round(losses[-1], 4), "train_seconds": round(time.time() - t0),
+              "cpu_seconds": round(time.process_time() - c0),
+              "command": "python -m circuitlib.toy.train " + " ".join(sys.argv[1:] if argv is None else argv)}
     save_checkpoint(model, args.out, extra={"training": recipe})
     print(json.dumps(recipe))
 
