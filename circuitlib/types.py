@@ -174,8 +174,10 @@ class TaskBatch:
     Conventions: every row starts with BOS; rows are right-padded with ``pad_id`` so position ``p``
     means the same token slot in ``clean`` and ``corrupt``; ``positions["END"]`` is the last real
     token of each prompt (where the answer is read). Task-specific positions (IOI: ``IO``, ``S1``,
-    ``S2``; capitals: ``COUNTRY``) index the same rows. ``answer`` / ``wrong`` are the correct and the
-    competing next-token ids (IOI: IO vs S name; capitals: the capital vs the corrupt country's capital).
+    ``S2``; Colored Objects: ``COLOR``, ``OBJ``, ``QOBJ``; capitals: ``COUNTRY``) index the same rows.
+    ``answer`` / ``wrong`` are the correct and the competing next-token ids (IOI: IO vs S name; Colored
+    Objects: the queried object's colour vs the colour of the object the corrupt prompt asks about;
+    capitals: the capital vs the corrupt country's capital).
     ``template`` (optional): each prompt's template identifier (the task builders fill it with the
     template text, slots in brackets). In the builders' batches, prompts sharing an id have the same
     token count and the same tokens outside the template's slots (names, places, countries, ...), in

@@ -183,6 +183,30 @@ def test_summary_numbers_are_the_results(first_run):
     assert f"{cannot} of the {len(rows)} cannot reach significance" in line
 
 
+def test_ioi_vs_colored_objects_as_the_paper_compares_them(first_run):
+    """The overlap section opens with IOI vs Colored Objects (Merullo et al. 2024), then capitals against each:
+    shared heads and each head set's share recomputed here from the discovered head sets, the removals from
+    the reuse cells."""
+    out, s = first_run
+    md = (out / "report.md").read_text()
+    section = md.split("## Overlap and reuse\n", 1)[1].split("\n## ", 1)[0]
+    heads = {t: set(d["circuit"]["heads"]) for t, d in s["discovery"].items()}
+    titles = {"ioi": "IOI", "colored_objects": "Colored Objects", "capitals": "Country -> capital"}
+    paper = next(x for x in section.splitlines() if x.startswith("**IOI vs Colored Objects**"))
+    third = next(x for x in section.splitlines() if x.startswith("**Country -> capital**, the third task"))
+    assert section.index(paper) < section.index(third)
+    for line, pairs in ((paper, [("ioi", "colored_objects")]), (third, [("ioi", "capitals"), ("colored_objects", "capitals")])):
+        for a, b in pairs:
+            shared = sorted(heads[a] & heads[b], key=lambda h: tuple(map(int, h.split("."))))
+            text = (f"the {titles[a]} and {titles[b]} head sets ({len(heads[a])} and {len(heads[b])} heads) share "
+                    f"{len(shared)} ({', '.join(shared) or 'none'}): {len(shared) / len(heads[a]):.0%} of {titles[a]}'s, "
+                    f"{len(shared) / len(heads[b]):.0%} of {titles[b]}'s")
+            assert text.lower() in line.lower(), (text, line)
+            for c, t in ((a, b), (b, a)):
+                cell = s["overlap"]["reuse"][c][t]
+                assert f"removing the {titles[c]} head set leaves {titles[t]} at {cell['ablated']['normalised']:.2f}" in line
+
+
 def test_every_figure_marks_a_head_set_with_one_label_and_one_marker(first_run, tmp_path):
     """patching_heads, maps_static and maps_other_tasks: a task's head set has the same legend text and the same
     marker (MARK_STYLES by the task's place in the registry) in each; once maps_static said "... (activation
