@@ -34,14 +34,15 @@ def test_registered_task_is_built_and_listed(toy, extra_task):
         task_batch("nope", toy.tokenizer)
 
 
-def test_report_runs_with_a_third_task(toy, extra_task, tmp_path, monkeypatch):
+def test_report_runs_with_a_registered_extra_task(toy, extra_task, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "N_PROMPTS", 16)
     monkeypatch.setattr(report, "DISCOVERY_PROMPTS", 16)
     s = report.run_report("toy", tmp_path, model=toy, progress=False, n_random=20)
-    assert set(s["baseline"]["tasks"]) == {"ioi", "capitals", "short_copy"}
-    assert set(s["discovery"]) == {"ioi", "capitals", "short_copy"}
-    assert set(s["overlap"]["pairs"]) == {"ioi|capitals", "ioi|short_copy", "capitals|short_copy"}
-    assert len(s["overlap"]["reuse"]) == 3 and all(len(v) == 3 for v in s["overlap"]["reuse"].values())
+    tasks = ["ioi", "colored_objects", "capitals", "short_copy"]  # registry order, the new task last
+    assert list(s["baseline"]["tasks"]) == tasks
+    assert list(s["discovery"]) == tasks
+    assert list(s["overlap"]["pairs"]) == [f"{a}|{b}" for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    assert len(s["overlap"]["reuse"]) == 4 and all(len(v) == 4 for v in s["overlap"]["reuse"].values())
     md = (tmp_path / "report.md").read_text()
     assert "Short copying" in md
     json.loads((tmp_path / "summary.json").read_text())

@@ -87,12 +87,18 @@ FLOOR_TEXT = {
 }
 
 
+def _order(d: dict) -> list[str]:
+    """``d``'s task keys in registry order (report tasks first, then the others as they come)."""
+    return [t for t in report_tasks() if t in d] + [t for t in d if t not in report_tasks()]
+
+
 def _seed_row(r: dict) -> str:
     tr, a, t = r["training"], r["ablation"], r["tasks"]
     met = [k for k, ok in r["floors"].items() if ok]
-    return (f"| {tr.get('seed')} | " + " / ".join(f"{t[k]['accuracy']:.2f}" for k in fl.FLOOR_TASKS) + f" | {r['live']['n']} | "
-            + " / ".join(_f(a[k]["drop_top1"]) for k in fl.FLOOR_TASKS) + " | "
-            + " / ".join(_f(a[k]["random_drop_top1"]) for k in fl.FLOOR_TASKS) + " | "
+    order = _order({k: None for k in fl.FLOOR_TASKS})
+    return (f"| {tr.get('seed')} | " + " / ".join(f"{t[k]['accuracy']:.2f}" for k in order) + f" | {r['live']['n']} | "
+            + " / ".join(_f(a[k]["drop_top1"]) for k in order) + " | "
+            + " / ".join(_f(a[k]["random_drop_top1"]) for k in order) + " | "
             + f"{', '.join(r['maps']['capital_heads_causal']) or '—'} | {', '.join(r['ioi_roles']['movers']) or '—'} | "
             + f"{', '.join(r['ioi_roles']['s_inhibition']) or '—'} | {len(met)} of {len(r['floors'])}"
             + ("" if len(met) == len(r["floors"]) else f" (not: {', '.join(k for k, ok in r['floors'].items() if not ok)})")
@@ -113,17 +119,18 @@ def render(model: HookedTransformer, res: dict, templ: dict[str, float], heads_l
             + ("; the other blocks' MLPs are zeroed and frozen" if tr.get("mlp_layers") else ""))
     task_rows = "\n".join(
         f"| {TASK_SPECS[t].title if t in TASK_SPECS else t} | {r['accuracy']:.3f} | {r['top1_accuracy']:.3f} | "
-        f"{r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |" for t, r in res["tasks"].items())
+        f"{r['logit_diff']:.2f} | {r['corrupt_logit_diff']:.2f} |" for t, r in ((t, res["tasks"][t]) for t in _order(res["tasks"])))
     lv = res["live"]
+    floor_order = _order({k: None for k in fl.FLOOR_TASKS})
     rel_rows = "\n".join(
-        f"| {h} | " + " | ".join(_f(lv["rel_change"][t].get(h)) for t in (*fl.FLOOR_TASKS, "copying")) + " |"
+        f"| {h} | " + " | ".join(_f(lv["rel_change"][t].get(h)) for t in (*floor_order, "copying")) + " |"
         for h in lv["heads"])
     abl_rows = "\n".join(
         f"| {TASK_SPECS[t].title if t in TASK_SPECS else t} | {', '.join(a['top3'])} | {a['clean_top1']:.2f} -> "
         f"{a['top3_top1']:.2f} (drop {a['drop_top1']:.2f}) | {_f(a['random_drop_top1'], 3)} "
         f"(worst {_f(a['random_worst_drop_top1'])}) | {a['clean_acc']:.2f} -> {a['top3_acc']:.2f} | "
         f"{_f(a['random_drop_acc'], 3)} | {a['n_draws']} of {len(a['pool'])} heads |"
-        for t, a in res["ablation"].items() if t in fl.FLOOR_TASKS)
+        for t, a in ((t, res["ablation"][t]) for t in floor_order))
     m, roles = res["maps"], res["ioi_roles"]
     floor_rows = "\n".join(f"| {FLOOR_TEXT.get(k, k)} | {'yes' if ok else '**no**'} |" for k, ok in res["floors"].items())
     recipe = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in tr.items() if k not in ("command",))
@@ -166,7 +173,7 @@ sentences weighted {tr.get('answer_weight', 5)}x, plus a head group-lasso `head_
 (||W_V||_F + ||W_O||_F), off for the first `l1_start` of the steps and ramped in over `l1_ramp`.
 Command: `{tr.get('command', 'python -m circuitlib.toy.train')}`; `torch.use_deterministic_algorithms(True)`.
 
-| recipe | value |
+| recipe (and run) | value |
 |---|---|
 {recipe}
 
@@ -196,7 +203,7 @@ task too: {lv['n_incl_copying']}; heads with ||W_V||_F + ||W_O||_F > 0.1: {lv['n
 random-head controls (`circuitlib.interventions.live_heads`, used by the notebooks and the report) count
 heads by OV weight norm instead. Relative change of the mean logit difference when the head alone is ablated:
 
-| head | {' | '.join(fl.FLOOR_TASKS)} | copying |
+| head | {' | '.join(floor_order)} | copying |
 |---|---|---|---|---|
 {rel_rows}
 
@@ -222,7 +229,7 @@ keys >= {fl.ROLE_T}): {inhib}. Path to the movers' queries: {_heads(roles['path_
 
 ## Seeds
 The shipped checkpoint first, then each retraining of the same recipe with another seed (`--replicate`).
-Columns per task in the order {' / '.join(fl.FLOOR_TASKS)}.
+Columns per task in the order {' / '.join(floor_order)}.
 
 | seed | held-out accuracy | live heads | top-3 top-1 drop | random-3 top-1 drop | causal MAPS capital heads | IOI movers | S-inhibition-like | floors met |
 |---|---|---|---|---|---|---|---|---|
