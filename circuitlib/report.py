@@ -552,7 +552,9 @@ def section_overlap(ctx: Context) -> dict:
     if len(shown) >= 2:
         ctx.save_figure(other_tasks_figure(ctx, rel, shown), "maps_other_tasks",
                         "Each task's MAPS relation scores with the other tasks' head sets marked (does MAPS find "
-                        "another task's heads?); markers as in every figure.")
+                        "another task's heads?); markers as in every figure."
+                        + (" " + ", ".join(_title(t) for t in tasks if t not in rel) + " has no MAPS relation: no panel, "
+                           "its head set marked on the others." if any(t not in rel for t in tasks) else ""))
     return result.to_dict()
 
 
@@ -571,12 +573,13 @@ def informative_k(scores: Sequence[HeadScores], live: set[str]) -> int:
 
 
 def other_tasks_figure(ctx: Context, rel: dict[str, HeadScores], shown: Sequence[str]):
-    """Each task's relation scores, marking the head sets of the *other* tasks."""
+    """Each shown task's relation scores, marking the head sets of every *other* task with one (tasks
+    without a MAPS relation, such as Colored Objects, have no panel but their head sets are marked)."""
     from . import plots
 
     return plots.head_heatmaps(
         [rel[t] for t in shown], titles=[plots.pretty_name(rel[t].target) for t in shown],
-        panel_marks=[{head_set_label(o): ctx.circuits[o] for o in shown if o != t} for t in shown],
+        panel_marks=[{head_set_label(o): c for o, c in ctx.circuits.items() if o != t} for t in shown],
         cbar_label="MAPS static score (fraction of pairs in top-k)", mark_styles=mark_styles(ctx.tasks),
         suptitle="MAPS scores with the other tasks' head sets marked")
 
