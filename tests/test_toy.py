@@ -177,6 +177,31 @@ def test_command_line_saves_the_whole_recipe(tmp_path):
     assert any((p != 0).any() for p in m.blocks[1].mlp.parameters())
 
 
+def test_floors_and_card_run_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+    """floors() on a 3-step, 2-layer checkpoint (few prompts and draws): a typed result that survives JSON,
+    whose accuracies are circuitlib.metrics.evaluate's on the same batches, and a card rendered from it."""
+    import json
+
+    from circuitlib.models import load_checkpoint
+    from circuitlib.toy import card
+    from circuitlib.toy import floors as fl
+    from circuitlib.toy.train import main
+
+    main(["--steps", "3", "--batch-size", "8", "--n-sentences", "200", "--n-layers", "2", "--n-heads", "4",
+          "--threads", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(fl, "N", 12)
+    monkeypatch.setattr(fl, "N_DRAWS", 5)
+    res = fl.floors(tmp_path)
+    assert fl.Floors.from_dict(json.loads(res.to_json())) == res
+    model = load_checkpoint(tmp_path)
+    for t, b in fl.batches(model.tokenizer, 12, fl.SEED).items():
+        assert res.tasks[t] == pytest.approx(evaluate(model, b)), t
+    assert res.live.n == len(res.live.heads) and list(res.floors) == list(fl.FLOOR_NAMES)
+    assert all(a.n_draws in (0, 5) for a in res.ablation.values())
+    md = card.render(model, res.to_dict(), {"t": 1.0}, ["(no discovery)"], [res.to_dict()])
+    assert f"**Live heads: {res.live.n} of 8.**" in md and md.count("| 0 | ") == 2  # the seed rows
+
+
 def test_a_short_training_run_is_deterministic_for_a_seed():
     """Two runs with the same seed give bit-identical weights and losses; another seed differs; the
     global deterministic-algorithms setting is left as it was."""

@@ -153,15 +153,22 @@ class Floors(Result):
     size_mb: float
     n_prompts: int
     seed: int
-    tasks: dict[str, dict[str, float]]
+    tasks: dict[str, dict[str, float | int]]
     live: LiveHeads
     ablation: dict[str, TaskAblation]
     maps: CapitalHeads
     ioi_roles: IoiRoles
     floors: dict[str, bool]
-    seconds: float = 0.0
-    definitions: dict[str, float] = field(default_factory=lambda: {
+    seconds: int = 0
+    definitions: dict[str, float | int] = field(default_factory=lambda: {
         "live_threshold": LIVE_T, "role_threshold": ROLE_T, "n_draws": N_DRAWS})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Floors":
+        """The result back from its ``to_dict()`` (e.g. a stored ``floors.json``)."""
+        return cls(**{**d, "live": LiveHeads(**d["live"]), "maps": CapitalHeads(**d["maps"]),
+                      "ioi_roles": IoiRoles(**d["ioi_roles"]),
+                      "ablation": {t: TaskAblation(**a) for t, a in d["ablation"].items()}})
 
     @property
     def failed(self) -> list[str]:
@@ -304,7 +311,7 @@ def floors(directory: Path | str, *, progress: bool = False) -> Floors:
     directory = Path(directory)
     model = load_checkpoint(directory)
     meta = json.loads((directory / "config.json").read_text())
-    bs = batches(model.tokenizer)
+    bs = batches(model.tokenizer, N, SEED)
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
     def say(text: str) -> None:
