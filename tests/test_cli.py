@@ -66,13 +66,20 @@ def test_scores_table_is_heads_by_layers(capsys, toy):
 
 
 def test_scores_min_pairs(capsys, toy):
+    from circuitlib.tasks import read_relation
+
+    # pairs whose two words are each one token of the word-level vocabulary (counted here from the vocabulary)
+    vocab = toy.tokenizer.get_vocab()
+    pairs = read_relation("entity_to_pronoun")
+    kept = sum(s in vocab and t in vocab for s, t in pairs)
+    assert 0 < kept < 30  # precondition: below MAPS's 30-pair minimum
     code, out, err = run_cli(capsys, "scores", "--model", "toy", "--relation", "entity_to_pronoun")
     assert code == 2 and out == ""
-    assert "keeps 3 of 270 pairs" in one_error_line(err) and "pass --min-pairs N" in err
+    assert f"keeps {kept} of {len(pairs)} pairs" in one_error_line(err) and "pass --min-pairs N" in err
     code, out, err = run_cli(capsys, "scores", "--model", "toy", "--relation", "entity_to_pronoun",
-                             "--min-pairs", "3", "--json")
+                             "--min-pairs", str(kept), "--json")
     assert code == 0, err
-    ref = static_scores(toy, load_relation("entity_to_pronoun", toy.tokenizer, min_pairs=3))
+    ref = static_scores(toy, load_relation("entity_to_pronoun", toy.tokenizer, min_pairs=kept))
     assert torch.allclose(torch.tensor(json.loads(out)["scores"]), ref.scores, atol=1e-6)
 
 
