@@ -6,8 +6,8 @@ import pytest
 
 from circuitlib.models import gpt2_tokenizer
 from circuitlib.tasks import TASK_SPECS, colored_objects_batch, report_tasks, task_batch
-from circuitlib.tasks._common import heldout
-from circuitlib.tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES, heldout_key
+import zlib
+from circuitlib.tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES
 from circuitlib.toy.corpus import build_tokenizer, generate
 
 
@@ -60,16 +60,22 @@ def test_registered_between_ioi_and_capitals_without_a_maps_relation():
     assert spec.in_report and spec.relation is None and spec.build is colored_objects_batch
 
 
-def test_heldout_keys_never_in_the_corpus_and_every_colour_object_pair_is_trained_in_every_position():
+def _held_surface(template: str) -> str:
+    # the split written out by hand: one surface per template, CRC32 of the template text
+    return SURFACES[zlib.crc32(template.encode()) % len(SURFACES)]
+
+
+def test_heldout_surfaces_never_in_the_corpus_and_every_colour_object_pair_is_trained_in_every_position():
     tok = build_tokenizer()
     b = colored_objects_batch(tok, 40, seed=3)
     train = colored_objects_batch(tok, 40, seed=3, split="train")
     for batch, held in ((b, True), (train, False)):
         for prompt, template in zip(batch.prompts, batch.template):
-            f = _parse(template, prompt)
-            q = [f["O1"], f["O2"], f["O3"]].index(f["Q"])
-            assert heldout(f"colored:{template}:{f['S']}:{q}") == held
-    corpus = [s.text for s in generate(20000, seed=0) if s.kind == "colored"]
+            assert (_parse(template, prompt)["S"] == _held_surface(template)) == held
+    # the held-out split has no position prior: every queried position occurs in it
+    assert {[f["O1"], f["O2"], f["O3"]].index(f["Q"]) for f in (_parse(t, p) for p, t in zip(b.prompts, b.template))} == {0, 1, 2}
+    sentences = generate(20000, seed=0)
+    corpus = [s.text for s in sentences if s.kind == "colored"]
     assert len(corpus) > 3000
     triples = set()
     for text in corpus:
@@ -77,9 +83,13 @@ def test_heldout_keys_never_in_the_corpus_and_every_colour_object_pair_is_traine
         objects, colors = [f["O1"], f["O2"], f["O3"]], [f["C1"], f["C2"], f["C3"]]
         q = objects.index(f["Q"])
         assert f["answer"] == colors[q], text
-        assert not heldout(heldout_key(template, f["S"], q)), text
+        assert f["S"] != _held_surface(template), text
         triples |= {(o, c, i) for i, (o, c) in enumerate(zip(objects, colors))}
     assert triples == {(o, c, i) for o in ITEMS for c in COLORS for i in range(3)}
+    # the warm-up's list-then-answers sentences use no surface any template holds out
+    held = {_held_surface(t) for t in COLORED_TEMPLATES}
+    lookups = [s.text for s in sentences if s.kind == "lookup"]
+    assert lookups and all(text.split()[2] not in held for text in lookups)
 
 
 @pytest.mark.bad_input
@@ -89,9 +99,8 @@ def test_split_errors_are_one_clear_error(monkeypatch):
     tok = build_tokenizer()
     with pytest.raises(ValueError, match="unknown split"):
         colored_objects_batch(tok, 4, split="test")
-    # one surface left, and a template none of whose (desk, position) keys is held out: no held-out prompt exists
-    never = next(t for t in COLORED_TEMPLATES if not any(heldout(heldout_key(t, "desk", q)) for q in range(3)))
+    # one surface left: it is every template's held-out surface, so no training prompt exists
     monkeypatch.setattr(co, "SURFACES", ["desk"])
-    with pytest.raises(ValueError, match=r"split='heldout' needs \(template, surface, queried position\)"):
-        colored_objects_batch(tok, 4, templates=[never])
-    assert len(colored_objects_batch(tok, 4, templates=[never], split="train")) == 4
+    with pytest.raises(ValueError, match=r"split='train' needs \(template, surface\) combinations"):
+        colored_objects_batch(tok, 4, split="train")
+    assert len(colored_objects_batch(tok, 4)) == 4

@@ -86,14 +86,16 @@ def test_shipped_checkpoint_was_trained_with_the_recipe_defaults():
     import json
 
     from circuitlib.models import TOY_DIR
-    from circuitlib.toy.corpus import MIX
+    from circuitlib.toy.corpus import MIX, WARM_MIX
     from circuitlib.toy.train import build_parser
 
     shipped = json.loads((TOY_DIR / "config.json").read_text())["training"]
     defaults = vars(build_parser().parse_args([]))
     defaults["mix"] = defaults["mix"] or MIX
+    defaults["warm_mix"] = defaults["warm_mix"] or WARM_MIX
     shipped = dict(shipped, mix=shipped.get("mix") or MIX)
-    core = ("steps", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "lr", "head_l1", "l1_start", "l1_ramp", "mix")
+    core = ("steps", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "lr", "head_l1", "l1_start", "l1_ramp", "mix",
+            "warm_mix", "warm_frac", "threads")
     differ = {k: (shipped.get(k), defaults[k]) for k in core if shipped.get(k) != defaults[k]}
     differ |= {k: (v, defaults[k]) for k, v in shipped.items() if k in defaults and k not in ("seed", "out")
                and k not in core and v != defaults[k]}

@@ -9,19 +9,20 @@ is the wrong answer, so clean and corrupt prompts line up token by token.
 Positions: ``COLOR`` (the queried object's colour in the list), ``OBJ`` (the queried object in the list),
 ``QOBJ`` (the object in the question), ``END``.
 
-Held-out split (the embedded model's test set): the key is (template, surface, queried position in the
-list), hashed by :func:`circuitlib.tasks._common.heldout`; training sentences never use a held-out key.
-Colours and objects are not part of the key on purpose: every (object, colour) pair occurs in training
-in every list position, so memorising which colour an object tends to have neither helps nor hurts on
-the held-out split; only reading the colour off the context does.
+Held-out split (the embedded model's test set): each template has one surface it is never trained with
+(:func:`heldout_surface`). Colours, objects and the queried position are not part of the key on purpose:
+every (object, colour) pair occurs in training in every list position, so memorising which colour an
+object tends to have, or which position tends to be asked, neither helps nor hurts on the held-out split;
+only reading the colour off the context does.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 
 from ..types import TaskBatch
-from ._common import batch_from_rows, draw_until, heldout, single_token_words
+from ._common import batch_from_rows, draw_until, single_token_words
 from .ioi import Split
 
 COLORS = ["red", "blue", "green", "yellow", "orange", "purple", "black", "white", "brown", "grey", "pink"]
@@ -37,10 +38,19 @@ COLORED_TEMPLATES = [
 ]
 
 
-def heldout_key(template: str, surface: str, q: int) -> str:
-    """The held-out key of a prompt: its template, its surface and the list position (0-2) of the
-    queried object."""
-    return f"colored:{template}:{surface}:{q}"
+def heldout_surface(template: str) -> str:
+    """The one surface each template is never trained with (CRC32 of the template picks it).
+
+    Colours, objects and the queried list position are uniform on both splits, so neither an
+    object -> colour nor a position prior can help on the held-out prompts. (A first key, (template,
+    surface, queried position), left each (template, surface) with a position prior that put held-out
+    accuracy below chance.)"""
+    return SURFACES[zlib.crc32(template.encode()) % len(SURFACES)]
+
+
+def is_heldout(template: str, surface: str) -> bool:
+    """Whether (template, surface) is held out of the embedded model's training corpus."""
+    return surface == heldout_surface(template)
 
 
 def fill_colored(template: str, surface: str, colors: list[str], objects: list[str], query: str) -> str:
@@ -73,7 +83,7 @@ def colored_objects_batch(
 
     ``answer`` is the queried object's colour, ``wrong`` the colour of the object the corrupt prompt
     asks about. BOS is prepended. Templates are cycled in order; ``TaskBatch.template`` holds each
-    prompt's. ``split="heldout"`` draws only (template, surface, queried position) combinations the
+    prompt's. ``split="heldout"`` draws only (template, surface) combinations the
     embedded model never saw in training; ``"train"`` only seen ones; ``"any"`` both (templates of
     one's own have no training split). A template without any such combination among the tokenizer's
     single-token surfaces is one ``ValueError``.
@@ -121,13 +131,13 @@ def _in_split(template: str, surface: str, q: int, split: Split) -> bool:
     # Templates of one's own have no training split: anything goes.
     if split == "any" or template not in COLORED_TEMPLATES:
         return True
-    return heldout(heldout_key(template, surface, q)) == (split == "heldout")
+    return is_heldout(template, surface) == (split == "heldout")
 
 
 def _split_error(template: str, split: Split, n_ok: int, n_keys: int) -> str:
     seen = "never saw" if split == "heldout" else "saw"
     return (
-        f"split={split!r} needs (template, surface, queried position) combinations the embedded model {seen} in "
+        f"split={split!r} needs (template, surface) combinations the embedded model {seen} in "
         f"training; {n_ok} of the {n_keys} (single-token surface, position) combinations give one with template "
         f"{template!r}: use a tokenizer that keeps more surfaces, other templates, or split='any'"
     )

@@ -1,6 +1,6 @@
 """The synthetic corpus the embedded model is trained on, and its word-level tokenizer.
 
-Five kinds of sentence, mixed with fixed proportions (:data:`MIX`, or ``generate(mix=...)``) and a fixed seed:
+Seven kinds of sentence, mixed with fixed proportions (:data:`MIX`, or ``generate(mix=...)``) and a fixed seed:
 
 - ``ioi``: the 30 IOI templates of Wang et al. filled with names / places / objects and ending in
   the IO name ("... John gave a drink to Mary"). (template, IO name) combinations that
@@ -8,9 +8,13 @@ Five kinds of sentence, mixed with fixed proportions (:data:`MIX`, or ``generate
 - ``capital``: "The capital of France is Paris" in five templates; each country's held-out template
   (:func:`circuitlib.tasks.capitals.heldout_template`) is never generated.
 - ``colored``: Colored Objects prompts ("On the desk I see a red pen, a blue cup and a green book. What
-  color is the cup? Answer: blue", :mod:`circuitlib.tasks.colored_objects`); (template, surface, queried
-  list position) combinations that :func:`circuitlib.tasks._common.heldout` marks are never generated
-  (colours and objects are not in the key: every object-colour pair is trained in every position).
+  color is the cup? Answer: blue", :mod:`circuitlib.tasks.colored_objects`); each template's held-out
+  surface (:func:`circuitlib.tasks.colored_objects.heldout_surface`) is never generated with it (colours,
+  objects and the queried position are not in the key: every object-colour pair is trained in every position).
+- ``lookup0``: colour-object recall, "red pen blue cup : cup blue pen red" (the lookup at the object itself).
+- ``lookup``: a Colored Objects list, then two "The cup is blue" answers, on surfaces no template holds out.
+  These two, and :data:`WARM_MIX` for the first part of training, are the curriculum that lets the
+  in-context lookup form (without them Colored Objects stayed at chance: the model copied all listed colours).
 - ``copy``: a short random word list said twice ("Mary Paris ring Kabul , Mary Paris ring Kabul").
 - ``filler``: neutral sentences ("This is a document about Mary", "Mary likes the garden").
 
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 from ..tasks._common import heldout
 from ..tasks.capitals import CAPITAL_TEMPLATES, country_capital_pairs, heldout_template
-from ..tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES, fill_colored, heldout_key, sample_colored
+from ..tasks.colored_objects import COLORED_TEMPLATES, COLORS, ITEMS, SURFACES, fill_colored, heldout_surface, is_heldout, sample_colored
 from ..tasks.copying import copy_names
 from ..tasks.ioi import OBJECTS, PLACES, TEMPLATES, fill
 
@@ -37,7 +41,11 @@ FILLER_TEMPLATES = [
     "[N] has a [OBJECT]",
     "We talked about [X] today",
 ]
-MIX = {"ioi": 0.35, "capital": 0.30, "colored": 0.20, "copy": 0.08, "filler": 0.07}
+MIX = {"ioi": 0.25, "capital": 0.15, "colored": 0.25, "lookup": 0.10, "lookup0": 0.10, "copy": 0.10, "filler": 0.05}
+# The first WARM_FRAC of training samples from a corpus of this mix only (train.py's curriculum): without
+# it, Colored Objects stayed at chance in every run (the model copied all listed colours); with it the
+# in-context lookup forms once the warm-up ends.
+WARM_MIX = {"lookup0": 0.5, "colored": 0.5}
 
 
 def _words(text: str) -> list[str]:
@@ -107,9 +115,23 @@ def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list
         elif kind == "colored":
             while True:
                 template, surface, cs, os_, q = sample_colored(rng, COLORS, ITEMS, SURFACES, COLORED_TEMPLATES)
-                if not heldout(heldout_key(template, surface, q)):
+                if not is_heldout(template, surface):
                     break
             text = fill_colored(template, surface, cs, os_, os_[q]) + " " + cs[q]
+        elif kind == "lookup0":
+            # Colour-object recall, the lookup at the queried object itself: "red pen blue cup : cup blue pen red"
+            k = rng.randint(2, 4)
+            cs, os_ = rng.sample(COLORS, k), rng.sample(ITEMS, k)
+            order = rng.sample(range(k), k)
+            text = " ".join(f"{c} {o}" for c, o in zip(cs, os_)) + " : " + " ".join(f"{os_[j]} {cs[j]}" for j in order)
+        elif kind == "lookup":
+            # A Colored Objects list, then two "The <object> is <colour>" answers (surfaces no template holds out)
+            held = set(map(heldout_surface, COLORED_TEMPLATES))
+            surface = rng.choice([x for x in SURFACES if x not in held])
+            cs, os_ = rng.sample(COLORS, 3), rng.sample(ITEMS, 3)
+            qs = rng.sample(range(3), 2)
+            text = (f"On the {surface} I see a {cs[0]} {os_[0]} , a {cs[1]} {os_[1]} and a {cs[2]} {os_[2]} . "
+                    + " . ".join(f"The {os_[j]} is {cs[j]}" for j in qs))
         elif kind == "copy":
             words = rng.sample(anything, rng.randint(2, 5))
             text = " ".join(words) + " , " + " ".join(words)

@@ -34,7 +34,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from ..models import TOY_DIR, build_model, save_checkpoint
-from .corpus import MIX, build_tokenizer, generate
+from .corpus import MIX, WARM_MIX, build_tokenizer, generate
 
 CONFIG = dict(
     n_layers=3, d_model=128, n_ctx=32, d_head=32, n_heads=8, d_mlp=None, act_fn=None,
@@ -42,14 +42,15 @@ CONFIG = dict(
 )
 # The recipe's defaults (``python -m circuitlib.toy.train`` without options; ``train()``'s defaults).
 ANSWER_WEIGHT = 5.0
-HEAD_L1 = 0.02
-STEPS = 1500
-LR = 2e-3
+HEAD_L1 = 0.01
+STEPS = 3500
+LR = 3e-3
 BATCH_SIZE = 128
 N_SENTENCES = 200_000
-L1_START = 0.0
-L1_RAMP = 0.0
-THREADS = 2
+L1_START = 0.6
+L1_RAMP = 0.2
+WARM_FRAC = 0.3
+THREADS = 1
 LOG_EVERY = 500
 
 
@@ -133,6 +134,8 @@ def train(
     mlp_layers: list[int] | None = None,
     l1_start: float = L1_START,
     l1_ramp: float = L1_RAMP,
+    warm_mix: dict[str, float] | None = WARM_MIX,
+    warm_frac: float = WARM_FRAC,
 ) -> tuple[HookedTransformer, list[float]]:
     """Train a fresh embedded model; returns ``(model, losses)`` (language-model loss per step, without
     the group-lasso term). Deterministic for a given seed and thread count
@@ -142,7 +145,9 @@ def train(
     ``config`` that has MLPs, the blocks that keep one (:func:`mlp_mask`). ``l1_start`` / ``l1_ramp``
     (fractions of ``steps``): the head group-lasso is off for the first ``l1_start`` of training and
     ramps linearly to ``head_l1`` over the next ``l1_ramp`` (0, 0: on from the start), so circuits that
-    need several layers can form before pruning starts (:func:`penalty_weight`).
+    need several layers can form before pruning starts (:func:`penalty_weight`). ``warm_mix`` /
+    ``warm_frac``: the curriculum: the first ``warm_frac`` of the steps sample from a second corpus
+    (``n_sentences // 4`` sentences, seed ``seed + 1000``) of ``warm_mix`` only (``warm_frac`` 0: none).
 
     Every ``log_every`` steps prints the loss and the held-out task accuracies (when ``progress``).
     """
@@ -152,13 +157,13 @@ def train(
     torch.use_deterministic_algorithms(True)
     try:
         return _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1,
-                      config, mix, mlp_layers, l1_start, l1_ramp)
+                      config, mix, mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1, config, mix,
-           mlp_layers, l1_start, l1_ramp) -> tuple[HookedTransformer, list[float]]:
+           mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac) -> tuple[HookedTransformer, list[float]]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     cfg = dict(config or CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
@@ -166,6 +171,8 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
     model.cfg.model_name = "toy"
     mlp_mask(model, mlp_layers)
     ids, weights = encode_corpus(tokenizer, generate(n_sentences, seed, mix), cfg["n_ctx"])
+    if warm_mix and warm_frac > 0:
+        wids, wweights = encode_corpus(tokenizer, generate(n_sentences // 4, seed + 1000, warm_mix), cfg["n_ctx"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -174,8 +181,12 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
     t0 = time.time()
     model.train()
     for step in range(steps):
-        idx = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
-        x, w = ids[idx], weights[idx]
+        if warm_mix and step < warm_frac * steps:
+            idx = torch.randint(0, wids.shape[0], (batch_size,), generator=gen)
+            x, w = wids[idx], wweights[idx]
+        else:
+            idx = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
+            x, w = ids[idx], weights[idx]
         logits = model(x)[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
@@ -221,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-l1", type=float, default=HEAD_L1)
     parser.add_argument("--l1-start", type=float, default=L1_START, help="fraction of the steps without head penalty")
     parser.add_argument("--l1-ramp", type=float, default=L1_RAMP, help="fraction of the steps to ramp the penalty in")
+    parser.add_argument("--warm-mix", type=str, default=None,
+                        help="curriculum: corpus mix (JSON) of the first --warm-frac of the steps (default: corpus.WARM_MIX)")
+    parser.add_argument("--warm-frac", type=float, default=WARM_FRAC, help="fraction of the steps on the warm-up mix (0: none)")
     parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
     return parser
 
@@ -231,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         mix = json.loads(args.mix) if args.mix else None
+        warm_mix = json.loads(args.warm_mix) if args.warm_mix else dict(WARM_MIX)
         mlp_layers = [int(x) for x in args.mlp_layers.split(",")] if args.mlp_layers else None
     except ValueError as e:
-        parser.error(f"--mix must be a JSON object and --mlp-layers comma-separated integers ({e})")
+        parser.error(f"--mix / --warm-mix must be JSON objects and --mlp-layers comma-separated integers ({e})")
     if mlp_layers is not None and not args.d_mlp:
         parser.error("--mlp-layers needs --d-mlp > 0 (the model is attention-only without it)")
     torch.set_num_threads(args.threads)
@@ -244,12 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay, head_l1=args.head_l1,
                           config=config, mix=mix, mlp_layers=mlp_layers, lr=args.lr, batch_size=args.batch_size,
                           n_sentences=args.n_sentences, l1_start=args.l1_start, l1_ramp=args.l1_ramp,
-                          log_every=args.log_every)
+                          log_every=args.log_every, warm_mix=warm_mix, warm_frac=args.warm_frac)
     recipe = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "n_layers": args.n_layers,
               "d_model": args.d_model, "n_heads": args.n_heads, "d_head": args.d_head, "d_mlp": args.d_mlp,
               "mlp_layers": mlp_layers, "mix": mix or dict(MIX), "lr": args.lr, "batch_size": args.batch_size,
               "n_sentences": args.n_sentences, "weight_decay": args.weight_decay, "head_l1": args.head_l1,
               "l1_start": args.l1_start, "l1_ramp": args.l1_ramp, "answer_weight": ANSWER_WEIGHT,
+              "warm_mix": warm_mix, "warm_frac": args.warm_frac,
               "final_loss": round(losses[-1], 4), "train_seconds": round(time.time() - t0),
               "cpu_seconds": round(time.process_time() - c0),
               "command": "python -m circuitlib.toy.train " + " ".join(sys.argv[1:] if argv is None else argv)}
