@@ -946,8 +946,12 @@ def act_patch_screened(
             stopped = "max_verified"
             break
         theta = threshold()
-        pending = [i for i in order if not done[i] and rank_flat[i] >= theta][:step]
         left, pt, se = diagnose(theta)
+        # the screen's rank decides only where the diagnostic has nothing to say yet (no usable subsets
+        # in the head's stratum); elsewhere the diagnostic's exact-based bound decides
+        no_diag = torch.zeros(N, dtype=torch.bool)
+        no_diag[left[~torch.isfinite(se)]] = True
+        pending = [i for i in order if not done[i] and no_diag[i] and rank_flat[i] >= theta][:step]
         ucb = pt + z * se
         bound = float(ucb.max())
         by_point = left[pt >= theta]
