@@ -19,9 +19,10 @@ Model: gpt2-medium's shape (24 layers x 16 heads, d_model 1024, d_head 64, |V| =
 - ``worst``: every head planted for both relations at once: a target that ranks in the top k never lets
   its (head, pair) stop early, so nearly every static pair counts through the whole vocabulary.
 
-Threads: the protocol pins torch's count (``--threads``); the loop runs with it, circuitlib's side by
-default caps it at the cores other processes leave free (``static_scores_many(threads=None)``, issue 14
-ask 5); ``--fast-threads N`` fixes circuitlib's threads instead (e.g. both sides on the same count).
+Threads: the protocol pins torch's count (``--threads``) and both sides run with it, printed: the loop
+as is, circuitlib's side by passing it as ``static_scores_many(threads=N)`` (its default, ``threads=None``,
+would cap it at the cores other processes leave free, so the two sides could run on different counts and
+the ratio would measure the thread counts, not the code).
 
 Baseline (how ``MAPS.calc_relation_scores`` in ``amitelhelo/MAPS`` ``src/maps.py`` works, re-written
 here): per relation, per head, ``W_VO = W_V W_O``, ``x_s W_VO W_U`` for every source, ``torch.topk``, target
@@ -85,7 +86,7 @@ def maps_loop(model, rels) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-FAST_THREADS: int | None = None  # --fast-threads; None: circuitlib's default (torch's count capped at free cores)
+FAST_THREADS: int | None = None  # set by main() to the protocol's pinned count: both sides on the same threads
 
 
 @torch.no_grad()
@@ -184,26 +185,21 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="number of layers (default 24; --quick: 2)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each side (>= 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own count)")
-    parser.add_argument("--fast-threads", type=int, default=None,
-                        help="threads for circuitlib's side (default: its own choice, torch's count capped at the "
-                             "cores other processes leave free)")
     parser.add_argument("--sets", default="random,planted,worst", help="weight sets to run, comma-separated")
     parser.add_argument("--planted-frac", type=float, default=0.1, help="fraction of planted heads (default 0.1)")
     args = parser.parse_args(argv)
     global FAST_THREADS
-    FAST_THREADS = args.fast_threads
-
-    protocol.header(args.threads, title="MAPS static + suppression scores: per-head loop (a) vs circuitlib (b)")
+    FAST_THREADS = protocol.header(args.threads,
+                                   title="MAPS static + suppression scores: per-head loop (a) vs circuitlib (b)")
     n_layers = args.layers or (2 if args.quick else GPT2_MEDIUM_SHAPE["n_layers"])
     model = random_model(dict(GPT2_MEDIUM_SHAPE, n_layers=n_layers))
     rels = [load_relation(r, model.tokenizer) for r in RELATIONS]
     L, H = model.cfg.n_layers, model.cfg.n_heads
     print(f"model: {L} layers x {H} heads, d_model {model.cfg.d_model}, |V| = {model.cfg.d_vocab}, random init "
           f"(seed 0){' [--quick: reduced size, not a benchmark figure]' if n_layers != 24 else ''}")
-    print("threads: the loop (a) uses torch's pinned count; circuitlib (b) "
-          + (f"uses {FAST_THREADS} (--fast-threads)" if FAST_THREADS else
-             "caps it at the cores other processes leave free, sampled at each call "
-             f"(now {scoring._free_cores()}; static_scores_many(threads=None))"))
+    print(f"threads: both sides run on {FAST_THREADS} (the pinned count; circuitlib's side via "
+          f"static_scores_many(threads={FAST_THREADS}); its own default would now choose "
+          f"{min(FAST_THREADS, scoring._free_cores())}, the cores other processes leave free)")
     print("relations: " + ", ".join(f"{p.name} ({len(p)} pairs, k={p.k})" for p in rels))
 
     ratios = {}

@@ -784,7 +784,8 @@ def act_patch_screened(
        ``min(n_layers, 6)`` groups to bound the cost on deep models). Heads are ranked by
        ``max(|estimate|, GradDrop)``.
     2. **Verification**: the ``initial`` best-ranked heads are patched exactly, then ``step`` more
-       at a time while an unverified head's rank score reaches the threshold (``min_fraction`` x
+       at a time while an unverified head that the diagnostic (3) cannot yet bound (no usable
+       subsets in its stratum) has a rank score reaching the threshold (``min_fraction`` x
        the largest verified ``|exact|``; ``top_k``: the ``top_k``-th largest verified ``|exact|``;
        both given: the smaller, i.e. both sets are searched for).
     3. **Diagnostic bound** (the subsampling diagnostic of AtP*'s section on false negatives, as
@@ -946,8 +947,12 @@ def act_patch_screened(
             stopped = "max_verified"
             break
         theta = threshold()
-        pending = [i for i in order if not done[i] and rank_flat[i] >= theta][:step]
         left, pt, se = diagnose(theta)
+        # the screen's rank decides only where the diagnostic has nothing to say yet (no usable subsets
+        # in the head's stratum); elsewhere the diagnostic's exact-based bound decides
+        no_diag = torch.zeros(N, dtype=torch.bool)
+        no_diag[left[~torch.isfinite(se)]] = True
+        pending = [i for i in order if not done[i] and no_diag[i] and rank_flat[i] >= theta][:step]
         ucb = pt + z * se
         bound = float(ucb.max())
         by_point = left[pt >= theta]
