@@ -213,15 +213,22 @@ def test_discover_circuit_smallest_k_on_selection_and_heldout_conventions(toy, t
 
 def test_discovery_that_cannot_reach_the_target_says_so(toy):
     """An unreachable target: discovery falls back to the most faithful k of its curve (recomputed here with
-    the oracle) and says ``reached_target`` False; the fallback set is not robust."""
-    res = discover_circuit(toy, "ioi", n_prompts=8, target=50.0, scorers=["act_patch"], n_boot=10)
+    the oracle) and says ``reached_target`` False; the fallback set is not robust. Run on the first report task
+    whose oracle curve peaks above its all-heads end (else "most faithful k" and "every head" coincide)."""
+    from circuitlib.tasks import report_tasks
+
+    for task in report_tasks():
+        res = discover_circuit(toy, task, n_prompts=8, target=50.0, scorers=["act_patch"], n_boot=10)
+        sel, _ = split_prompts(task, toy.tokenizer, 8)
+        order = res.scores["act_patch"].top(24, absolute=True)
+        full = float(ablate(toy, sel, [])[0].mean())
+        oracle_curve = {j: oracle_ld(toy, sel, order[:j]) / full for j in range(25)}
+        best = max(oracle_curve.values())
+        if 50.0 > best > oracle_curve[24] + 0.005:  # > 2x the comparison tolerance below
+            break
+    else:
+        pytest.fail("no report task's most faithful k differs from every head: the fallback cannot be checked")
     assert res.reached_target is False and res.robust == [] and not res.is_robust
-    sel, _ = split_prompts("ioi", toy.tokenizer, 8)
-    order = res.scores["act_patch"].top(24, absolute=True)
-    full = float(ablate(toy, sel, [])[0].mean())
-    oracle_curve = {j: oracle_ld(toy, sel, order[:j]) / full for j in range(25)}
-    best = max(oracle_curve.values())
-    assert 50.0 > best > oracle_curve[24] + 0.05  # precondition: the most faithful k is not simply every head
     assert oracle_curve[res.meta["top_k"]] == pytest.approx(best, abs=2e-3)
     assert res.selection.faithfulness == pytest.approx(best, abs=2e-3)
 
