@@ -14,7 +14,7 @@ def stub(*args, **kwargs):
 
 
 def test_name_suppression_head_check(toy, capsys):
-    from circuitlib.scoring import static_scores
+    from circuitlib.scoring import load_relation, static_scores
 
     # the expected head, derived here from the suppression scores over all heads, not from the check
     supp = static_scores(toy, "name_copying", suppression=True).scores
@@ -22,9 +22,24 @@ def test_name_suppression_head_check(toy, capsys):
     best = f"{flat // toy.cfg.n_heads}.{flat % toy.cfg.n_heads}"
     assert nb05.check_name_suppression_head(lambda: best, toy).status == "correct"
     assert nb05.check_name_suppression_head(lambda: f" {best} ", toy).status == "correct"
-    r = nb05.check_name_suppression_head(lambda: "0.0", toy)  # the top name-copying head: the opposite
+    # the answer by hand: for each name, is the name the token its OV circuit pushes down hardest?
+    words = load_relation("name_copying", toy.tokenizer).src_words
+    ids = [toy.tokenizer.encode(" " + w) for w in words]
+    assert all(len(i) == 1 for i in ids)  # one token per name, as MAPS's filter requires
+    names = [i[0] for i in ids]
+    with torch.no_grad():
+        ov = torch.einsum("nd,lhde,lhem,mv->lhnv", toy.W_E[names], toy.W_V, toy.W_O, toy.W_U)
+        by_hand = (ov.argmin(-1) == torch.tensor(names)).float().mean(-1)
+    assert f"{int(by_hand.argmax()) // toy.cfg.n_heads}.{int(by_hand.argmax()) % toy.cfg.n_heads}" == best
+    copying = static_scores(toy, "name_copying").scores.flatten()
+    flat = int(copying.argmax())  # the top name-copying head: the opposite
+    r = nb05.check_name_suppression_head(lambda: f"{flat // toy.cfg.n_heads}.{flat % toy.cfg.n_heads}", toy)
     assert r.status == "wrong" and "copies names" in r.message and "minus" in r.message
-    r = nb05.check_name_suppression_head(lambda: "0.3", toy)  # switched off
+    # a switched-off head: OV norm from the full product, smallest of all heads
+    ov_norm = (toy.W_V @ toy.W_O).norm(dim=(-2, -1)).flatten()
+    off = int(ov_norm.argmin())
+    assert ov_norm[off] < 1e-3 * ov_norm.max()
+    r = nb05.check_name_suppression_head(lambda: f"{off // toy.cfg.n_heads}.{off % toy.cfg.n_heads}", toy)
     assert r.status == "wrong" and "switched off" in r.message
     r = nb05.check_name_suppression_head(lambda: (1, 6), toy)
     assert r.status == "wrong" and "string" in r.message
@@ -88,6 +103,6 @@ def test_zero_ablation_scorer_plugs_into_the_registry_and_the_explorer(toy, ioi,
     monkeypatch.setattr("circuitlib.circuits.HEAD_SCORERS", dict(HEAD_SCORERS))
     register_scorer("zero_ablation", nb05.zero_ablation_scorer)
     ex = Explorer(toy, {"x": HeadScores(torch.zeros(3, 8), "x", "x", "toy")}, {"ioi": ioi})
-    row = ex.patching("ioi", "1.6")["methods"]["zero_ablation"]
-    assert row["score"] == pytest.approx(float(zero_scores(toy, ioi)[1, 6]), abs=1e-3)
+    row = ex.patching("ioi", "0.7")["methods"]["zero_ablation"]
+    assert row["score"] == pytest.approx(float(zero_scores(toy, ioi)[0, 7]), abs=1e-3)
     assert row["direction"].startswith("none")
