@@ -280,7 +280,8 @@ def _draw_marks(ax, heads: list[Head], style: int, n_layers: int, n_heads: int, 
                 f"marked head {head_name((l, h))} is outside the {n_layers}x{n_heads} grid: "
                 "were the marks made for another model?"
             )
-    dx, dy = ((0.8, 0.22) if style % 2 == 0 else (0.2, 0.22)) if corner else (0.5, 0.5)
+    # one corner per style (top right, top left, bottom right, bottom left), so up to four sets on one cell stay apart
+    dx, dy = [(0.8, 0.22), (0.2, 0.22), (0.8, 0.8), (0.2, 0.8)][style % 4] if corner else (0.5, 0.5)
     xs = [l + dx for l, _ in heads]
     ys = [h + dy for _, h in heads]
     size = 70 if corner else 130

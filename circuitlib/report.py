@@ -349,7 +349,7 @@ def patching_figure(ctx: Context, found: Sequence[str]):
     return plots.head_heatmaps(
         [ctx.patching[t] for t in found], vmin=-1.0, vmax=1.0, cmap=plots.DIVERGING_CMAP,
         panel_marks=[{head_set_label(t): ctx.circuits[t]} for t in found],
-        titles=[f"{_title(t)}: activation patching" for t in found],
+        titles=[_title(t) for t in found],  # the suptitle names the method
         cbar_label="patching effect (1 - normalised logit diff)", mark_styles=mark_styles(ctx.tasks),
         suptitle=f"{ctx.model.cfg.model_name}: per-head activation patching (noising)",
     )
