@@ -56,9 +56,9 @@ def _num(x) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Exercise 1: one head's MAPS static score by hand
 
-#: (head, relation, k) cases the check runs: a copier at k = 1, a capital head at k = 10, and the
-#: suppression head (static copying score 0: its OV map sends a name to *minus* the name).
-STATIC_CASES = (((0, 0), "name_copying", 1), ((0, 1), "country_to_capital_wikidata", 10), ((1, 6), "name_copying", 1))
+#: (head, relation, k) cases the check runs: the best name copier at k = 1, a capital head at k = 10, and
+#: the name-suppression head (static copying score 0: its OV map sends a name to *minus* the name).
+STATIC_CASES = (((0, 1), "name_copying", 1), ((0, 3), "country_to_capital_wikidata", 10), ((0, 7), "name_copying", 1))
 
 
 def _tie_case():
@@ -94,6 +94,8 @@ def _static_variants(model: HookedTransformer, layer: int, head: int, pairs, k: 
     return {
         "suppression": score(rows, k, suppression=True),
         "other_k": score(rows, other_k),
+        "at_1": score(rows, 1),
+        "at_10": score(rows, 10),
         "count": score(rows, k) * len(pairs),
         "other_k_value": other_k,
     }
@@ -114,7 +116,7 @@ def _static_problem(cases: list[tuple[str, str, int]], got: list[float], want: l
     if explains("suppression"):
         return (f"you returned the suppression score (top-k of -m_s); the static score takes the top-k of m_s "
                 f"itself ({shown}).")
-    if explains("other_k"):
+    if explains("other_k") or explains("at_1") or explains("at_10"):
         return (f"your scores are those at the wrong k (k = 1 where k = 10 is given, or the reverse); use the k you "
                 f"are given ({shown}).")
     for (name, rel, k), g, w in zip(cases, got, want):
@@ -128,7 +130,7 @@ def _static_problem(cases: list[tuple[str, str, int]], got: list[float], want: l
 def check_static_score(static_score: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``static_score(W_E, W_V, W_O, W_U, src, tgt, k) -> float`` (one head's MAPS static score;
     ``W_V``: ``[d_model, d_head]``, ``W_O``: ``[d_head, d_model]``; ties across the k-th place are
-    misses) on heads 0.0 (name copying, k = 1), 0.1 (country -> capital, k = 10) and 1.6 (name
+    misses) on heads 0.1 (name copying, k = 1), 0.3 (country -> capital, k = 10) and 0.7 (name
     copying), against :func:`circuitlib.scoring.static_scores`, then on an all-zero head of a
     5-token vocabulary (every logit ties: score 0)."""
     from ..scoring import static_scores
@@ -183,7 +185,7 @@ def check_static_score(static_score: Callable, model: HookedTransformer | None =
 # Exercise 2: the tokens a head suppresses most
 
 
-SUPPRESSED_CASES = (((0, 0), "Mallory"), ((1, 6), "Mallory"), ((0, 5), "France"))
+SUPPRESSED_CASES = (((0, 1), "Mallory"), ((0, 7), "Mallory"), ((0, 3), "France"))
 
 
 def check_most_suppressed(most_suppressed: Callable, model: HookedTransformer | None = None, n: int = 10) -> CheckResult:
@@ -254,8 +256,8 @@ def _pattern(model: HookedTransformer, tokens, layer):
 def check_attention_to(attention_to: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``attention_to(model, tokens, query_pos, key_pos, layer, head) -> float`` (the head's
     attention from ``query_pos[i]`` to ``key_pos[i]`` in prompt ``i``, averaged over prompts) on 32
-    capital prompts (END -> the country, heads 0.0 and 1.6) and on MAPS's dynamic prompts for name
-    copying (last position -> the name, head 0.0)."""
+    capital prompts (END -> the country, heads 0.1 and 1.6) and on MAPS's dynamic prompts for name
+    copying (last position -> the name, head 0.1)."""
     from ..scoring import dynamic_prompts
     from ..tasks import load_relation, task_batch
     from ..types import head_name
@@ -264,9 +266,9 @@ def check_attention_to(attention_to: Callable, model: HookedTransformer | None =
     cap = task_batch("capitals", model.tokenizer, 32, seed=3)
     dyn, src_pos, end = dynamic_prompts(model, load_relation("name_copying", model.tokenizer))
     dyn, src_pos, end = dyn[:32], src_pos[:32], end[:32]
-    cases = [("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (0, 0)),
+    cases = [("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (0, 1)),
              ("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (1, 6)),
-             ("'This is a document about <X>', last position -> X", dyn, end, src_pos, (0, 0))]
+             ("'This is a document about <X>', last position -> X", dyn, end, src_pos, (0, 1))]
     rows = {id(c): torch.arange(c[1].shape[0]) for c in cases}
 
     def truth(case, swap=False, first=False, sum_heads=False):
