@@ -95,3 +95,11 @@ def test_reference_plan_is_circuitlibs():
 def test_a_check_result_prints_once_in_a_notebook():
     r = nb00.check_permutation_plan(stub)
     assert hasattr(r, "_ipython_display_") and r.status == "not done" and not r
+
+
+def test_ov_check_uses_live_heads(toy):
+    """Exercise 2 checks heads that carry signal on this checkpoint: a switched-off head's OV vector is ~0 and
+    its top tokens (and the sign check) say nothing."""
+    from circuitlib.interventions import live_heads
+
+    assert {head for head, _ in nb00.OV_CASES} <= set(live_heads(toy))

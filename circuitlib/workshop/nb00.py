@@ -34,7 +34,7 @@ def quiet(result: CheckResult) -> CheckResult:
 # ---------------------------------------------------------------------------------------------
 # Exercise 1: a head's attention pattern from its QK weights
 
-PATTERN_CASES = ((1, 6), (0, 2))
+PATTERN_CASES = ((0, 7), (1, 1))
 
 
 def check_attention_pattern(attention_pattern: Callable, model: HookedTransformer, tokens) -> CheckResult:
@@ -80,7 +80,7 @@ def check_attention_pattern(attention_pattern: Callable, model: HookedTransforme
 # ---------------------------------------------------------------------------------------------
 # Exercise 2: a head's OV circuit applied to one token
 
-OV_CASES = (((0, 0), "France"), ((1, 6), "Mary"), ((0, 5), "Tokyo"))
+OV_CASES = (((0, 1), "France"), ((0, 7), "Mary"), ((0, 3), "Tokyo"))
 
 
 def _as_vector(x) -> torch.Tensor:
