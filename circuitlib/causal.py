@@ -242,6 +242,9 @@ def _maps_random_heads(model: HookedTransformer, heads: Sequence[Head], n_random
     """MAPS's random baseline: ``n_random`` draws of ``len(heads)`` heads from every head outside ``heads``
     (dead heads included, as the paper draws them)."""
     others = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in heads]
+    if len(others) < len(heads):
+        raise ValueError(f"m={len(heads)} relation heads leave {len(others)} other heads: MAPS's random baseline draws "
+                         f"m heads outside the relation's, so m can be at most half the heads; pass a smaller m")
     return [[others[i] for i in rng.choice(len(others), size=len(heads), replace=False)] for _ in range(n_random)]
 
 

@@ -106,8 +106,10 @@ def test_diagnostic_finds_heads_a_blind_screen_misses(toy, task, strata, monkeyp
     assert r.meta["passes"]["strata"] == strata
     assert bool(r.verified[big].all())
     assert any(x["reason"] == "diagnostic" and x["flagged"] > 0 for x in r.rounds)
-    if strata == 2:  # per-layer subsets: it stops before patching everything (one stratum over both
-        # layers mixes the layer-1 head with the layer-0 heads it reads: subsets next to it are set aside)
+    if strata == 2 and task == "ioi":  # per-layer subsets: it stops before patching everything (one stratum
+        # over all layers mixes later heads with the layer-0 heads they read: subsets next to them are set aside).
+        # Not a guarantee: on capitals, whose effect is spread over most layer-0 heads and small later ones, the
+        # blind screen ends up verifying every head of the current embedded model.
         assert int(r.verified.sum()) < full.numel()
 
 
