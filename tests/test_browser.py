@@ -76,9 +76,9 @@ TASK, N_PROMPTS = "ioi", 16  # the explorer's first task (its default), ioi_batc
 # The widget changes the test makes, in order: (dropdown, option). The head is kept across relations.
 STEPS = [
     ("relation", "country_to_capital_wikidata"),
-    ("head", "0.5"),
+    ("head", "0.1"),  # the top capital head
     ("relation", SUPPRESSION),
-    ("head", "1.6"),  # IOI's causal head, the model's top name-suppression head
+    ("head", "0.7"),  # IOI's top head by activation patching, the model's top name-suppression head
 ]
 
 

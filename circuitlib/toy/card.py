@@ -256,9 +256,10 @@ schedules, data mixes, Colored-Objects-heavy mixes, curricula). What follows fro
   capitals only. Capitals also keeps a fourth MAPS capital head (0.6): with its top 3 ablated, top-1 accuracy drops
   by 0.84 but two-way accuracy stays at 0.88, far above chance (the test suite records both misses as strict xfails).
 - **Do movers score high on MAPS name copying?** Not in this model: the IOI movers (1.1, 1.5) attend to IO but
-  their OV circuits do not copy names (score 0.00); the name copying is in 0.7's OV, whose path runs through the
-  movers' queries. So the seed figure's observation (movers score high) cannot be reproduced on the embedded model;
-  it is a question for gpt2-medium.
+  their OV circuits do not copy names (MAPS name copying 0.00). The S-inhibition-like head 0.7 (layer 0) attends
+  to S2 and *suppresses* names (MAPS suppression 0.51, copying 0.00), directly and through the movers' queries.
+  So the seed figure's observation (movers score high on copying) cannot be reproduced on the embedded model; it
+  is a question for gpt2-medium.
 - **The recipe, not only the checkpoint.** Colored Objects forms in some seeds and not others: with this recipe,
   seed 0 (shipped) learns it, seed 1 does not (table above); a variant with a longer warm-up (4000 steps, warm-up
   50%, penalty from 70%) learned it in seed 1 only, reaching 0.81 in seed 0 and 0.50 in seed 2. The floors therefore
