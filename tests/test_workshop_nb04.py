@@ -2,6 +2,7 @@
 plausible mistakes, not done for a stub; never raising."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -102,6 +103,14 @@ def test_exact_spearman_not_done_and_crash(capsys):
     assert workshop.NOT_DONE in capsys.readouterr().out
     r = nb04.check_exact_spearman(lambda x, y: 1 / 0, COMPARISONS, LIVE)
     assert r.status == "wrong" and "ZeroDivisionError" in r.message
+
+
+def test_exact_spearman_refuses_heads_too_many_to_enumerate():
+    many = [(l, h) for l in range(2) for h in range(4)] + [(2, 0)]  # 9 heads: 9! = 362,880 > MAX_EXACT
+    scores = HeadScores(np.arange(12.0).reshape(3, 4), "test", "x", "test")
+    with pytest.raises(ValueError, match="at most 8 heads"):
+        nb04.check_exact_spearman(exact_spearman, {"x": (scores, scores, False)}, many)
+    assert math.factorial(8) <= overlap.MAX_EXACT < math.factorial(9)
 
 
 def holm(p):  # the notebook's solution

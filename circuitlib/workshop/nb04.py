@@ -1,7 +1,8 @@
 """Checks for the exercises of notebook 04 (overlap and reuse).
 
-- :func:`check_exact_spearman`: Spearman's rho with an exact two-sided permutation p over the live heads,
-  against :func:`circuitlib.overlap.rank_correlation` (``heads=live``);
+- :func:`check_exact_spearman`: Spearman's rho with an exact two-sided permutation p over a few heads (at most
+  8: n! orderings, every one enumerated, as :func:`circuitlib.overlap.rank_correlation` does up to
+  ``MAX_EXACT``), against ``rank_correlation(heads=...)`` on those heads;
 - :func:`check_holm`: Holm's step-down adjustment, against :func:`circuitlib.overlap.adjust_p_values`;
 - :func:`check_can_reach`: which tests of a Holm-corrected family could be significant at all,
   against :attr:`circuitlib.overlap.TestTable.can_reach`.
@@ -18,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..overlap import TestTable, adjust_p_values, rank_correlation
+from ..overlap import MAX_EXACT, TestTable, adjust_p_values, rank_correlation
 from ..types import Head, HeadScores, head_name
 from . import CheckResult, close, run_check
 
@@ -79,9 +80,17 @@ def check_exact_spearman(
     comparisons: Mapping[str, tuple[HeadScores, HeadScores, bool]],
     live: Sequence[Head],
 ) -> CheckResult:
-    """``fn(x, y) -> (rho, p)`` on the live heads' scores of every comparison (``name -> (a, b, absolute)``),
-    against ``rank_correlation(a, b, heads=live, absolute=absolute)``."""
+    """``fn(x, y) -> (rho, p)`` on the scores of the heads ``live`` for every comparison (``name -> (a, b,
+    absolute)``), against ``rank_correlation(a, b, heads=live, absolute=absolute)``.
+
+    ``live`` must be small enough to enumerate: at most ``MAX_EXACT`` = 50,000 orderings (8 heads), where the
+    library's p is exact too; beyond, it is Monte Carlo and no enumeration can match it (``ValueError``).
+    """
     n_perm = math.factorial(len(live))
+    if n_perm > MAX_EXACT:
+        raise ValueError(f"{len(live)} heads have {n_perm:,} orderings, more than the {MAX_EXACT:,} that "
+                         "circuitlib.overlap.rank_correlation enumerates (beyond, its p is Monte Carlo and no exact "
+                         "enumeration matches it): pass at most 8 heads, e.g. the live heads of one layer")
 
     def attempt():
         return {name: fn(live_values(a, live, ab), live_values(b, live, ab))
@@ -119,8 +128,9 @@ def check_exact_spearman(
 
     names = ", ".join(comparisons)
     return run_check("exact Spearman test", attempt, verify,
-                     success=f"rho and the exact two-sided p match circuitlib.overlap.rank_correlation(heads=live) "
-                             f"on {len(comparisons)} comparisons ({names}; {n_perm} permutations each).",
+                     success=f"rho and the exact two-sided p match circuitlib.overlap.rank_correlation on the "
+                             f"{len(live)} heads given, {len(comparisons)} comparisons ({names}; {n_perm:,} "
+                             "permutations each).",
                      hint="ranks with scipy.stats.rankdata (average ranks for ties); rho = Pearson's r of the ranks; "
                           "p = #{permutations with |rho_perm| >= |rho| - 1e-9} / n!.")
 
