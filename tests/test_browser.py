@@ -76,7 +76,7 @@ TASK, N_PROMPTS = "ioi", 16  # the explorer's first task (its default), ioi_batc
 # The widget changes the test makes, in order: (dropdown, option). The head is kept across relations.
 STEPS = [
     ("relation", "country_to_capital_wikidata"),
-    ("head", "0.1"),  # the top capital head
+    ("head", "0.3"),  # a capital head (0.88); not 0.1, the view the explorer opens on
     ("relation", SUPPRESSION),
     ("head", "0.7"),  # IOI's top head by activation patching, the model's top name-suppression head
 ]
