@@ -95,6 +95,8 @@ def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list
     if not mix or set(mix) - set(MIX) or any(w < 0 for w in mix.values()) or not sum(mix.values()) > 0:
         raise ValueError(f"mix {mix!r}: give non-negative weights (not all zero) for kinds among {tuple(MIX)}")
     kinds, weights = zip(*mix.items())
+    held = set(map(heldout_surface, COLORED_TEMPLATES))
+    open_surfaces = [x for x in SURFACES if x not in held]  # surfaces no Colored Objects template holds out
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights)[0]
@@ -126,8 +128,7 @@ def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list
             text = " ".join(f"{c} {o}" for c, o in zip(cs, os_)) + " : " + " ".join(f"{os_[j]} {cs[j]}" for j in order)
         elif kind == "lookup":
             # A Colored Objects list, then two "The <object> is <colour>" answers (surfaces no template holds out)
-            held = set(map(heldout_surface, COLORED_TEMPLATES))
-            surface = rng.choice([x for x in SURFACES if x not in held])
+            surface = rng.choice(open_surfaces)
             cs, os_ = rng.sample(COLORS, 3), rng.sample(ITEMS, 3)
             qs = rng.sample(range(3), 2)
             text = (f"On the {surface} I see a {cs[0]} {os_[0]} , a {cs[1]} {os_[1]} and a {cs[2]} {os_[2]} . "
