@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -30,6 +30,38 @@ def draw_until(draw: Callable[[], T], ok: Callable[[T], bool], *, error: str) ->
         if ok(x):
             return x
     raise ValueError(f"{error} (no match in {MAX_DRAWS} random draws)")
+
+
+K = TypeVar("K")
+
+
+class SplitDraws:
+    """Rejection sampling of one split's prompts for a builder whose held-out split is defined per
+    (template, key) combination (IOI: the IO name; capitals: the country; Colored Objects: the surface).
+
+    Checks ``split`` and, before any drawing, that each template the first ``n`` prompts use has a
+    combination in the split (:class:`ValueError` otherwise); :meth:`draw` then draws until one is."""
+
+    def __init__(self, split: str, templates: Sequence[str], n: int, keys: Sequence[K],
+                 in_split: Callable[[str, K], bool], *, combos: str, keys_name: str, fix: str):
+        if split not in ("heldout", "train", "any"):
+            raise ValueError(f"unknown split {split!r}: use 'heldout', 'train' or 'any'")
+        self.split, self.in_split, self.combos, self.keys_name, self.fix = split, in_split, combos, keys_name, fix
+        self.n_keys = len(keys)
+        self.eligible = {t: sum(in_split(t, k) for k in keys) for t in dict.fromkeys(templates)}
+        for template in dict.fromkeys(templates[i % len(templates)] for i in range(min(n, len(templates)))):
+            if not self.eligible[template]:
+                raise ValueError(self.error(template))
+
+    def error(self, template: str) -> str:
+        seen = "never saw" if self.split == "heldout" else "saw"
+        return (f"split={self.split!r} needs {self.combos} combinations the embedded model {seen} in training; "
+                f"{self.eligible[template]} of the {self.n_keys} {self.keys_name} give one with template "
+                f"{template!r}: {self.fix}")
+
+    def draw(self, template: str, draw: Callable[[], T], key: Callable[[T], K]) -> T:
+        """``draw()`` until the drawn prompt's key is in the split for ``template``."""
+        return draw_until(draw, lambda x: self.in_split(template, key(x)), error=self.error(template))
 
 
 def bos_id(tokenizer) -> int:

@@ -12,7 +12,7 @@ import re
 import zlib
 
 from ..types import TaskBatch
-from ._common import batch_from_rows, draw_until, word_id
+from ._common import SplitDraws, batch_from_rows, word_id
 from .ioi import Split
 
 CAPITAL_TEMPLATES = [
@@ -58,8 +58,6 @@ def capital_batch(
     training split: any country goes). A template without any such country among the tokenizer's
     single-token pairs is one ``ValueError``.
     """
-    if split not in ("heldout", "train", "any"):
-        raise ValueError(f"unknown split {split!r}: use 'heldout', 'train' or 'any'")
     rng = random.Random(seed)
     pairs = [
         (c, cap)
@@ -69,16 +67,13 @@ def capital_batch(
     if len(pairs) < 2:
         raise ValueError("fewer than 2 country/capital pairs are single tokens for this tokenizer")
     templates = templates or CAPITAL_TEMPLATES
-    eligible = {t: sum(_in_split(t, c, split) for c, _ in pairs) for t in dict.fromkeys(templates)}
-    for template in dict.fromkeys(templates[i % len(templates)] for i in range(min(n, len(templates)))):
-        if not eligible[template]:
-            raise ValueError(_split_error(template, split, 0, len(pairs)))
+    draws = SplitDraws(split, templates, n, [c for c, _ in pairs], lambda t, c: _in_split(t, c, split),
+                       combos="(country, template)", keys_name="single-token country/capital pairs",
+                       fix="use a tokenizer that keeps more countries, other templates, or split='any'")
     rows = []
     for i in range(n):
         template = templates[i % len(templates)]
-        (c, cap), (c2, cap2) = draw_until(
-            lambda: rng.sample(pairs, 2), lambda two, t=template: _in_split(t, two[0][0], split),
-            error=_split_error(template, split, eligible[template], len(pairs)))
+        (c, cap), (c2, cap2) = draws.draw(template, lambda: rng.sample(pairs, 2), lambda two: two[0][0])
         rows.append(
             dict(
                 clean=template.replace("[C]", c),
@@ -100,10 +95,3 @@ def _in_split(template: str, country: str, split: Split) -> bool:
     return (heldout_template(country) == template) == (split == "heldout")
 
 
-def _split_error(template: str, split: Split, n_ok: int, n_pairs: int) -> str:
-    seen = "never saw" if split == "heldout" else "saw"
-    return (
-        f"split={split!r} needs (country, template) combinations the embedded model {seen} in training; "
-        f"{n_ok} of the {n_pairs} single-token country/capital pairs give one with template {template!r}: "
-        "use a tokenizer that keeps more countries, other templates, or split='any'"
-    )

@@ -22,7 +22,7 @@ import random
 import zlib
 
 from ..types import TaskBatch
-from ._common import batch_from_rows, draw_until, single_token_words
+from ._common import SplitDraws, batch_from_rows, single_token_words
 from .ioi import Split
 
 COLORS = ["red", "blue", "green", "yellow", "orange", "purple", "black", "white", "brown", "grey", "pink"]
@@ -88,8 +88,6 @@ def colored_objects_batch(
     one's own have no training split). A template without any such combination among the tokenizer's
     single-token surfaces is one ``ValueError``.
     """
-    if split not in ("heldout", "train", "any"):
-        raise ValueError(f"unknown split {split!r}: use 'heldout', 'train' or 'any'")
     rng = random.Random(seed)
     colors = single_token_words(tokenizer, COLORS)
     items = single_token_words(tokenizer, ITEMS)
@@ -101,17 +99,15 @@ def colored_objects_batch(
             "with a leading space"
         )
     templates = templates or COLORED_TEMPLATES
-    eligible = {t: sum(_in_split(t, s, q, split) for s in surfaces for q in range(3)) for t in dict.fromkeys(templates)}
-    for template in dict.fromkeys(templates[i % len(templates)] for i in range(min(n, len(templates)))):
-        if not eligible[template]:
-            raise ValueError(_split_error(template, split, 0, 3 * len(surfaces)))
+    draws = SplitDraws(split, templates, n, [(s, q) for s in surfaces for q in range(3)],
+                       lambda t, key: _in_split(t, *key, split), combos="(template, surface)",
+                       keys_name="(single-token surface, position) combinations",
+                       fix="use a tokenizer that keeps more surfaces, other templates, or split='any'")
     rows = []
     for i in range(n):
         template = templates[i % len(templates)]
-        _, surface, cs, os_, q = draw_until(
-            lambda t=template: sample_colored(rng, colors, items, surfaces, templates, t),
-            lambda x, t=template: _in_split(t, x[1], x[4], split),
-            error=_split_error(template, split, eligible[template], 3 * len(surfaces)))
+        _, surface, cs, os_, q = draws.draw(
+            template, lambda t=template: sample_colored(rng, colors, items, surfaces, templates, t), lambda x: (x[1], x[4]))
         other = rng.choice([j for j in range(3) if j != q])
         rows.append(
             dict(
@@ -132,12 +128,3 @@ def _in_split(template: str, surface: str, q: int, split: Split) -> bool:
     if split == "any" or template not in COLORED_TEMPLATES:
         return True
     return is_heldout(template, surface) == (split == "heldout")
-
-
-def _split_error(template: str, split: Split, n_ok: int, n_keys: int) -> str:
-    seen = "never saw" if split == "heldout" else "saw"
-    return (
-        f"split={split!r} needs (template, surface) combinations the embedded model {seen} in "
-        f"training; {n_ok} of the {n_keys} (single-token surface, position) combinations give one with template "
-        f"{template!r}: use a tokenizer that keeps more surfaces, other templates, or split='any'"
-    )

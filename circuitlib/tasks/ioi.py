@@ -14,7 +14,7 @@ import random
 from typing import Literal
 
 from ..types import TaskBatch
-from ._common import batch_from_rows, draw_until, heldout, single_token_words
+from ._common import SplitDraws, batch_from_rows, heldout, single_token_words
 
 BABA_TEMPLATES = [
     "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
@@ -95,8 +95,6 @@ def ioi_batch(
     """
     if corruption not in ("ABC", "flip"):
         raise ValueError(f"unknown IOI corruption {corruption!r}: use 'ABC' or 'flip'")
-    if split not in ("heldout", "train", "any"):
-        raise ValueError(f"unknown split {split!r}: use 'heldout', 'train' or 'any'")
     rng = random.Random(seed)
     name_pool = single_token_words(tokenizer, names or NAMES)
     places = single_token_words(tokenizer, PLACES)
@@ -107,16 +105,12 @@ def ioi_batch(
             "names that encode to one token with a leading space"
         )
     templates = templates or ALTERNATING
-    eligible = {t: sum(_in_split(t, a, split) for a in name_pool) for t in dict.fromkeys(templates)}
-    for template in dict.fromkeys(templates[i % len(templates)] for i in range(min(n, len(templates)))):
-        if not eligible[template]:
-            raise ValueError(_split_error(template, split, 0, len(name_pool)))
+    draws = SplitDraws(split, templates, n, name_pool, lambda t, a: _in_split(t, a, split), combos="(template, IO name)",
+                       keys_name="single-token names", fix="pass more names, other templates, or split='any'")
     rows = []
     for i in range(n):
         template = templates[i % len(templates)]
-        a, b, c = draw_until(
-            lambda: rng.sample(name_pool, 3), lambda abc, t=template: _in_split(t, abc[0], split),
-            error=_split_error(template, split, eligible[template], len(name_pool)))
+        a, b, c = draws.draw(template, lambda: rng.sample(name_pool, 3), lambda abc: abc[0])
         place, obj = rng.choice(places), rng.choice(objects)
         # Corrupt S2 only: ABC puts a third name there, flip puts the IO name there.
         marked = fill(_mark_s2(template), a, b, place, obj)
@@ -138,15 +132,6 @@ def ioi_batch(
 
 def _in_split(template: str, io_name: str, split: Split) -> bool:
     return split == "any" or heldout(f"ioi:{template}:{io_name}") == (split == "heldout")
-
-
-def _split_error(template: str, split: Split, n_ok: int, n_names: int) -> str:
-    seen = "never saw" if split == "heldout" else "saw"
-    return (
-        f"split={split!r} needs (template, IO name) combinations the embedded model {seen} in training; "
-        f"{n_ok} of the {n_names} single-token names give one with template {template!r}: pass more names, "
-        "other templates, or split='any'"
-    )
 
 
 def _mark_s2(template: str) -> str:
