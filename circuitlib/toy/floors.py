@@ -18,7 +18,9 @@ Definitions (they change numbers):
   tasks the floors are about, independent of weight scale; 5% is well above the noise of 200 prompts
   for a deterministic model and low enough to count heads that carry a minor part of a task. The
   group-lasso weight norm ||W_V||_F + ||W_O||_F is printed too (the old card used > 0.1).
-- Top-3 heads of a task: ``circuitlib.patching.act_patch_heads`` (noising, all positions) ``.top(3)``.
+- Top-3 heads of a task: ``circuitlib.patching.act_patch_heads`` (noising, all positions) ``.top(3)``: the
+  three largest *signed* effects, i.e. the heads that carry the behaviour most (a head whose removal helps
+  the task is never among them).
 - Random control: ``N_DRAWS`` = 200 random 3-sets drawn from the live heads outside the task's top 3
   (seeded); mean drop of top-1 and two-way accuracy.
 - MAPS: ``circuitlib.scoring.static_scores`` for ``country_to_capital_wikidata`` (k=10) and
