@@ -107,11 +107,14 @@ def load_warning(load1: float, cores: int | None = None) -> str | None:
     return None
 
 
-def _print_load(when: str) -> tuple[float, float, float]:
+def _print_load(when: str, own: int = 0) -> tuple[float, float, float]:
+    """Print the load average; ``own``: threads this run itself kept busy just before (the 1-minute
+    average after a run counts them too, so the warning looks at the load minus ``own``)."""
     load = os.getloadavg()
     cores = os.cpu_count() or 1
-    print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; {cores} cores)")
-    warn = load_warning(load[0], cores)
+    mine = f"; includes this run's own {own} busy threads, other load ~{max(0.0, load[0] - own):.2f}" if own else ""
+    print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; {cores} cores{mine})")
+    warn = load_warning(max(0.0, load[0] - own), cores)
     if warn:
         print(warn)
     return load
@@ -139,8 +142,12 @@ def header(threads: int | None = None, title: str | None = None) -> int:
 
 
 def footer() -> tuple[float, float, float]:
-    """Print the load average after the runs (with the warning when it exceeds half the cores)."""
-    load = _print_load("after")
+    """Print the load average after the runs, noting that it counts the run's own (pinned) threads, with
+    the warning when the load *minus those threads* exceeds half the cores. (A contended run shows in
+    the per-run lines too: CPU time well below wall time x threads.)"""
+    import torch
+
+    load = _print_load("after", own=torch.get_num_threads())
     sys.stdout.flush()
     return load
 

@@ -88,7 +88,7 @@ def test_equal_results_exit_zero_and_header_footer_print_the_protocol():
     assert p.returncode == 0, p.stderr
     out = p.stdout
     for needle in ("date: ", "machine: ", "logical cores", "torch threads: 1 intra-op (pinned)",
-                   "load average before:", "load average after:", "speedup t: ", "threads now 1"):
+                   "load average before:", "load average after:", "own 1 busy threads", "speedup t: ", "threads now 1"):
         assert needle in out, (needle, out)
 
 
