@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 import protocol  # noqa: E402
 from circuitlib.models import GPT2_MEDIUM_SHAPE, random_model  # noqa: E402
-from circuitlib import scoring  # noqa: E402
+from circuitlib import _cores  # noqa: E402
 from circuitlib.scoring import maps_inputs, static_scores_many  # noqa: E402
 from circuitlib.tasks import load_relation  # noqa: E402
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
           f"(seed 0){' [--quick: reduced size, not a benchmark figure]' if n_layers != 24 else ''}")
     print(f"threads: both sides run on {FAST_THREADS} (the pinned count; circuitlib's side via "
           f"static_scores_many(threads={FAST_THREADS}); its own default would now choose "
-          f"{min(FAST_THREADS, scoring._free_cores())}, the cores other processes leave free)")
+          f"{min(FAST_THREADS, _cores.free_cores())}, the cores other processes leave free)")
     print("relations: " + ", ".join(f"{p.name} ({len(p)} pairs, k={p.k})" for p in rels))
 
     ratios = {}

@@ -87,10 +87,7 @@ The MAPS causal check lives in :mod:`circuitlib.causal`; what the report stores 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,6 +98,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from . import adapter
+from ._cores import threads_for_free_cores
 from .adapter import NO_BOS_ARCHITECTURES  # noqa: F401  (kept importable from here)
 from .tasks import load_relation
 from .tasks._common import bos_id, pad_id, word_id
@@ -224,59 +222,6 @@ def _check_k(k: int, d_vocab: int) -> int:
     return k
 
 
-def _others_running() -> int | None:
-    """Runnable threads of other processes right now (Linux: ``/proc/loadavg``'s running count minus
-    this process's running threads), the median of 5 snapshots 2 ms apart; None where unavailable."""
-    try:
-        counts = []
-        for i in range(5):
-            if i:
-                time.sleep(0.002)
-            with open("/proc/loadavg") as f:
-                running = int(f.read().split()[3].split("/")[0])
-            own = 0
-            for task in os.listdir("/proc/self/task"):
-                try:
-                    with open(f"/proc/self/task/{task}/stat") as f:
-                        own += f.read().rsplit(")", 1)[1].split()[0] == "R"
-                except OSError:  # the thread ended meanwhile
-                    pass
-            counts.append(max(0, running - own))
-        return sorted(counts)[len(counts) // 2]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _free_cores() -> int:
-    """Cores not busy with other processes (at least 1): from the instantaneous count of other
-    processes' runnable threads (Linux), else from the 1-minute load average. (The load average alone
-    would count this process's own recent work, e.g. a loop it ran just before, as other load.)"""
-    cores = os.cpu_count() or 1
-    others = _others_running()
-    if others is None:
-        try:
-            others = os.getloadavg()[0]
-        except (AttributeError, OSError):  # not on every platform
-            return cores
-    return max(1, int(cores - others + 0.5))
-
-
-@contextmanager
-def _threads_for_free_cores(threads: int | None):
-    """Run torch with ``threads`` intra-op threads (``None``: torch's count, capped at :func:`_free_cores`);
-    torch's setting is restored afterwards, also on exceptions."""
-    before = torch.get_num_threads()
-    n = threads if threads is not None else min(before, _free_cores())
-    if n == before:
-        yield n
-        return
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def topk_hits(
     rows: Float[Tensor, "n_rows d_model"],
@@ -385,7 +330,7 @@ def static_scores_many(
     cores, a thread that the scheduler parks stalls every one of them, which made this path lose far
     more to a busy machine than a plain per-head loop (issue 14). Scores do not depend on it.
     """
-    with _threads_for_free_cores(threads):
+    with threads_for_free_cores(threads):
         return _static_scores_many(model, relations, k=k, suppression=suppression, max_rows=max_rows)
 
 
