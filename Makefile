@@ -87,6 +87,7 @@ workshop: install
 benchmarks: install
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_patching.py
+	$(PY) benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache test-artifacts
