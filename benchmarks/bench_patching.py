@@ -97,7 +97,9 @@ def main() -> None:
     n = args.n or (2 if args.quick else 8)
     screen_n = args.screen_n or (2 if args.quick else 4)
     tl_heads = args.tl_heads or (8 if args.quick else 48)
-    header(args.threads, title="bench_patching: exact patching floor, AtP* screen, TransformerLens")
+    n_threads = header(args.threads, title="bench_patching: exact patching floor, AtP* screen, TransformerLens")
+    # circuitlib's calls would cap their threads at the free cores; pinned here like the baselines'
+    print(f"threads: every side runs on {n_threads} (circuitlib's calls get threads={n_threads})")
 
     import pandas as pd
     from transformer_lens import patching as tl_patching
@@ -126,7 +128,7 @@ def main() -> None:
     costs = []
     for i in range(args.reps):
         t0 = time.perf_counter()
-        act_patch_heads(model, batch, direction="denoising")
+        act_patch_heads(model, batch, direction="denoising", threads=n_threads)
         costs.append(time.perf_counter() - t0)
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -168,9 +170,9 @@ def main() -> None:
 
     def screened():
         return act_patch_screened(model, sbatch, top_k=None if args.min_fraction else k,
-                                  min_fraction=args.min_fraction)
+                                  min_fraction=args.min_fraction, threads=n_threads)
 
-    r = interleaved(lambda: act_patch_heads(model, sbatch), screened, reps=args.reps, check=check_screen,
+    r = interleaved(lambda: act_patch_heads(model, sbatch, threads=n_threads), screened, reps=args.reps, check=check_screen,
                     label="screen")
     target = f"top {k}" if args.min_fraction is None else f"every head >= {args.min_fraction:g} of the largest"
     print(f"screened search ({target}, {len(sbatch)} prompts) vs full exact patching: exact / screen "
@@ -181,7 +183,7 @@ def main() -> None:
     # 2b. oracle: caches + exact patches of the true top-k only -------------------------------------
     from circuitlib.patching import _patch_masks, _setup
 
-    truth = act_patch_heads(model, sbatch).scores.flatten()
+    truth = act_patch_heads(model, sbatch, threads=n_threads).scores.flatten()
     top = truth.abs().argsort(descending=True)[:k]
     print(f"    exact top {k} heads by layer: {sorted((top // H).tolist())}")
 
@@ -196,7 +198,7 @@ def main() -> None:
         print(f"    oracle's top-{k} values vs full exact patching: max abs diff {diff:.1e}")
         return diff < 1e-4
 
-    r = interleaved(lambda: act_patch_heads(model, sbatch), oracle, reps=args.reps, check=check_oracle,
+    r = interleaved(lambda: act_patch_heads(model, sbatch, threads=n_threads), oracle, reps=args.reps, check=check_oracle,
                     label="oracle")
     print(f"oracle time / exact time: {1 / r.median:.3f} (per pair: {', '.join(f'{1 / x:.3f}' for x in r.ratios)}; "
           f"caches + the true top {k} patched exactly, nothing else)", flush=True)
@@ -224,7 +226,7 @@ def main() -> None:
         print(f"    max abs diff on the {n_tl} heads both computed: {diff:.2e}")
         return diff < 1e-4
 
-    r = interleaved(tl_run, lambda: act_patch_heads(model, batch, direction="denoising"), reps=args.reps,
+    r = interleaved(tl_run, lambda: act_patch_heads(model, batch, direction="denoising", threads=n_threads), reps=args.reps,
                     check=check_tl, label="exact vs TransformerLens", scale_a=(L * H) / n_tl)
     print(r.line())
     footer()
