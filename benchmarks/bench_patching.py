@@ -38,9 +38,9 @@ import statistics
 import sys
 import time
 
-import torch
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's per-head progress bar
+# TransformerLens's per-head progress bar; set before torch, which imports tqdm (tqdm reads it at import)
+os.environ.setdefault("TQDM_DISABLE", "1")
+import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from protocol import footer, header, interleaved, mismatch  # noqa: E402
 
