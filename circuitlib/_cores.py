@@ -66,7 +66,7 @@ def threads_for_free_cores(threads: int | None) -> Iterator[int]:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive number of torch threads (or None: the free cores); got {threads!r}")
     before = torch.get_num_threads()
-    n = threads if threads is not None else min(before, free_cores())
+    n = threads if threads is not None else before if before == 1 else min(before, free_cores())  # 1: no sampling
     if n == before:
         yield n
         return
