@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 
 import torch
 
@@ -66,10 +67,10 @@ def main() -> None:
         lines = []
         for name, fn, same in cases:
             r = interleaved(lambda fn=fn: fn(n), lambda fn=fn: fn(None), reps=args.reps, check=same, label=name)
-            cpu = lambda c, t: sorted(a / b for a, b in zip(c, t))[len(t) // 2]  # noqa: E731
+            per_wall = lambda cpu, wall: median(c / w for c, w in zip(cpu, wall))  # noqa: E731
             lines.append(f"under load, {name}: capped vs pinned {r.median:.2f}x (min {r.lo:.2f}x, max {r.hi:.2f}x; "
-                         f"median wall pinned {sorted(r.t_a)[len(r.t_a) // 2]:.1f} s, capped {sorted(r.t_b)[len(r.t_b) // 2]:.1f} s; "
-                         f"CPU s per wall s: pinned {cpu(r.cpu_a, r.t_a):.2f}, capped {cpu(r.cpu_b, r.t_b):.2f})")
+                         f"median wall pinned {median(r.t_a):.1f} s, capped {median(r.t_b):.1f} s; "
+                         f"CPU s per wall s: pinned {per_wall(r.cpu_a, r.t_a):.2f}, capped {per_wall(r.cpu_b, r.t_b):.2f})")
             print(lines[-1], flush=True)
     except KeyboardInterrupt:
         mismatch("interrupted")

@@ -98,7 +98,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from . import adapter
-from ._cores import threads_for_free_cores
+from ._cores import on_free_cores
 from .adapter import NO_BOS_ARCHITECTURES  # noqa: F401  (kept importable from here)
 from .tasks import load_relation
 from .tasks._common import bos_id, pad_id, word_id
@@ -308,6 +308,7 @@ def static_scores(
     return static_scores_many(model, [pairs], k=k, suppression=suppression)[pairs.name]
 
 
+@on_free_cores
 @torch.no_grad()
 def static_scores_many(
     model: HookedTransformer,
@@ -330,11 +331,6 @@ def static_scores_many(
     cores, a thread that the scheduler parks stalls every one of them, which made this path lose far
     more to a busy machine than a plain per-head loop (issue 14). Scores do not depend on it.
     """
-    with threads_for_free_cores(threads):
-        return _static_scores_many(model, relations, k=k, suppression=suppression, max_rows=max_rows)
-
-
-def _static_scores_many(model, relations, *, k, suppression, max_rows) -> dict[str, HeadScores]:
     rels = [_as_pairs(model, r) for r in relations]
     d_vocab, L, H = model.cfg.d_vocab, model.cfg.n_layers, model.cfg.n_heads
     conv = maps_conventions(model)
