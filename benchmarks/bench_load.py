@@ -33,6 +33,11 @@ from protocol import footer, header, interleaved, mismatch  # noqa: E402
 QUICK_SHAPE = dict(n_layers=6, d_model=256, n_heads=8, d_head=32, d_mlp=1024, d_vocab=50257, n_ctx=256)
 
 
+def per_wall(cpu: list[float], wall: list[float]) -> float:
+    """Median CPU seconds per wall second over the runs (about the threads kept busy)."""
+    return median(c / w for c, w in zip(cpu, wall))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -67,7 +72,6 @@ def main() -> None:
         lines = []
         for name, fn, same in cases:
             r = interleaved(lambda fn=fn: fn(n), lambda fn=fn: fn(None), reps=args.reps, check=same, label=name)
-            per_wall = lambda cpu, wall: median(c / w for c, w in zip(cpu, wall))  # noqa: E731
             lines.append(f"under load, {name}: capped vs pinned {r.median:.2f}x (min {r.lo:.2f}x, max {r.hi:.2f}x; "
                          f"median wall pinned {median(r.t_a):.1f} s, capped {median(r.t_b):.1f} s; "
                          f"CPU s per wall s: pinned {per_wall(r.cpu_a, r.t_a):.2f}, capped {per_wall(r.cpu_b, r.t_b):.2f})")

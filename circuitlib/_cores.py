@@ -66,7 +66,12 @@ def threads_for_free_cores(threads: int | None) -> Iterator[int]:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive number of torch threads (or None: the free cores); got {threads!r}")
     before = torch.get_num_threads()
-    n = threads if threads is not None else before if before == 1 else min(before, free_cores())  # 1: no sampling
+    if threads is not None:
+        n = threads
+    elif before == 1:
+        n = 1  # one thread already: nothing to cap, so no free-core sampling
+    else:
+        n = min(before, free_cores())
     if n == before:
         yield n
         return
