@@ -41,7 +41,8 @@ FILLER_TEMPLATES = [
     "[N] has a [OBJECT]",
     "We talked about [X] today",
 ]
-MIX = {"ioi": 0.25, "capital": 0.15, "colored": 0.25, "lookup": 0.10, "lookup0": 0.10, "copy": 0.10, "filler": 0.05}
+MIX = {"ioi": 0.25, "capital": 0.15, "colored": 0.25, "lookup": 0.10, "lookup0": 0.10, "copy": 0.10, "filler": 0.05,
+       "gap1": 0.0, "gap2": 0.0, "gap3": 0.0}
 # The first WARM_FRAC of training samples from a corpus of this mix only (train.py's curriculum): without
 # it, Colored Objects stayed at chance in every run (the model copied all listed colours); with it the
 # in-context lookup forms once the warm-up ends.
@@ -60,7 +61,7 @@ def vocabulary() -> list[str]:
     for t in TEMPLATES + CAPITAL_TEMPLATES + FILLER_TEMPLATES + COLORED_TEMPLATES:
         words |= {w for w in _words(t) if w not in ("A", "B", "PLACE", "OBJECT", "C", "X", "N", "S", "Q",
                                                     "C1", "C2", "C3", "O1", "O2", "O3")}
-    words |= {",", "[", "]"}
+    words |= {",", "[", "]", "?", "Q", "A"}
     words -= set(SPECIALS)
     return SPECIALS + sorted(words)
 
@@ -126,6 +127,14 @@ def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list
             cs, os_ = rng.sample(COLORS, k), rng.sample(ITEMS, k)
             order = rng.sample(range(k), k)
             text = " ".join(f"{c} {o}" for c, o in zip(cs, os_)) + " : " + " ".join(f"{os_[j]} {cs[j]}" for j in order)
+        elif kind in ("gap1", "gap2", "gap3"):
+            # Recall with a gap of 1-3 tokens (the question's own tail) between the queried object and its
+            # colour: "red pen blue cup green book : cup ? Answer : blue" (gap3)
+            k = rng.randint(2, 4)
+            cs, os_ = rng.sample(COLORS, k), rng.sample(ITEMS, k)
+            j = rng.randrange(k)
+            gap = {"gap1": " :", "gap2": " Answer :", "gap3": " ? Answer :"}[kind]
+            text = " ".join(f"{c} {o}" for c, o in zip(cs, os_)) + f" : {os_[j]}{gap} {cs[j]}"
         elif kind == "lookup":
             # A Colored Objects list, then two "The <object> is <colour>" answers (surfaces no template holds out)
             surface = rng.choice(open_surfaces)

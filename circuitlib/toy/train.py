@@ -66,7 +66,7 @@ def encode_corpus(tokenizer, sentences, n_ctx: int) -> tuple[Int[Tensor, "n n_ct
         toks = [bos] + toks[: n_ctx - 1]
         ids[i, : len(toks)] = torch.tensor(toks)
         weights[i, : len(toks) - 1] = 1.0
-        if s.kind in ("ioi", "capital", "colored"):
+        if s.kind in ("ioi", "capital", "colored", "gap1", "gap2", "gap3"):
             weights[i, len(toks) - 2] = ANSWER_WEIGHT  # predicting the last token (the answer)
     return ids, weights
 
@@ -136,6 +136,7 @@ def train(
     l1_ramp: float = L1_RAMP,
     warm_mix: dict[str, float] | None = WARM_MIX,
     warm_frac: float = WARM_FRAC,
+    stages: list[dict] | None = None,
 ) -> tuple[HookedTransformer, list[float]]:
     """Train a fresh embedded model; returns ``(model, losses)`` (language-model loss per step, without
     the group-lasso term). Deterministic for a given seed and thread count
@@ -157,13 +158,13 @@ def train(
     torch.use_deterministic_algorithms(True)
     try:
         return _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1,
-                      config, mix, mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac)
+                      config, mix, mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac, stages)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1, config, mix,
-           mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac) -> tuple[HookedTransformer, list[float]]:
+           mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac, stages=None) -> tuple[HookedTransformer, list[float]]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     cfg = dict(config or CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
@@ -180,6 +181,9 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
     losses = []
     t0 = time.time()
     model.train()
+    if stages:
+        _run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr, gen, losses, progress, t0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
         if warm_mix and step < warm_frac * steps:
             idx = torch.randint(0, wids.shape[0], (batch_size,), generator=gen)
@@ -206,6 +210,55 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
                   + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     return model, losses
+
+
+def last_token_accuracy(model: HookedTransformer, ids: Int[Tensor, "n n_ctx"], weights: Float[Tensor, "n m"]) -> float:
+    """Top-1 accuracy of each sentence's last token (predicted from the one before it)."""
+    last = (weights > 0).sum(-1) - 1  # index of the last prediction
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids)
+    model.train(was)
+    rows = torch.arange(ids.shape[0])
+    return (logits[rows, last].argmax(-1) == ids[rows, last + 1]).float().mean().item()
+
+
+def _step(model, opt, x, w) -> float:
+    logits = model(x)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
+    opt.zero_grad()
+    lm_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return lm_loss.item()
+
+
+def _run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr, gen, losses, progress, t0,
+                check_every: int = 50, warmup: int = 100) -> None:
+    """The gated curriculum: each stage trains on its own mix (constant ``lr`` after a linear warm-up of
+    ``warmup`` steps, no head penalty) until the last-token accuracy of 128 unseen sentences of its ``gate``
+    kind reaches ``acc`` (checked every ``check_every`` steps) or ``max`` steps have run."""
+    n_ctx = model.cfg.n_ctx
+    done = 0
+    for i, st in enumerate(stages):
+        sids, sw = encode_corpus(tokenizer, generate(n_sentences // 8, seed + 1000 + i, st["mix"]), n_ctx)
+        eids, ew = encode_corpus(tokenizer, generate(128, seed + 2000 + i, {st["gate"]: 1.0}), n_ctx)
+        acc = 0.0
+        for s in range(st["max"]):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (done + 1) / warmup)
+            idx = torch.randint(0, sids.shape[0], (batch_size,), generator=gen)
+            losses.append(_step(model, opt, sids[idx], sw[idx]))
+            done += 1
+            if (s + 1) % check_every == 0:
+                acc = last_token_accuracy(model, eids, ew)
+                if acc >= st["acc"]:
+                    break
+        if progress:
+            print(f"stage {i} ({st['gate']} >= {st['acc']}): {acc:.2f} after {s + 1} steps "
+                  f"(loss {losses[-1]:.3f}, {time.time() - t0:.0f}s)", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warm-mix", type=str, default=None,
                         help="curriculum: corpus mix (JSON) of the first --warm-frac of the steps (default: corpus.WARM_MIX)")
     parser.add_argument("--warm-frac", type=float, default=WARM_FRAC, help="fraction of the steps on the warm-up mix (0: none)")
+    parser.add_argument("--stages", type=str, default=None,
+                        help='gated curriculum before the main run, JSON list of {"mix": {...}, "gate": kind, "acc": a, "max": steps}')
     parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
     return parser
 
@@ -246,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         mix = json.loads(args.mix) if args.mix else None
         warm_mix = json.loads(args.warm_mix) if args.warm_mix else dict(WARM_MIX)
+        stages = json.loads(args.stages) if args.stages else None
         mlp_layers = [int(x) for x in args.mlp_layers.split(",")] if args.mlp_layers else None
     except ValueError as e:
         parser.error(f"--mix / --warm-mix must be JSON objects and --mlp-layers comma-separated integers ({e})")
@@ -259,13 +315,14 @@ def main(argv: list[str] | None = None) -> None:
     model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay, head_l1=args.head_l1,
                           config=config, mix=mix, mlp_layers=mlp_layers, lr=args.lr, batch_size=args.batch_size,
                           n_sentences=args.n_sentences, l1_start=args.l1_start, l1_ramp=args.l1_ramp,
-                          log_every=args.log_every, warm_mix=warm_mix, warm_frac=args.warm_frac)
+                          log_every=args.log_every, warm_mix=warm_mix, warm_frac=args.warm_frac,
+                          stages=stages)
     recipe = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "n_layers": args.n_layers,
               "d_model": args.d_model, "n_heads": args.n_heads, "d_head": args.d_head, "d_mlp": args.d_mlp,
               "mlp_layers": mlp_layers, "mix": mix or dict(MIX), "lr": args.lr, "batch_size": args.batch_size,
               "n_sentences": args.n_sentences, "weight_decay": args.weight_decay, "head_l1": args.head_l1,
               "l1_start": args.l1_start, "l1_ramp": args.l1_ramp, "answer_weight": ANSWER_WEIGHT,
-              "warm_mix": warm_mix, "warm_frac": args.warm_frac,
+              "warm_mix": warm_mix, "warm_frac": args.warm_frac, "stages": stages,
               "final_loss": round(losses[-1], 4), "train_seconds": round(time.time() - t0),
               "cpu_seconds": round(time.process_time() - c0),
               "command": "python -m circuitlib.toy.train " + " ".join(sys.argv[1:] if argv is None else argv)}
