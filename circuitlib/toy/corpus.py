@@ -53,7 +53,7 @@ MIX = {"ioi": 0.25, "capital": 0.15, "colored": 0.25, "lookup": 0.10, "lookup0":
 # The queried object moves away from its answer one token at a time (lookup0 -> gap1 -> gap2 -> gap3 -> the
 # question); ``copy`` in the first two stages makes the previous-token head carry any token, not only colours
 # (without it seed 2 never passed gap1 in 800 steps); IOI in every stage keeps IOI learnable afterwards (without
-# it seed 0 never learned IOI). Session 7's R17: all three tasks on seeds 0-2, but 6 of 9 floors (EXPERIMENTS.md).
+# it seed 0 never learned IOI). Session 7's R17: all three tasks on seeds 0-2, but 5, 5 and 6 of 9 floors (EXPERIMENTS.md).
 STAGES = [
     {"mix": {"lookup0": 0.5, "copy": 0.3, "colored": 0.2, "ioi": 0.25}, "gate": "lookup0", "acc": 0.95, "max": 1000},
     {"mix": {"lookup0": 0.2, "gap1": 0.6, "copy": 0.2, "ioi": 0.25}, "gate": "gap1", "acc": 0.9, "max": 1500},
