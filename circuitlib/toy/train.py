@@ -200,12 +200,13 @@ def check_stages(stages: list[dict]) -> None:
     if not isinstance(stages, list):
         raise ValueError(f"stages {stages!r}: give a list of stages (an empty list for none)")
     for i, st in enumerate(stages):
-        ok = (isinstance(st, dict) and set(st) == {"mix", "gate", "acc", "max"} and isinstance(st["mix"], dict)
+        ok = (isinstance(st, dict) and {"mix", "gate", "acc", "max"} <= set(st) <= {"mix", "gate", "acc", "max", "l1"}
+              and isinstance(st["mix"], dict) and isinstance(st.get("l1", 0.0), (int, float)) and st.get("l1", 0.0) >= 0
               and st["gate"] in KINDS and isinstance(st["acc"], (int, float)) and 0 <= st["acc"] <= 1
               and isinstance(st["max"], int) and st["max"] >= 1)
         if not ok:
             raise ValueError(f"stage {i} {st!r}: give {{'mix': {{kind: weight}}, 'gate': kind, 'acc': a in [0, 1], "
-                             f"'max': steps >= 1}} with kinds among {KINDS}")
+                             f"'max': steps >= 1}} (optionally 'l1': head penalty >= 0) with kinds among {KINDS}")
 
 
 def last_token_accuracy(model: HookedTransformer, ids: Int[Tensor, "n n_ctx"], weights: Float[Tensor, "n m"]) -> float:
@@ -238,7 +239,7 @@ def run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr,
                 check_every: int = 50, warmup: int = 100) -> None:
     """The gated curriculum (:data:`circuitlib.toy.corpus.STAGES`): stage ``i`` trains on a corpus of its own
     ``mix`` (``n_sentences // 8`` sentences, seed ``seed + 1000 + i``), at constant ``lr`` after a linear
-    warm-up over the first ``warmup`` steps of all stages, without head penalty, until the last-token top-1
+    warm-up over the first ``warmup`` steps of all stages, with head penalty ``l1`` (optional, default 0), until the last-token top-1
     accuracy on 128 sentences of its ``gate`` kind (seed ``seed + 2000 + i``, not the training corpus)
     reaches ``acc`` (checked every ``check_every`` steps), or for ``max`` steps. Appends each step's loss to
     ``losses``; the next stage starts either way (the main run's accuracies show whether it took)."""
@@ -252,7 +253,7 @@ def run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr,
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (done + 1) / warmup)
             idx = torch.randint(0, sids.shape[0], (batch_size,), generator=gen)
-            losses.append(_step(model, opt, sids[idx], sw[idx]))
+            losses.append(_step(model, opt, sids[idx], sw[idx], st.get("l1", 0.0)))
             done += 1
             if (s + 1) % check_every == 0:
                 acc = last_token_accuracy(model, eids, ew)
