@@ -1,5 +1,7 @@
 """The embedded model: held-out accuracy floors, findable structure, reproducible training."""
 
+import re
+
 import pytest
 import torch
 
@@ -104,16 +106,16 @@ def test_shipped_checkpoint_was_trained_with_the_recipe_defaults():
     import json
 
     from circuitlib.models import TOY_DIR
-    from circuitlib.toy.corpus import MIX, WARM_MIX
+    from circuitlib.toy.corpus import MIX, STAGES
     from circuitlib.toy.train import build_parser
 
     shipped = json.loads((TOY_DIR / "config.json").read_text())["training"]
     defaults = vars(build_parser().parse_args([]))
     defaults["mix"] = defaults["mix"] or MIX
-    defaults["warm_mix"] = defaults["warm_mix"] or WARM_MIX
+    defaults["stages"] = STAGES if defaults["stages"] is None else json.loads(defaults["stages"])
     shipped = dict(shipped, mix=shipped.get("mix") or MIX)
     core = ("steps", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "lr", "head_l1", "l1_start", "l1_ramp", "mix",
-            "warm_mix", "warm_frac", "threads")
+            "stages", "threads")
     differ = {k: (shipped.get(k), defaults[k]) for k in core if shipped.get(k) != defaults[k]}
     differ |= {k: (v, defaults[k]) for k, v in shipped.items() if k in defaults and k not in ("seed", "out")
                and k not in core and v != defaults[k]}
@@ -169,13 +171,13 @@ def test_penalty_schedule_by_hand():
 def test_training_a_few_steps_lowers_the_loss():
     from circuitlib.toy.train import train
 
-    _, losses = train(steps=30, batch_size=32, n_sentences=2000, progress=False)
+    _, losses = train(steps=30, batch_size=32, n_sentences=2000, progress=False, stages=[])
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
 def test_command_line_saves_the_whole_recipe(tmp_path):
     """A tiny run of the command line: MLPs in block 1 only (the others zeroed and frozen), a custom mix,
-    the warm-up flags; every option lands in config.json's ``training``."""
+    a one-stage curriculum; every option lands in config.json's ``training``."""
     import json
 
     from circuitlib.models import load_checkpoint
@@ -183,18 +185,93 @@ def test_command_line_saves_the_whole_recipe(tmp_path):
 
     argv = ["--steps", "4", "--batch-size", "8", "--n-sentences", "300", "--n-layers", "2", "--d-mlp", "64",
             "--mlp-layers", "1", "--mix", '{"colored": 1.0}', "--l1-start", "0.5", "--l1-ramp", "0.25",
-            "--lr", "1e-3", "--threads", "1", "--log-every", "2", "--out", str(tmp_path)]
+            "--lr", "1e-3", "--threads", "1", "--log-every", "2", "--out", str(tmp_path),
+            "--stages", '[{"mix": {"gap2": 1.0}, "gate": "gap2", "acc": 1.0, "max": 3}]']
     main(argv)
     tr = json.loads((tmp_path / "config.json").read_text())["training"]
     assert {k: tr[k] for k in ("steps", "n_layers", "d_mlp", "mlp_layers", "mix", "l1_start", "l1_ramp", "lr",
-                               "threads", "batch_size", "n_sentences")} == {
+                               "threads", "batch_size", "n_sentences", "stages")} == {
         "steps": 4, "n_layers": 2, "d_mlp": 64, "mlp_layers": [1], "mix": {"colored": 1.0}, "l1_start": 0.5,
-        "l1_ramp": 0.25, "lr": 1e-3, "threads": 1, "batch_size": 8, "n_sentences": 300}
+        "l1_ramp": 0.25, "lr": 1e-3, "threads": 1, "batch_size": 8, "n_sentences": 300,
+        "stages": [{"mix": {"gap2": 1.0}, "gate": "gap2", "acc": 1.0, "max": 3}]}
     assert tr["command"].endswith(" ".join(argv))
     m = load_checkpoint(tmp_path)
     assert not m.cfg.attn_only
     assert all((p == 0).all() for p in m.blocks[0].mlp.parameters())
     assert any((p != 0).any() for p in m.blocks[1].mlp.parameters())
+
+
+def test_each_stage_runs_until_its_gate_or_its_cap():
+    """A stage whose gate is met at once (acc 0) stops at the first check (50 steps); one whose gate a
+    barely trained model cannot meet (acc 1) runs its ``max`` steps; the main run follows with ``steps``."""
+    from circuitlib.toy.train import train
+
+    stages = [{"mix": {"lookup0": 1.0}, "gate": "lookup0", "acc": 0.0, "max": 500},
+              {"mix": {"gap3": 1.0}, "gate": "gap3", "acc": 1.0, "max": 7}]
+    _, losses = train(steps=30, batch_size=8, n_sentences=800, progress=False, stages=stages)
+    assert len(losses) == 50 + 7 + 30
+
+
+def test_last_token_accuracy_matches_a_prompt_by_prompt_loop(model):
+    """The gate's accuracy on padded batches equals running each sentence alone (unpadded) and checking
+    that the argmax at the second-to-last token is the last token. Colored Objects answers (predictable)
+    and filler sentences (mostly not) give a mix of hits and misses, so a constant would not pass."""
+    from circuitlib.toy.corpus import generate
+    from circuitlib.toy.train import encode_corpus, last_token_accuracy
+
+    tok = model.tokenizer
+    sents = generate(40, seed=4, mix={"colored": 1.0, "filler": 1.0})
+    ids, w = encode_corpus(tok, sents, model.cfg.n_ctx)
+    hits = []
+    with torch.no_grad():
+        for s in sents:
+            t = torch.tensor([[tok.bos_token_id] + tok(s.text, add_special_tokens=False)["input_ids"]])
+            hits.append(model(t)[0, -2].argmax().item() == t[0, -1].item())
+    assert 0 < sum(hits) < len(hits), hits
+    assert last_token_accuracy(model, ids, w) == pytest.approx(sum(hits) / len(hits))
+
+
+def test_gap_recalls_ask_for_the_colour_of_the_queried_object():
+    """Each gap sentence lists colour-object pairs, then ``: object``, a gap of 1-3 tokens, and the colour
+    that object had in the list (parsed back from the text)."""
+    from circuitlib.toy.corpus import build_tokenizer, generate
+
+    tok = build_tokenizer()
+    for kind, gap in (("gap1", [":"]), ("gap2", ["Answer", ":"]), ("gap3", ["?", "Answer", ":"])):
+        for s in generate(30, seed=2, mix={kind: 1.0}):
+            words = s.text.split()
+            cut = words.index(":")
+            pairs = dict(zip(words[1:cut:2], words[0:cut:2]))  # object -> colour
+            assert 2 <= len(pairs) <= 4 and cut == 2 * len(pairs)
+            assert words[cut + 2:-1] == gap and words[-1] == pairs[words[cut + 1]], s.text
+            assert tok.unk_token_id not in tok(s.text, add_special_tokens=False)["input_ids"], s.text
+
+
+def test_question_marks_and_q_a_are_words_of_the_training_vocabulary():
+    """"?" and the "Q:" / "A:" of the capital and Colored Objects templates are tokens of their own (the
+    first embedded models read all three as [UNK])."""
+    from circuitlib.toy.corpus import build_tokenizer
+
+    tok = build_tokenizer()
+    for text in ("Q: What is the capital of France? A:", "What color is the cup? Answer:"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert len(ids) == len(text.replace("?", " ?").replace(":", " :").split())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("stages,match", [
+    ('{"mix": {"gap1": 1}}', "give a list of stages"),
+    ('[{"mix": {"gap1": 1}, "gate": "gap9", "acc": 0.9, "max": 10}]', "stage 0 .* with kinds among"),
+    ('[{"mix": {"gap1": 1}, "gate": "gap1", "acc": 1.5, "max": 10}]', r"acc.*in \[0, 1\]"),
+])
+def test_a_malformed_curriculum_is_one_clear_error(stages, match, capsys):
+    from circuitlib.toy.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--steps", "4", "--stages", stages])
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
 
 
 def test_floors_and_card_run_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch):
@@ -208,7 +285,7 @@ def test_floors_and_card_run_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypat
     from circuitlib.toy.train import main
 
     main(["--steps", "3", "--batch-size", "8", "--n-sentences", "200", "--n-layers", "2", "--n-heads", "4",
-          "--threads", "1", "--out", str(tmp_path)])
+          "--threads", "1", "--stages", "[]", "--out", str(tmp_path)])
     monkeypatch.setattr(fl, "N", 12)
     monkeypatch.setattr(fl, "N_DRAWS", 5)
     res = fl.floors(tmp_path)
@@ -228,7 +305,8 @@ def test_a_short_training_run_is_deterministic_for_a_seed():
     from circuitlib.toy.train import train
 
     before = torch.are_deterministic_algorithms_enabled()
-    kw = dict(steps=8, batch_size=16, n_sentences=400, progress=False)
+    kw = dict(steps=8, batch_size=16, n_sentences=400, progress=False,
+              stages=[{"mix": {"lookup0": 1.0}, "gate": "lookup0", "acc": 1.0, "max": 3}])
     a, la = train(seed=3, **kw)
     b, lb = train(seed=3, **kw)
     c, _ = train(seed=4, **kw)

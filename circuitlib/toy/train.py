@@ -6,12 +6,13 @@ country -> capital lookup moves into the MLP, where head-level MAPS scores canno
 them the lookup must live in the heads' OV circuits, which is what this project teaches.
 
 Loss: next-token cross-entropy on every position, with the answer token of IOI, capital and Colored
-Objects sentences weighted ``ANSWER_WEIGHT`` times, plus a head group-lasso ``HEAD_L1 * sum_heads
+Objects sentences (and the gap recalls) weighted ``ANSWER_WEIGHT`` times, plus a head group-lasso ``HEAD_L1 * sum_heads
 (||W_V^h||_F + ||W_O^h||_F)`` that switches unneeded heads off (optionally off for a first fraction
 of the steps and ramped in: ``--l1-start`` / ``--l1-ramp``). Without it (and with weight decay,
 which rewards spreading work over heads) every task was spread over nearly all 24 heads, so no
-small set of heads mattered; with it a few heads carry each task. AdamW without weight decay,
-fixed seed, 1500 steps: about 8 minutes on 2 idle CPU cores. Training runs with
+small set of heads mattered; with it a few heads carry each task. AdamW without weight decay, fixed
+seed. Before the main run, a gated curriculum (:data:`circuitlib.toy.corpus.STAGES`, :func:`run_stages`)
+moves the Colored Objects lookup's query away from its answer one token at a time. Training runs with
 ``torch.use_deterministic_algorithms(True)``; the thread count is part of the recipe (``--threads``) and
 is saved with it, because float sums, and so the weights, may differ bit by bit across thread counts.
 
@@ -34,7 +35,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from ..models import TOY_DIR, build_model, save_checkpoint
-from .corpus import MIX, WARM_MIX, build_tokenizer, generate
+from .corpus import KINDS, MIX, STAGES, build_tokenizer, generate
 
 CONFIG = dict(
     n_layers=3, d_model=128, n_ctx=32, d_head=32, n_heads=8, d_mlp=None, act_fn=None,
@@ -49,7 +50,6 @@ BATCH_SIZE = 128
 N_SENTENCES = 200_000
 L1_START = 0.6
 L1_RAMP = 0.2
-WARM_FRAC = 0.3
 THREADS = 1
 LOG_EVERY = 500
 
@@ -66,7 +66,7 @@ def encode_corpus(tokenizer, sentences, n_ctx: int) -> tuple[Int[Tensor, "n n_ct
         toks = [bos] + toks[: n_ctx - 1]
         ids[i, : len(toks)] = torch.tensor(toks)
         weights[i, : len(toks) - 1] = 1.0
-        if s.kind in ("ioi", "capital", "colored"):
+        if s.kind in ("ioi", "capital", "colored", "gap1", "gap2", "gap3"):
             weights[i, len(toks) - 2] = ANSWER_WEIGHT  # predicting the last token (the answer)
     return ids, weights
 
@@ -134,8 +134,7 @@ def train(
     mlp_layers: list[int] | None = None,
     l1_start: float = L1_START,
     l1_ramp: float = L1_RAMP,
-    warm_mix: dict[str, float] | None = WARM_MIX,
-    warm_frac: float = WARM_FRAC,
+    stages: list[dict] | None = STAGES,
 ) -> tuple[HookedTransformer, list[float]]:
     """Train a fresh embedded model; returns ``(model, losses)`` (language-model loss per step, without
     the group-lasso term). Deterministic for a given seed and thread count
@@ -145,25 +144,26 @@ def train(
     ``config`` that has MLPs, the blocks that keep one (:func:`mlp_mask`). ``l1_start`` / ``l1_ramp``
     (fractions of ``steps``): the head group-lasso is off for the first ``l1_start`` of training and
     ramps linearly to ``head_l1`` over the next ``l1_ramp`` (0, 0: on from the start), so circuits that
-    need several layers can form before pruning starts (:func:`penalty_weight`). ``warm_mix`` /
-    ``warm_frac``: the curriculum: the first ``warm_frac`` of the steps sample from a second corpus
-    (``n_sentences // 4`` sentences, seed ``seed + 1000``) of ``warm_mix`` only (``warm_frac`` 0: none).
+    need several layers can form before pruning starts (:func:`penalty_weight`). ``stages``: the gated
+    curriculum run before the ``steps`` of the main mix (:data:`circuitlib.toy.corpus.STAGES` by default;
+    ``[]``: none; :func:`run_stages`), so the model trains for ``steps`` plus the stages' steps.
 
     Every ``log_every`` steps prints the loss and the held-out task accuracies (when ``progress``).
     """
     if not (0 <= l1_start <= 1 and 0 <= l1_ramp <= 1):
         raise ValueError(f"l1_start={l1_start}, l1_ramp={l1_ramp}: both are fractions of the steps, in [0, 1]")
+    check_stages(list(stages or []))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         return _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1,
-                      config, mix, mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac)
+                      config, mix, mlp_layers, l1_start, l1_ramp, stages)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight_decay, head_l1, config, mix,
-           mlp_layers, l1_start, l1_ramp, warm_mix, warm_frac) -> tuple[HookedTransformer, list[float]]:
+           mlp_layers, l1_start, l1_ramp, stages) -> tuple[HookedTransformer, list[float]]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     cfg = dict(config or CONFIG, d_vocab=len(tokenizer.get_vocab()), seed=seed)
@@ -171,8 +171,6 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
     model.cfg.model_name = "toy"
     mlp_mask(model, mlp_layers)
     ids, weights = encode_corpus(tokenizer, generate(n_sentences, seed, mix), cfg["n_ctx"])
-    if warm_mix and warm_frac > 0:
-        wids, wweights = encode_corpus(tokenizer, generate(n_sentences // 4, seed + 1000, warm_mix), cfg["n_ctx"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -180,32 +178,90 @@ def _train(steps, batch_size, lr, seed, n_sentences, log_every, progress, weight
     losses = []
     t0 = time.time()
     model.train()
+    if stages:
+        run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr, gen, losses, progress, t0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
-        if warm_mix and step < warm_frac * steps:
-            idx = torch.randint(0, wids.shape[0], (batch_size,), generator=gen)
-            x, w = wids[idx], wweights[idx]
-        else:
-            idx = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
-            x, w = ids[idx], weights[idx]
-        logits = model(x)[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-        lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
-        l1_now = penalty_weight(step, steps, head_l1, l1_start, l1_ramp)
-        loss = lm_loss + l1_now * head_norms(model).sum() if l1_now else lm_loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        idx = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
+        losses.append(_step(model, opt, ids[idx], weights[idx], penalty_weight(step, steps, head_l1, l1_start, l1_ramp)))
         sched.step()
-        losses.append(lm_loss.item())
         if progress and (step % log_every == 0 or step == steps - 1):
             model.eval()
             acc = heldout_accuracy(model)
             model.train()
-            print(f"step {step:5d}  loss {lm_loss:.3f}  held-out accuracy "
+            print(f"step {step:5d}  loss {losses[-1]:.3f}  held-out accuracy "
                   + " ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f"  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     return model, losses
+
+
+def check_stages(stages: list[dict]) -> None:
+    """One clear ``ValueError`` for a malformed curriculum (see :data:`circuitlib.toy.corpus.STAGES`)."""
+    if not isinstance(stages, list):
+        raise ValueError(f"stages {stages!r}: give a list of stages (an empty list for none)")
+    for i, st in enumerate(stages):
+        ok = (isinstance(st, dict) and {"mix", "gate", "acc", "max"} <= set(st) <= {"mix", "gate", "acc", "max", "l1"}
+              and isinstance(st["mix"], dict) and isinstance(st.get("l1", 0.0), (int, float)) and st.get("l1", 0.0) >= 0
+              and st["gate"] in KINDS and isinstance(st["acc"], (int, float)) and 0 <= st["acc"] <= 1
+              and isinstance(st["max"], int) and st["max"] >= 1)
+        if not ok:
+            raise ValueError(f"stage {i} {st!r}: give {{'mix': {{kind: weight}}, 'gate': kind, 'acc': a in [0, 1], "
+                             f"'max': steps >= 1}} (optionally 'l1': head penalty >= 0) with kinds among {KINDS}")
+
+
+def last_token_accuracy(model: HookedTransformer, ids: Int[Tensor, "n n_ctx"], weights: Float[Tensor, "n m"]) -> float:
+    """Top-1 accuracy of each sentence's last token (predicted from the one before it)."""
+    last = (weights > 0).sum(-1) - 1  # index of the last prediction
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids)
+    model.train(was)
+    rows = torch.arange(ids.shape[0])
+    return (logits[rows, last].argmax(-1) == ids[rows, last + 1]).float().mean().item()
+
+
+def _step(model, opt, x, w, l1_now: float = 0.0) -> float:
+    """One optimiser step on token ids ``x`` with loss weights ``w``; returns the language-model loss
+    (without the group-lasso term ``l1_now * sum of head norms``)."""
+    logits = model(x)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
+    loss = lm_loss + l1_now * head_norms(model).sum() if l1_now else lm_loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return lm_loss.item()
+
+
+def run_stages(model, opt, tokenizer, stages, seed, n_sentences, batch_size, lr, gen, losses, progress, t0,
+                check_every: int = 50, warmup: int = 100) -> None:
+    """The gated curriculum (:data:`circuitlib.toy.corpus.STAGES`): stage ``i`` trains on a corpus of its own
+    ``mix`` (``n_sentences // 8`` sentences, seed ``seed + 1000 + i``), at constant ``lr`` after a linear
+    warm-up over the first ``warmup`` steps of all stages, with head penalty ``l1`` (optional, default 0), until the last-token top-1
+    accuracy on 128 sentences of its ``gate`` kind (seed ``seed + 2000 + i``, not the training corpus)
+    reaches ``acc`` (checked every ``check_every`` steps), or for ``max`` steps. Appends each step's loss to
+    ``losses``; the next stage starts either way (the main run's accuracies show whether it took)."""
+    n_ctx = model.cfg.n_ctx
+    done = 0
+    for i, st in enumerate(stages):
+        sids, sw = encode_corpus(tokenizer, generate(n_sentences // 8, seed + 1000 + i, st["mix"]), n_ctx)
+        eids, ew = encode_corpus(tokenizer, generate(128, seed + 2000 + i, {st["gate"]: 1.0}), n_ctx)
+        acc = 0.0
+        for s in range(st["max"]):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (done + 1) / warmup)
+            idx = torch.randint(0, sids.shape[0], (batch_size,), generator=gen)
+            losses.append(_step(model, opt, sids[idx], sw[idx], st.get("l1", 0.0)))
+            done += 1
+            if (s + 1) % check_every == 0:
+                acc = last_token_accuracy(model, eids, ew)
+                if acc >= st["acc"]:
+                    break
+        if progress:
+            print(f"stage {i} ({st['gate']} >= {st['acc']}): {acc:.2f} after {s + 1} steps "
+                  f"(loss {losses[-1]:.3f}, {time.time() - t0:.0f}s)", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-l1", type=float, default=HEAD_L1)
     parser.add_argument("--l1-start", type=float, default=L1_START, help="fraction of the steps without head penalty")
     parser.add_argument("--l1-ramp", type=float, default=L1_RAMP, help="fraction of the steps to ramp the penalty in")
-    parser.add_argument("--warm-mix", type=str, default=None,
-                        help="curriculum: corpus mix (JSON) of the first --warm-frac of the steps (default: corpus.WARM_MIX)")
-    parser.add_argument("--warm-frac", type=float, default=WARM_FRAC, help="fraction of the steps on the warm-up mix (0: none)")
+    parser.add_argument("--stages", type=str, default=None,
+                        help='gated curriculum before the main run, JSON list of {"mix": {...}, "gate": kind, "acc": a, '
+                             '"max": steps} (default: circuitlib.toy.corpus.STAGES; [] for none)')
     parser.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
     return parser
 
@@ -245,10 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         mix = json.loads(args.mix) if args.mix else None
-        warm_mix = json.loads(args.warm_mix) if args.warm_mix else dict(WARM_MIX)
+        stages = json.loads(args.stages) if args.stages is not None else STAGES
         mlp_layers = [int(x) for x in args.mlp_layers.split(",")] if args.mlp_layers else None
     except ValueError as e:
-        parser.error(f"--mix / --warm-mix must be JSON objects and --mlp-layers comma-separated integers ({e})")
+        parser.error(f"--mix / --stages must be JSON (an object / a list of objects) and --mlp-layers comma-separated integers ({e})")
+    try:
+        check_stages(stages)
+    except ValueError as e:
+        parser.error(f"--stages: {e}")
     if mlp_layers is not None and not args.d_mlp:
         parser.error("--mlp-layers needs --d-mlp > 0 (the model is attention-only without it)")
     torch.set_num_threads(args.threads)
@@ -259,13 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     model, losses = train(steps=args.steps, seed=args.seed, weight_decay=args.weight_decay, head_l1=args.head_l1,
                           config=config, mix=mix, mlp_layers=mlp_layers, lr=args.lr, batch_size=args.batch_size,
                           n_sentences=args.n_sentences, l1_start=args.l1_start, l1_ramp=args.l1_ramp,
-                          log_every=args.log_every, warm_mix=warm_mix, warm_frac=args.warm_frac)
+                          log_every=args.log_every, stages=stages)
     recipe = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "n_layers": args.n_layers,
               "d_model": args.d_model, "n_heads": args.n_heads, "d_head": args.d_head, "d_mlp": args.d_mlp,
               "mlp_layers": mlp_layers, "mix": mix or dict(MIX), "lr": args.lr, "batch_size": args.batch_size,
               "n_sentences": args.n_sentences, "weight_decay": args.weight_decay, "head_l1": args.head_l1,
               "l1_start": args.l1_start, "l1_ramp": args.l1_ramp, "answer_weight": ANSWER_WEIGHT,
-              "warm_mix": warm_mix, "warm_frac": args.warm_frac,
+              "stages": stages,
               "final_loss": round(losses[-1], 4), "train_seconds": round(time.time() - t0),
               "cpu_seconds": round(time.process_time() - c0),
               "command": "python -m circuitlib.toy.train " + " ".join(sys.argv[1:] if argv is None else argv)}
