@@ -103,3 +103,25 @@ def test_ov_check_uses_live_heads(toy):
     from circuitlib.interventions import live_heads
 
     assert {head for head, _ in nb00.OV_CASES} <= set(live_heads(toy))
+
+
+def test_cases_are_heads_the_primer_names(toy):
+    """The exercises' heads are the ones the primer's story is about on this checkpoint: 0.3 and 0.4 top
+    the MAPS country -> capital scores, 0.2 tops name suppression and reads S2 from END in IOI, 1.2 reads
+    one name from END. A new checkpoint that breaks this needs new cases (and new prose)."""
+    from circuitlib.scoring import static_scores
+    from circuitlib.tasks import ioi_batch
+
+    with torch.no_grad():
+        capital = static_scores(toy, "country_to_capital_wikidata")
+        suppression = static_scores(toy, "name_copying", suppression=True)
+        assert {(0, 3), (0, 4)} == set(capital.top(2))
+        assert suppression.top(1) == [(0, 2)]
+        assert [head for head, _ in nb00.OV_CASES] == [(0, 3), (0, 2), (0, 4)]
+        ioi = ioi_batch(toy.tokenizer, 16, seed=0)
+        _, cache = toy.run_with_cache(ioi.clean)
+        rows, P = torch.arange(len(ioi)), ioi.positions
+        end_row = lambda l, h: cache["pattern", l][rows, h, P["END"]]
+        assert end_row(0, 2)[rows, P["S2"]].mean() > 0.4
+        assert (end_row(1, 2)[rows, P["IO"]] + end_row(1, 2)[rows, P["S1"]]).mean() > 0.9
+    assert set(nb00.PATTERN_CASES) == {(0, 2), (1, 2)}

@@ -34,7 +34,9 @@ def quiet(result: CheckResult) -> CheckResult:
 # ---------------------------------------------------------------------------------------------
 # Exercise 1: a head's attention pattern from its QK weights
 
-PATTERN_CASES = ((0, 7), (1, 1))
+#: 0.2 reads the repeated name S2 from END in IOI and matters most for it (primer §3, §7); 1.2 reads one
+#: name from END by its place in "A and B" and is among the top-3 heads of capitals and Colored Objects.
+PATTERN_CASES = ((0, 2), (1, 2))
 
 
 def check_attention_pattern(attention_pattern: Callable, model: HookedTransformer, tokens) -> CheckResult:
@@ -80,7 +82,8 @@ def check_attention_pattern(attention_pattern: Callable, model: HookedTransforme
 # ---------------------------------------------------------------------------------------------
 # Exercise 2: a head's OV circuit applied to one token
 
-OV_CASES = (((0, 1), "France"), ((0, 7), "Mary"), ((0, 3), "Tokyo"))
+#: 0.3 and 0.4: the two highest MAPS country -> capital heads; 0.2: the name-suppression head (primer §4).
+OV_CASES = (((0, 3), "France"), ((0, 2), "Mary"), ((0, 4), "Tokyo"))
 
 
 def _as_vector(x) -> torch.Tensor:
