@@ -76,9 +76,9 @@ TASK, N_PROMPTS = "ioi", 16  # the explorer's first task (its default), ioi_batc
 # The widget changes the test makes, in order: (dropdown, option). The head is kept across relations.
 STEPS = [
     ("relation", "country_to_capital_wikidata"),
-    ("head", "0.3"),  # a capital head (0.88); not 0.1, the view the explorer opens on
+    ("head", "0.3"),  # the top capital head (0.94); not 0.6, the view the explorer opens on
     ("relation", SUPPRESSION),
-    ("head", "0.7"),  # IOI's top head by activation patching, the model's top name-suppression head
+    ("head", "0.2"),  # IOI's top head by activation patching, the model's top name-suppression head (0.90)
 ]
 
 
@@ -491,7 +491,7 @@ def _wait_for_view(page, want: dict, timeout: float, what: str) -> dict:
 
 def _select(page, label: str, wanted: str) -> None:
     """Choose the option of the widget dropdown ``label`` whose text starts with ``wanted``
-    (head options read "0.5  (0.88)": name, then the score)."""
+    (head options read "0.3  (0.94)": name, then the score)."""
     dropdown = page.locator(".widget-dropdown").filter(
         has=page.locator("label", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")))
     select = dropdown.locator("select")

@@ -35,6 +35,11 @@ def test_name_suppression_head_check(toy, capsys):
     flat = int(copying.argmax())  # the top name-copying head: the opposite
     r = nb05.check_name_suppression_head(lambda: f"{flat // toy.cfg.n_heads}.{flat % toy.cfg.n_heads}", toy)
     assert r.status == "wrong" and "copies names" in r.message and "minus" in r.message
+    # the runner-up (IOI's second head on the embedded model): it suppresses names, but for far fewer names
+    second = int(supp.flatten().argsort(descending=True)[1])
+    assert 0.05 < supp.flatten()[second] < 0.5 * supp.flatten().max()
+    r = nb05.check_name_suppression_head(lambda: f"{second // toy.cfg.n_heads}.{second % toy.cfg.n_heads}", toy)
+    assert r.status == "wrong" and "far more names" in r.message
     # a switched-off head: OV norm from the full product, smallest of all heads
     ov_norm = (toy.W_V @ toy.W_O).norm(dim=(-2, -1)).flatten()
     off = int(ov_norm.argmin())
@@ -103,6 +108,6 @@ def test_zero_ablation_scorer_plugs_into_the_registry_and_the_explorer(toy, ioi,
     monkeypatch.setattr("circuitlib.circuits.HEAD_SCORERS", dict(HEAD_SCORERS))
     register_scorer("zero_ablation", nb05.zero_ablation_scorer)
     ex = Explorer(toy, {"x": HeadScores(torch.zeros(3, 8), "x", "x", "toy")}, {"ioi": ioi})
-    row = ex.patching("ioi", "0.7")["methods"]["zero_ablation"]
-    assert row["score"] == pytest.approx(float(zero_scores(toy, ioi)[0, 7]), abs=1e-3)
+    row = ex.patching("ioi", "0.2")["methods"]["zero_ablation"]  # IOI's top head on the embedded model
+    assert row["score"] == pytest.approx(float(zero_scores(toy, ioi)[0, 2]), abs=1e-3)
     assert row["direction"].startswith("none")
