@@ -6,7 +6,8 @@ it never raises (see :func:`circuitlib.workshop.run_check`).
 
 - :func:`check_static_score`: one head's MAPS static score by hand from ``W_E``, ``W_V``, ``W_O``,
   ``W_U`` with ``torch.topk`` (ties across the k-th place are misses) against
-  :func:`circuitlib.scoring.static_scores`, on three heads and a constructed all-tie head.
+  :func:`circuitlib.scoring.static_scores`, on three heads (the best name copier, the best capital head,
+  the name-suppression head) and a constructed all-tie head.
 - :func:`check_most_suppressed`: the tokens a head's OV circuit pushes down most for one source token
   against :func:`circuitlib.scoring.top_mapped_tokens` with ``suppression=True``.
 - :func:`check_attention_to`: a head's mean attention from one position to another per prompt
@@ -56,9 +57,10 @@ def _num(x) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Exercise 1: one head's MAPS static score by hand
 
-#: (head, relation, k) cases the check runs: the best name copier at k = 1, a capital head at k = 10, and
-#: the name-suppression head (static copying score 0: its OV map sends a name to *minus* the name).
-STATIC_CASES = (((0, 1), "name_copying", 1), ((0, 3), "country_to_capital_wikidata", 10), ((0, 7), "name_copying", 1))
+#: (head, relation, k) cases the check runs: the best name copier (0.6) at k = 1, the best capital head (0.3) at
+#: k = 10, and the name-suppression head (0.2, one of the two IOI heads; static copying score 0: its OV map sends
+#: a name to *minus* the name).
+STATIC_CASES = (((0, 6), "name_copying", 1), ((0, 3), "country_to_capital_wikidata", 10), ((0, 2), "name_copying", 1))
 
 
 def _tie_case():
@@ -130,7 +132,7 @@ def _static_problem(cases: list[tuple[str, str, int]], got: list[float], want: l
 def check_static_score(static_score: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``static_score(W_E, W_V, W_O, W_U, src, tgt, k) -> float`` (one head's MAPS static score;
     ``W_V``: ``[d_model, d_head]``, ``W_O``: ``[d_head, d_model]``; ties across the k-th place are
-    misses) on heads 0.1 (name copying, k = 1), 0.3 (country -> capital, k = 10) and 0.7 (name
+    misses) on heads 0.6 (name copying, k = 1), 0.3 (country -> capital, k = 10) and 0.2 (name
     copying), against :func:`circuitlib.scoring.static_scores`, then on an all-zero head of a
     5-token vocabulary (every logit ties: score 0)."""
     from ..scoring import static_scores
@@ -185,7 +187,9 @@ def check_static_score(static_score: Callable, model: HookedTransformer | None =
 # Exercise 2: the tokens a head suppresses most
 
 
-SUPPRESSED_CASES = (((0, 1), "Mallory"), ((0, 7), "Mallory"), ((0, 3), "France"))
+#: (head, source word): the name-suppression head 0.2 and the best name copier 0.6 on a name, and 0.5 (the
+#: other IOI head, which also pushes capitals down) on a country.
+SUPPRESSED_CASES = (((0, 2), "Mallory"), ((0, 6), "Mallory"), ((0, 5), "France"))
 
 
 def check_most_suppressed(most_suppressed: Callable, model: HookedTransformer | None = None, n: int = 10) -> CheckResult:
@@ -256,19 +260,20 @@ def _pattern(model: HookedTransformer, tokens, layer):
 def check_attention_to(attention_to: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``attention_to(model, tokens, query_pos, key_pos, layer, head) -> float`` (the head's
     attention from ``query_pos[i]`` to ``key_pos[i]`` in prompt ``i``, averaged over prompts) on 32
-    capital prompts (END -> the country, heads 0.1 and 1.6) and on MAPS's dynamic prompts for name
-    copying (last position -> the name, head 0.1)."""
+    capital prompts (END -> the country, capital head 0.3), on 32 IOI prompts (END -> S2, IOI head 0.5)
+    and on MAPS's dynamic prompts for name copying (last position -> the name, head 0.4)."""
     from ..scoring import dynamic_prompts
     from ..tasks import load_relation, task_batch
     from ..types import head_name
 
     model = _model(model)
     cap = task_batch("capitals", model.tokenizer, 32, seed=3)
+    ioi = task_batch("ioi", model.tokenizer, 32, seed=3)
     dyn, src_pos, end = dynamic_prompts(model, load_relation("name_copying", model.tokenizer))
     dyn, src_pos, end = dyn[:32], src_pos[:32], end[:32]
-    cases = [("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (0, 1)),
-             ("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (1, 6)),
-             ("'This is a document about <X>', last position -> X", dyn, end, src_pos, (0, 1))]
+    cases = [("capital prompts, END -> country", cap.clean, cap.end, cap.positions["COUNTRY"], (0, 3)),
+             ("IOI prompts, END -> S2", ioi.clean, ioi.end, ioi.positions["S2"], (0, 5)),
+             ("'This is a document about <X>', last position -> X", dyn, end, src_pos, (0, 4))]
     rows = {id(c): torch.arange(c[1].shape[0]) for c in cases}
 
     def truth(case, swap=False, first=False, sum_heads=False):
