@@ -58,7 +58,7 @@ def test_patch_one_head_not_done(toy, capsys):
     (dict(output="sign"), "wrong sign"),
     (dict(direction="denoising"), "denoising score"),
     (dict(output="raw"), "raw logit difference"),
-    (dict(whole_layer=True), "every head of layer 1"),  # 1.1 is checked first; layer 1's other heads (1.5) add to it
+    (dict(whole_layer=True), "every head of layer 0"),  # 0.5 is checked first; layer 0's other heads (0.2) add to it
 ])
 def test_patch_one_head_mistakes(toy, capsys, kwargs, expected):
     r = nb02.check_patch_one_head(lambda m, b, l, h: patch_one_head(m, b, l, h, **kwargs), toy)

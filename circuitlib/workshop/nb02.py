@@ -104,14 +104,14 @@ def _patch_problem(name: str, got: float, want: float, variants: dict[str, float
 
 def check_patch_one_head(patch_one_head: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``patch_one_head(model, batch, layer, head) -> float`` (the noising effect of one head)
-    on 16 IOI prompts, for heads 1.1 and 0.7 (an IOI name mover and the head feeding its queries in notebook 02's
-    section 4), against :func:`circuitlib.patching.act_patch_heads`."""
+    on 16 IOI prompts, for heads 0.5 and 0.2 (the two layer-0 heads that read S2 from END and push the S name
+    down in notebook 02's section 4), against :func:`circuitlib.patching.act_patch_heads`."""
     from ..patching import act_patch_heads
     from ..types import head_name
 
     model = _model(model)
     batch = _batch(model, "ioi", 16, seed=5)
-    heads = [(1, 1), (0, 7)]  # 1.1 first: patching its whole layer 1 instead gives a different number
+    heads = [(0, 5), (0, 2)]  # 0.5 first: patching its whole layer 0 (0.2 with it) gives a different number
     want = act_patch_heads(model, batch)
 
     def attempt():
@@ -216,13 +216,13 @@ def _faith_problem(what: str, got: float, want: float, v: dict[str, float]) -> s
 def check_faithfulness(faithfulness_of: Callable, model: HookedTransformer | None = None) -> CheckResult:
     """Check ``faithfulness_of(model, batch, heads) -> float`` against
     :func:`circuitlib.circuits.faithfulness` (default convention) on 32 IOI prompts with head set
-    {0.7, 1.1, 1.5} and 32 capitals prompts with {0.1, 0.3, 0.7} (each task's top 3 heads by activation
+    {0.2, 0.5, 2.2} and 32 capitals prompts with {0.3, 0.4, 1.2} (each task's top 3 heads by activation
     patching in notebook 02)."""
     from ..circuits import faithfulness
     from ..types import Circuit
 
     model = _model(model)
-    cases = [("ioi", [(0, 7), (1, 1), (1, 5)]), ("capitals", [(0, 1), (0, 3), (0, 7)])]
+    cases = [("ioi", [(0, 2), (0, 5), (2, 2)]), ("capitals", [(0, 3), (0, 4), (1, 2)])]
     batches = {task: _batch(model, task, 32, seed=5) for task, _ in cases}
     circuits = {task: Circuit(frozenset(heads), task=task, model="toy") for task, heads in cases}
     want = {task: faithfulness(model, batches[task], circuits[task], n_boot=10).faithfulness for task, _ in cases}
