@@ -51,9 +51,18 @@ def test_cross_task_ablation_matches_oracle_and_p_from_draws(toy):
 
 
 def test_random_controls_fall_back_when_a_layer_is_short(toy):
-    heads = [(1, 6), (1, 0), (1, 1)]  # layer 1 has one live head
+    """Heads under test that use up every live head of their layer leave no layer-matched set: the controls
+    fall back to size-matched sets of other live heads, and ``how`` says so and names the short layer."""
+    live = live_heads(toy)
+    per_layer = {l: [hd for hd in live if hd[0] == l] for l in range(toy.cfg.n_layers)}
+    layer = min((l for l in per_layer if per_layer[l]), key=lambda l: len(per_layer[l]))  # fewest live heads
+    heads = per_layer[layer]  # all of them: none left in that layer for a layer-matched set
+    k, rest = len(heads), sorted(set(live) - set(heads))
+    assert len(rest) >= k and math.comb(len(rest), k) > 20  # precondition: size-matched sets exist, 20 draws
     d = control_sets(toy, heads, 20)
-    assert "not layer-matched" in d.how and all(len(s) == 3 for s in d.sets)
+    assert "not layer-matched" in d.how and f"layer {layer} has 0 other live heads in the pool, needs {k}" in d.how
+    assert len(d) == 20 and not d.exhaustive and len({frozenset(s) for s in d.sets}) > 1
+    assert all(len(s) == k == len(set(s)) and set(s) <= set(rest) for s in d.sets)  # live heads outside `heads`
 
 
 def test_random_controls_name_extra_exclusions_given_as_a_generator(toy):
