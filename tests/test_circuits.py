@@ -127,22 +127,35 @@ def test_minimality_matches_oracle(toy, batch):
 
 
 def test_faithfulness_curve_matches_oracle_and_smallest_k_bisects(toy, batch):
-    scores = HeadScores(torch.rand(toy.cfg.n_layers, toy.cfg.n_heads, generator=torch.Generator().manual_seed(0)),
-                        method="random", target="ioi", model="toy")
-    order = scores.top(24, absolute=True)
+    """Head order taken from the model (so that the curve crosses its midpoint inside the coarse gap on
+    any checkpoint): the weaker half of the heads by the oracle's single-head ablation effect first,
+    weakest first, then the stronger half, strongest first. The curve stays near its floor while only
+    weak heads are kept and rises once the strong ones join, so the crossing lands near the middle of
+    the 0..n gap (not next to an end, where a bisection that always moves one way would still hit it)."""
+    heads = all_heads(toy)
+    n = len(heads)
     full = float(ablate(toy, batch, [])[0].mean())
-    ks = [0, 3, 18, 20]  # not 24: keeping every head ablates nothing, so that point is 1 by construction
+    effect = {h: abs(full - float(ablate(toy, batch, [h])[0].mean())) for h in heads}
+    by_effect = sorted(heads, key=lambda h: -effect[h])
+    order = by_effect[n // 2:][::-1] + by_effect[:n // 2]
+    values = torch.zeros(toy.cfg.n_layers, toy.cfg.n_heads)
+    for rank, (l, h) in enumerate(order):
+        values[l, h] = n - rank
+    scores = HeadScores(values, method="single-head ablation", target="ioi", model="toy")
+    assert scores.top(n, absolute=True) == order
+    # the dense curve (the oracle's); bisection must find its smallest k from a coarse curve
+    dense = {k: oracle_ld(toy, batch, order[:k]) / full for k in range(n + 1)}
+    target = 0.5 * (max(dense.values()) + min(dense.values()))
+    want = min(k for k in range(1, n + 1) if dense[k] >= target)
+    # precondition (bisection assumes a curve that crosses the target once), asserted so it cannot pass vacuously
+    assert all(dense[k] < target for k in range(1, want)) and all(dense[k] >= target for k in range(want, n + 1))
+    assert 2 <= want <= n - 2  # the crossing is inside the coarse gap, so bisection has work to do both ways
+    # not n: keeping every head ablates nothing, so that point is 1 by construction
+    ks = sorted({0, 3, want - 1, want, n - 4})
     curve = faithfulness_curve(toy, batch, scores, ks=ks)
     for k in ks:
-        assert curve[k] == pytest.approx(oracle_ld(toy, batch, order[:k]) / full, abs=2e-3)
-    # a coarse curve: bisection must find the same smallest k as the dense curve (the oracle's)
-    dense = {k: oracle_ld(toy, batch, order[:k]) / full for k in range(25)}
-    target = 0.5 * (max(dense.values()) + min(dense.values()))
-    want = min(k for k in range(1, 25) if dense[k] >= target)
-    # precondition (bisection assumes a curve that crosses the target once), asserted so it cannot pass vacuously
-    assert all(dense[k] < target for k in range(1, want)) and all(dense[k] >= target for k in range(want, 25))
-    assert 2 <= want <= 22  # the crossing is inside the coarse gap, so bisection has work to do
-    coarse = {k: dense[k] for k in (0, 24)}
+        assert curve[k] == pytest.approx(dense[k], abs=2e-3)
+    coarse = {k: dense[k] for k in (0, n)}
     assert smallest_k(toy, batch, scores, coarse, target) == want
 
 

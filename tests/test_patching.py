@@ -17,7 +17,7 @@ from circuitlib.patching import (
     attribution_patch_heads,
     path_patch,
 )
-from circuitlib.tasks import capital_batch, ioi_batch
+from circuitlib.tasks import capital_batch, ioi_batch, report_tasks, task_batch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -169,19 +169,36 @@ def test_whole_layer_out_matches_naive_per_layer_hooks(toy, capitals, direction)
 
 
 def test_small_model_with_mlps_matches_transformer_lens(mlp_model):
+    """Scores are normalised by clean - corrupt, which on a random model is close to 0 (-0.004 here), so
+    the normalised grids are large (up to ~15) and a float32 rounding error in a logit difference is
+    divided by it too. The tolerance is therefore set on the raw logit-difference scale, where float32
+    works: a dot product of d_model terms may err by about d_model * eps * |logit| (64 * 1.2e-7 * 3.1 =
+    2.4e-5 here; the largest measured raw difference is 4e-7, 1-2 ulp), divided by |clean - corrupt|
+    to compare normalised scores. Each grid must exceed it 100-fold, so the check is not vacuous."""
     batch = ioi_batch(mlp_model.tokenizer, 6)
+    with torch.no_grad():
+        clean_logits, corrupt_logits = mlp_model(batch.clean), mlp_model(batch.corrupt)
+    denom = float((logit_diff(clean_logits, batch) - logit_diff(corrupt_logits, batch)).abs())
+    rows = torch.arange(len(batch))
+    scale = float(torch.cat([clean_logits[rows, batch.end], corrupt_logits[rows, batch.end]]).abs().max())
+    tol = mlp_model.cfg.d_model * torch.finfo(torch.float32).eps * scale / denom
+
+    def check(ours, ref):
+        assert ref.abs().max() > 100 * tol  # the grid is far above rounding: a wrong patch would show
+        assert (ours - ref).abs().max() < tol
+
     for direction in ("noising", "denoising"):
         ref = tl_reference(mlp_model, batch, direction, tl_patching.get_act_patch_attn_head_out_all_pos)
-        assert (act_patch_heads(mlp_model, batch, direction=direction).scores - ref).abs().max() < TOL
+        check(act_patch_heads(mlp_model, batch, direction=direction).scores, ref)
     ref = tl_reference(mlp_model, batch, "noising", tl_patching.get_act_patch_mlp_out)
-    assert (act_patch_layer_out(mlp_model, batch, component="mlp_out") - ref).abs().max() < TOL
+    check(act_patch_layer_out(mlp_model, batch, component="mlp_out"), ref)
     raw = lambda logits: logit_diff(logits, batch)  # noqa: E731
     ref = naive_layer_out(mlp_model, batch, "noising", "mlp_out", raw)
     ours = act_patch_layer_out(mlp_model, batch, component="mlp_out", per_position=False,
                                metric=lambda end_logits, b: logit_diff(end_logits, b))
     assert ref.abs().max() > 1e-4 and (ours - ref).abs().max() < 1e-5
     ref = tl_reference(mlp_model, batch, "denoising", tl_patching.get_act_patch_resid_pre)
-    assert (act_patch_resid(mlp_model, batch, direction="denoising") - ref).abs().max() < TOL
+    check(act_patch_resid(mlp_model, batch, direction="denoising"), ref)
 
 
 def test_mlp_out_on_attention_only_model_is_one_clear_error(toy, ioi):
@@ -193,28 +210,46 @@ def test_mlp_out_on_attention_only_model_is_one_clear_error(toy, ioi):
 def test_accuracy_and_callable_metrics_match_transformer_lens(toy, capitals, direction):
     """metric='accuracy' and a callable (raw logit difference) against TransformerLens's head patching
     with the same metric written here; effects are unnormalised: m(patched) - m(corrupt) when
-    denoising, m(clean) - m(patched) when noising."""
-    def acc(logits):
-        last = logits[torch.arange(len(capitals)), capitals.end]
-        return (last.gather(1, capitals.answer[:, None]) > last.gather(1, capitals.wrong[:, None])).float().mean()
+    denoising, m(clean) - m(patched) when noising.
 
-    def diff(logits):
-        last = logits[torch.arange(len(capitals)), capitals.end]
-        return (last.gather(1, capitals.answer[:, None]) - last.gather(1, capitals.wrong[:, None])).mean()
+    The batch: the 8 capitals prompts, else 8 prompts of the next report task, the first on which
+    TransformerLens's accuracy grid moves (some single head flips a prompt in this direction), so the
+    accuracy comparison is never between two zero grids. A distributed circuit may have no head that
+    flips a prompt alone: denoising on the capitals prompts does not on the R17s2 model."""
+    fn = tl_patching.get_act_patch_attn_head_out_all_pos
 
-    with torch.no_grad():
-        clean_logits, clean_cache = toy.run_with_cache(capitals.clean)
-        corrupt_logits, corrupt_cache = toy.run_with_cache(capitals.corrupt)
-    for ours_metric, metric in [("accuracy", acc), (lambda logits, batch: logit_diff(logits, batch), diff)]:
-        fn = tl_patching.get_act_patch_attn_head_out_all_pos
+    def metrics(batch):
+        def acc(logits):
+            last = logits[torch.arange(len(batch)), batch.end]
+            return (last.gather(1, batch.answer[:, None]) > last.gather(1, batch.wrong[:, None])).float().mean()
+
+        def diff(logits):
+            last = logits[torch.arange(len(batch)), batch.end]
+            return (last.gather(1, batch.answer[:, None]) - last.gather(1, batch.wrong[:, None])).mean()
+
+        return acc, diff
+
+    def tl_effect(batch, metric):
+        with torch.no_grad():
+            clean_logits, clean_cache = toy.run_with_cache(batch.clean)
+            corrupt_logits, corrupt_cache = toy.run_with_cache(batch.corrupt)
         if direction == "denoising":
-            ref = fn(toy, capitals.corrupt, clean_cache, metric) - metric(corrupt_logits)
-        else:
-            ref = metric(clean_logits) - fn(toy, capitals.clean, corrupt_cache, metric)
-        ours = act_patch_heads(toy, capitals, metric=ours_metric, direction=direction)
-        assert ref.abs().max() > 0.1  # some head moves the metric: not two zero grids
+            return fn(toy, batch.corrupt, clean_cache, metric) - metric(corrupt_logits)
+        return metric(clean_logits) - fn(toy, batch.clean, corrupt_cache, metric)
+
+    candidates = [capitals] + [task_batch(t, toy.tokenizer, 8) for t in report_tasks() if t != "capitals"]
+    for batch in candidates:
+        acc, diff = metrics(batch)
+        ref_acc = tl_effect(batch, acc)
+        if ref_acc.abs().max() > 0.1:  # some head moves the metric: not two zero grids
+            break
+    assert ref_acc.abs().max() > 0.1, "precondition: some head flips a prompt's accuracy on some task"
+    ref_diff = tl_effect(batch, diff)
+    assert ref_diff.abs().max() > 0.1
+    for ours_metric, ref in [("accuracy", ref_acc), (lambda logits, b: logit_diff(logits, b), ref_diff)]:
+        ours = act_patch_heads(toy, batch, metric=ours_metric, direction=direction)
         assert (ours.scores - ref).abs().max() < 1e-4
-    assert act_patch_heads(toy, capitals, metric="accuracy").meta["metric"] == "accuracy"
+    assert act_patch_heads(toy, batch, metric="accuracy").meta["metric"] == "accuracy"
 
 
 def test_normalise_is_a_hand_computation_and_refuses_equal_baselines():
