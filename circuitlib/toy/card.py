@@ -265,7 +265,7 @@ curricula). What follows from the misses above:
   by every seed: random-3, IOI roles, movers' name copying.
 - **IOI movers and S-inhibition (GPT-2's roles).** Not in this model. Its IOI heads are 0.2 and 0.5 (layer 0):
   they attend from END to S2 and push the repeated name down (direct path above; they are the model's top MAPS
-  name-*suppression* heads), while the heads that bring names to END attend to IO and S1 about equally. The other
+  name-*suppression* heads), while the heads that bring names to END attend to IO and S1 about equally on average over prompts. The other
   seeds read the other name off S2 instead (gathered there by layer-0 heads). A 3-layer attention-only model has
   these shortcuts because in every IOI sentence the name that differs from S2 is the answer; IOI-first
   curricula formed them at once (EXPERIMENTS.md, session 8). So whether movers score high on MAPS name copying
