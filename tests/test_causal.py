@@ -152,8 +152,9 @@ def test_top_vs_random_without_live_controls_runs_no_test(toy):
     # switched off = below live_heads' documented rule (OV norm < 1e-3 of the largest head's); the group lasso
     # leaves them near, not at, 0 (down to ~1e-2 here), so no absolute cut-off
     layers, n_heads = ov.shape
-    live = [(l, h) for l in range(layers) for h in range(n_heads) if ov[l, h] >= 1e-3 * ov.max()]
-    dead = [(l, h) for l in range(layers) for h in range(n_heads) if ov[l, h] < 1e-3 * ov.max()]
+    heads = [(l, h) for l in range(layers) for h in range(n_heads)]
+    live = [hd for hd in heads if ov[hd] >= 1e-3 * ov.max()]
+    dead = [hd for hd in heads if hd not in live]
     assert live == live_heads(toy)  # the rule as documented
     assert dead and len(live) >= 6  # precondition: switched-off heads, and a top of 3 with 3 live heads left
     top, others = live[:3], live[3:6]
